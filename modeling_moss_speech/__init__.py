@@ -1,0 +1,38 @@
+"""moss-speech: MOSS-Speech (true speech-to-speech LLM) for Hugging Face Transformers.
+
+Importing the package registers its classes with the Auto* factories, so
+`AutoModelForCausalLM.from_pretrained(path)` loads a MOSS-Speech checkpoint on the current transformers.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_moss_speech import MossSpeechConfig
+from .generation_moss_speech import (
+    MossSpeechGenerateOutput,
+    MossSpeechGenerationConfig,
+)
+from .modeling_moss_speech import (
+    MossSpeechCausalLMOutputWithPast,
+    MossSpeechForCausalLM,
+    MossSpeechModel,
+    MossSpeechModelOutputWithPast,
+    MossSpeechPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register(MossSpeechConfig.model_type, MossSpeechConfig, exist_ok=True)
+AutoModel.register(MossSpeechConfig, MossSpeechModel, exist_ok=True)
+AutoModelForCausalLM.register(MossSpeechConfig, MossSpeechForCausalLM, exist_ok=True)
+
+__all__ = [
+    "MossSpeechCausalLMOutputWithPast",
+    "MossSpeechConfig",
+    "MossSpeechForCausalLM",
+    "MossSpeechGenerateOutput",
+    "MossSpeechGenerationConfig",
+    "MossSpeechModel",
+    "MossSpeechModelOutputWithPast",
+    "MossSpeechPreTrainedModel",
+    "__version__",
+]

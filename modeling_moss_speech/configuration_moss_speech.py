@@ -1,0 +1,195 @@
+"""Configuration of the MOSS-Speech language model (the two-channel, layer-split Qwen3)."""
+
+from __future__ import annotations
+
+import torch
+from huggingface_hub.dataclasses import strict
+from transformers import Qwen3Config
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+MODALITIES = ("text", "audio")
+
+
+@strict
+class MossSpeechConfig(Qwen3Config):
+    r"""Configuration for [`MossSpeechModel`] and [`MossSpeechForCausalLM`].
+
+    It carries every Qwen3 field (so any Qwen3 configuration maps onto it) plus the modality split:
+    the first `num_shared_layers` decoder layers form a trunk shared by both modalities, the remaining
+    `num_modality_layers` exist twice, once as the text tail and once as the audio tail. Defaults are
+    the values of the released MOSS-Speech (Qwen3-8B based) checkpoint.
+
+    Args:
+        audio_vocab_size: Rows of the speech-token embedding and of the audio head.
+        num_shared_layers: Decoder layers in the shared trunk.
+        num_modality_layers: Decoder layers in each tail (`num_shared_layers + num_modality_layers`
+            must equal `num_hidden_layers`, as in the release).
+        sosp_token_id: Text-channel id that opens a speech segment ("start of speech").
+        eosp_token_id: Audio-channel id that closes a speech segment ("end of speech").
+        modality_pad_token_id: Text-channel placeholder on speech rows; a row whose text id equals it is
+            embedded from the audio table.
+        audio_pad_token_id: Audio-channel placeholder on text rows.
+        channels: Number of token-grid channels (always 2: text, audio).
+
+    Example:
+
+    ```python
+    >>> from modeling_moss_speech import MossSpeechConfig
+    >>> config = MossSpeechConfig()  # the released 8B layout
+    >>> config.num_shared_layers, config.num_modality_layers
+    (32, 4)
+    ```
+    """
+
+    model_type = "moss_speech"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    default_theta = 1_000_000.0
+
+    base_model_tp_plan = {
+        f"{block}.layers.*.{name}": plan
+        for block in ("shared_block", "text_block", "audio_block")
+        for name, plan in (
+            ("self_attn.q_proj", "colwise"),
+            ("self_attn.k_proj", "colwise"),
+            ("self_attn.v_proj", "colwise"),
+            ("self_attn.q_norm", "replicated_with_grad_allreduce"),
+            ("self_attn.k_norm", "replicated_with_grad_allreduce"),
+            ("self_attn.o_proj", "rowwise"),
+            ("mlp.gate_proj", "colwise"),
+            ("mlp.up_proj", "colwise"),
+            ("mlp.down_proj", "rowwise"),
+        )
+    }
+    base_model_pp_plan = None
+
+    vocab_size: int = 151680
+    hidden_size: int = 4096
+    intermediate_size: int = 12288
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = 8
+    head_dim: int = 128
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 40960
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    use_sliding_window: bool = False
+    sliding_window: int | None = None
+    max_window_layers: int | None = None
+    attention_dropout: float | int = 0.0
+    pad_token_id: int | None = 151643
+
+    audio_vocab_size: int = 16512
+    num_shared_layers: int = 32
+    num_modality_layers: int = 4
+    sosp_token_id: int = 151646
+    eosp_token_id: int = 16384
+    modality_pad_token_id: int = 151667
+    audio_pad_token_id: int = 512
+    channels: int = 2
+
+    def __post_init__(self, **kwargs):
+        if self.use_sliding_window and self.max_window_layers is None:
+            self.max_window_layers = self.num_hidden_layers
+        if self.layer_types is None and not self.use_sliding_window:
+            self.layer_types = ["full_attention"] * self.num_hidden_layers
+        super().__post_init__(**kwargs)
+        self._check_consistency()
+
+    def _check_consistency(self) -> None:
+        """Raise a `ValueError` naming the first inconsistent field (the release only asserted the split)."""
+        for name in ("num_shared_layers", "num_modality_layers", "num_hidden_layers", "hidden_size",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "audio_vocab_size"):
+            value = getattr(self, name)
+            minimum = 0 if name == "num_shared_layers" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"MossSpeechConfig.{name} must be an integer >= {minimum}, got {value!r}.")
+        if self.num_shared_layers + self.num_modality_layers != self.num_hidden_layers:
+            raise ValueError(
+                "MossSpeechConfig: num_shared_layers + num_modality_layers must equal num_hidden_layers "
+                f"(the trunk plus one tail), got {self.num_shared_layers} + {self.num_modality_layers} "
+                f"!= {self.num_hidden_layers}."
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"MossSpeechConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})."
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"MossSpeechConfig.head_dim must be even for rotary embeddings, got {self.head_dim}.")
+        if self.channels != 2:
+            raise ValueError(f"MossSpeechConfig.channels must be 2 (text, audio), got {self.channels}.")
+        text_ids = {"sosp_token_id": self.sosp_token_id, "modality_pad_token_id": self.modality_pad_token_id}
+        if self.pad_token_id is not None:
+            text_ids["pad_token_id"] = self.pad_token_id
+        for name, value in text_ids.items():
+            if not 0 <= value < self.vocab_size:
+                raise ValueError(
+                    f"MossSpeechConfig.{name}={value} is outside the text vocabulary [0, {self.vocab_size})."
+                )
+        for name in ("eosp_token_id", "audio_pad_token_id"):
+            value = getattr(self, name)
+            if not 0 <= value < self.audio_vocab_size:
+                raise ValueError(
+                    f"MossSpeechConfig.{name}={value} is outside the audio vocabulary [0, {self.audio_vocab_size})."
+                )
+        if self.sosp_token_id == self.modality_pad_token_id:
+            raise ValueError(
+                f"MossSpeechConfig.sosp_token_id and modality_pad_token_id must differ, both are {self.sosp_token_id}."
+            )
+        if self.audio_pad_token_id == self.eosp_token_id:
+            raise ValueError(
+                "MossSpeechConfig.audio_pad_token_id and eosp_token_id must differ, both are "
+                f"{self.eosp_token_id}."
+            )
+
+    def check_grid(self, input_ids: torch.Tensor, name: str = "input_ids") -> None:
+        """Raise `TypeError`/`ValueError` unless `input_ids` is an integer (B, L, 2) grid inside both vocabularies."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(
+                f"{name} must be a torch.Tensor of shape (batch, length, 2), got {type(input_ids).__name__}."
+            )
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
+            raise TypeError(f"{name} must hold integer token ids, got dtype {input_ids.dtype}.")
+        if input_ids.ndim != 3 or input_ids.shape[-1] != self.channels:
+            raise ValueError(
+                f"{name} must have shape (batch, length, {self.channels}) with column 0 the text channel and "
+                f"column 1 the audio channel, got shape {tuple(input_ids.shape)}."
+            )
+        if input_ids.shape[1] == 0:
+            raise ValueError(f"{name} is empty: got shape {tuple(input_ids.shape)}, expected at least one row.")
+        if input_ids.device.type == "meta":
+            return
+        for channel, (label, size) in enumerate((("text", self.vocab_size), ("audio", self.audio_vocab_size))):
+            ids = input_ids[..., channel]
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= size:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"{name}[..., {channel}] ({label} channel) holds id {bad}, outside the {label} vocabulary "
+                    f"[0, {size})."
+                )
+
+    @property
+    def num_runtime_layers(self) -> int:
+        """Attention layers that exist at run time (trunk + text tail + audio tail), one cache slot each."""
+        return self.num_shared_layers + 2 * self.num_modality_layers
+
+    @property
+    def num_audio_codes(self) -> int:
+        """Speech-codec codes: audio ids below the end-of-speech id (ids above it are never generated)."""
+        return self.eosp_token_id
+
+    def tail_layer_offset(self, modality: str) -> int:
+        """Index of the first cache slot of the `modality` tail ("text" or "audio")."""
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}.")
+        return self.num_shared_layers + (0 if modality == "text" else self.num_modality_layers)
+
+
+__all__ = ["MossSpeechConfig", "MODALITIES"]

@@ -1,0 +1,479 @@
+"""MOSS-Speech language model: a Qwen3 decoder split by modality, with a two-channel token grid.
+
+The module tree and parameter names are the release's, so its safetensors load without any key mapping:
+`model.{embed_tokens,audio_embed,shared_block,text_block,audio_block,text_norm,audio_norm}` and
+`{text,audio}_lm_head`. Every decoder layer is transformers' own `Qwen3DecoderLayer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.models.qwen3.modeling_qwen3 import (
+    Qwen3DecoderLayer,
+    Qwen3RMSNorm,
+    Qwen3RotaryEmbedding,
+)
+from transformers.utils import ModelOutput, logging
+
+from .configuration_moss_speech import MODALITIES, MossSpeechConfig
+from .generation_moss_speech import MossSpeechGenerationConfig, MossSpeechGenerationMixin
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class MossSpeechModelOutputWithPast(ModelOutput):
+    """Output of [`MossSpeechModel`].
+
+    Args:
+        text_last_hidden_state: Text tail output after `text_norm`, (B, L, H); `None` if the tail did not run.
+        audio_last_hidden_state: Audio tail output after `audio_norm`, (B, L, H); `None` if the tail did not run.
+        shared_last_hidden_state: Output of the shared trunk, (B, L, H).
+        cache: The cache holding every trunk and tail layer.
+    """
+
+    text_last_hidden_state: torch.FloatTensor | None = None
+    audio_last_hidden_state: torch.FloatTensor | None = None
+    shared_last_hidden_state: torch.FloatTensor | None = None
+    cache: Cache | None = None
+
+
+@dataclass
+class MossSpeechCausalLMOutputWithPast(ModelOutput):
+    """Output of [`MossSpeechForCausalLM`].
+
+    Args:
+        loss: `text_loss + audio_loss` when `labels` are given.
+        text_loss: Next-token cross entropy of the text channel.
+        audio_loss: Next-token cross entropy of the audio channel.
+        text_logits: (B, L_keep, vocab_size), `None` if the text tail did not run.
+        audio_logits: (B, L_keep, audio_vocab_size), `None` if the audio tail did not run.
+        cache: The cache holding every trunk and tail layer.
+    """
+
+    loss: torch.FloatTensor | None = None
+    text_loss: torch.FloatTensor | None = None
+    audio_loss: torch.FloatTensor | None = None
+    text_logits: torch.FloatTensor | None = None
+    audio_logits: torch.FloatTensor | None = None
+    cache: Cache | None = None
+
+
+class MossSpeechTransformerBlock(nn.Module):
+    """A run of Qwen3 decoder layers that owns the cache slots `[layer_offset, layer_offset + num_layers)`.
+
+    Each layer is built with its block-local index (so it reads `config.layer_types[i]` as the release did)
+    and then given a model-wide `layer_idx`, so one `Cache` holds trunk and both tails without collisions.
+    """
+
+    def __init__(self, config: MossSpeechConfig, num_layers: int, layer_offset: int) -> None:
+        super().__init__()
+        self.layer_offset = layer_offset
+        self.layer_types = list(config.layer_types[:num_layers])
+        self.layers = nn.ModuleList([Qwen3DecoderLayer(config, i) for i in range(num_layers)])
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.layer_idx = layer_offset + i
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        mask_mapping: dict[str, torch.Tensor | None],
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        position_ids: torch.LongTensor,
+        cache: Cache | None,
+        use_cache: bool,
+        **kwargs,
+    ) -> torch.Tensor:
+        for layer, layer_type in zip(self.layers, self.layer_types):
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=mask_mapping[layer_type],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        return hidden_states
+
+
+class MossSpeechPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and loading glue shared by the MOSS-Speech models."""
+
+    config: MossSpeechConfig
+    config_class = MossSpeechConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen3DecoderLayer"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+
+class MossSpeechModel(MossSpeechPreTrainedModel):
+    """The two-channel trunk + tails model (no heads).
+
+    A grid row is embedded from the text table unless its text id is `modality_pad_token_id`, in which case its
+    audio id is looked up in the audio table. The trunk output feeds the text tail and the audio tail.
+    """
+
+    # Loading a full checkpoint into the head-less model drops the heads without a warning.
+    _keys_to_ignore_on_load_unexpected = [r"^(text|audio)_lm_head\."]
+
+    def __init__(self, config: MossSpeechConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.audio_embed = nn.Embedding(config.audio_vocab_size, config.hidden_size)
+        self.shared_block = MossSpeechTransformerBlock(config, config.num_shared_layers, 0)
+        self.text_block = MossSpeechTransformerBlock(
+            config, config.num_modality_layers, config.tail_layer_offset("text")
+        )
+        self.audio_block = MossSpeechTransformerBlock(
+            config, config.num_modality_layers, config.tail_layer_offset("audio")
+        )
+        self.text_norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.audio_norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen3RotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def tail(self, modality: str) -> tuple[MossSpeechTransformerBlock, Qwen3RMSNorm]:
+        """The decoder block and final norm of the `modality` tail."""
+        if modality == "text":
+            return self.text_block, self.text_norm
+        if modality == "audio":
+            return self.audio_block, self.audio_norm
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}.")
+
+    def embed_grid(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Embed a (B, L, 2) grid with the release's rule (audio table iff the text id is the modality pad)."""
+        text_ids, audio_ids = input_ids[..., 0], input_ids[..., 1]
+        is_audio = (text_ids == self.config.modality_pad_token_id).unsqueeze(-1)
+        return torch.where(is_audio, self.audio_embed(audio_ids), self.embed_tokens(text_ids))
+
+    def _mask_mapping(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        position_ids: torch.LongTensor,
+        block: MossSpeechTransformerBlock,
+    ) -> dict[str, torch.Tensor | None]:
+        if isinstance(attention_mask, dict):
+            return attention_mask
+        # Size the mask against this block's own cache slot: a lazily run tail may hold fewer positions.
+        kwargs = {
+            "config": self.config,
+            "inputs_embeds": hidden_states,
+            "attention_mask": attention_mask,
+            "cache": cache,
+            "position_ids": position_ids,
+            "layer_idx": block.layer_offset,
+        }
+        mapping: dict[str, torch.Tensor | None] = {}
+        if "full_attention" in block.layer_types:
+            mapping["full_attention"] = create_causal_mask(**kwargs)
+        if "sliding_attention" in block.layer_types:
+            mapping["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        return mapping
+
+    def run_block(
+        self,
+        block: MossSpeechTransformerBlock,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor,
+        cache: Cache | None,
+        use_cache: bool,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Run one block over `hidden_states`, whose positions directly follow what its cache slots hold.
+
+        `attention_mask` is the 2-D padding mask covering the cached positions plus the new ones (or `None`).
+        """
+        if attention_mask is not None and not isinstance(attention_mask, dict) and attention_mask.ndim == 2:
+            past = cache.get_seq_length(block.layer_offset) if cache is not None else 0
+            attention_mask = attention_mask[:, : past + hidden_states.shape[1]]
+        mask_mapping = self._mask_mapping(hidden_states, attention_mask, cache, position_ids, block)
+        if position_embeddings is None:
+            position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        return block(hidden_states, mask_mapping, position_embeddings, position_ids, cache, use_cache, **kwargs)
+
+    def run_tail(
+        self,
+        modality: str,
+        shared_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor,
+        cache: Cache | None,
+        use_cache: bool,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Run the `modality` tail and its final norm on trunk outputs; returns normalised hidden states."""
+        block, norm = self.tail(modality)
+        hidden = self.run_block(
+            block, shared_hidden_states, attention_mask, position_ids, cache, use_cache, position_embeddings, **kwargs
+        )
+        return norm(hidden)
+
+    def default_position_ids(
+        self, attention_mask: torch.Tensor | None, past_length: int, length: int, device: torch.device
+    ) -> torch.LongTensor:
+        """Positions that skip left padding (count of real rows before each row), as HF generation does."""
+        if attention_mask is not None and attention_mask.ndim == 2:
+            positions = attention_mask.long().cumsum(-1) - 1
+            return positions.clamp(min=0)[:, past_length : past_length + length]
+        return torch.arange(past_length, past_length + length, device=device).unsqueeze(0)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        modalities: Sequence[str] = MODALITIES,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> MossSpeechModelOutputWithPast:
+        """Embed the grid, run the trunk, then the requested tails.
+
+        Args:
+            input_ids: (B, L, 2) grid, column 0 text ids, column 1 audio ids. Exclusive with `inputs_embeds`.
+            attention_mask: (B, past + L) padding mask, 1 for real rows (left padding expected in generation).
+            position_ids: (B, L); by default derived from `attention_mask` so left padding does not shift positions.
+            cache: A `Cache` for every trunk and tail layer (`past_key_values` is accepted as an alias).
+            inputs_embeds: (B, L, H) pre-computed embeddings.
+            use_cache: Whether to create/update the cache (defaults to `config.use_cache`, off in training).
+            modalities: Which tails to run; the heads of the others are skipped.
+        """
+        if cache is None and past_key_values is not None:
+            cache = past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids (B, L, 2) or inputs_embeds (B, L, hidden_size).")
+        modalities = tuple(modalities)
+        unknown = [m for m in modalities if m not in MODALITIES]
+        if unknown or not modalities:
+            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities!r}.")
+        if input_ids is not None:
+            self.config.check_grid(input_ids)
+            inputs_embeds = self.embed_grid(input_ids)
+        elif inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must have shape (batch, length, {self.config.hidden_size}), "
+                f"got {tuple(inputs_embeds.shape)}."
+            )
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(f"cache must be a transformers Cache, got {type(cache).__name__}.")
+
+        batch, length = inputs_embeds.shape[:2]
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        past = cache.get_seq_length(0) if cache is not None else 0
+        for modality in modalities:
+            offset = self.config.tail_layer_offset(modality)
+            if cache is not None and cache.get_seq_length(offset) != past:
+                raise ValueError(
+                    f"The {modality} tail's cache holds {cache.get_seq_length(offset)} positions but the trunk holds "
+                    f"{past}: a cache left behind by lazy-tail decoding cannot be reused for a full forward pass."
+                )
+        if attention_mask is not None and attention_mask.ndim == 2:
+            expected = (batch, past + length)
+            if tuple(attention_mask.shape) != expected:
+                raise ValueError(
+                    f"attention_mask must have shape (batch, cached + new rows) = {expected}, "
+                    f"got {tuple(attention_mask.shape)}."
+                )
+        elif attention_mask is not None and attention_mask.ndim != 4 and not isinstance(attention_mask, dict):
+            raise ValueError(
+                f"attention_mask must be 2-D (batch, rows), got shape {tuple(attention_mask.shape)}."
+            )
+        if position_ids is None:
+            position_ids = self.default_position_ids(attention_mask, past, length, inputs_embeds.device)
+
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        shared = self.run_block(
+            self.shared_block, inputs_embeds, attention_mask, position_ids, cache, use_cache, position_embeddings,
+            **kwargs,
+        )
+        tails = {
+            modality: self.run_tail(
+                modality, shared, attention_mask, position_ids, cache, use_cache, position_embeddings, **kwargs
+            )
+            for modality in modalities
+        }
+        return MossSpeechModelOutputWithPast(
+            text_last_hidden_state=tails.get("text"),
+            audio_last_hidden_state=tails.get("audio"),
+            shared_last_hidden_state=shared,
+            cache=cache if use_cache else None,
+        )
+
+
+def _channel_loss(
+    logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, num_items_in_batch: torch.Tensor | int | None
+) -> torch.Tensor:
+    """Shifted next-token cross entropy for one channel; 0 (with a graph) when the channel has no target."""
+    shift_logits = logits[:, :-1, :].float().reshape(-1, vocab_size)
+    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+    if not bool((shift_labels != -100).any()):
+        return shift_logits.sum() * 0.0
+    if num_items_in_batch is None:
+        return nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+    total = nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+class MossSpeechForCausalLM(MossSpeechPreTrainedModel, MossSpeechGenerationMixin):
+    """MOSS-Speech with its text and audio heads; `generate` runs the release's modality state machine.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from modeling_moss_speech import MossSpeechConfig, MossSpeechForCausalLM
+    >>> config = MossSpeechConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    ...     num_shared_layers=2, num_modality_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    ...     audio_vocab_size=80, sosp_token_id=290, modality_pad_token_id=291, pad_token_id=280,
+    ...     eosp_token_id=64, audio_pad_token_id=10)
+    >>> model = MossSpeechForCausalLM(config).eval()
+    >>> grid = torch.tensor([[[5, 10], [6, 10], [290, 10]]])
+    >>> out = model(grid)
+    >>> out.text_logits.shape, out.audio_logits.shape
+    (torch.Size([1, 3, 300]), torch.Size([1, 3, 80]))
+    ```
+    """
+
+    _tied_weights_keys: dict[str, str] = {}
+    generation_config_class = MossSpeechGenerationConfig
+    _tp_plan = {"text_lm_head": "colwise_gather_output", "audio_lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: MossSpeechConfig) -> None:
+        super().__init__(config)
+        self.model = MossSpeechModel(config)
+        self.text_lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.audio_lm_head = nn.Linear(config.hidden_size, config.audio_vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.text_lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.text_lm_head = value
+
+    def head(self, modality: str) -> nn.Linear:
+        """The LM head of `modality` ("text" or "audio")."""
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}.")
+        return self.text_lm_head if modality == "text" else self.audio_lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        modalities: Sequence[str] = MODALITIES,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> MossSpeechCausalLMOutputWithPast:
+        """Two-channel forward; see [`MossSpeechModel.forward`] for the inputs.
+
+        Args:
+            labels: (B, L, 2) targets aligned with `input_ids` (shifted inside), -100 where ignored. The loss is
+                the text-channel plus the audio-channel cross entropy; both are reported separately too.
+            logits_to_keep: Project only the last `logits_to_keep` rows (0 = all), or the given row indices.
+            num_items_in_batch: Token count for sum-reduction under gradient accumulation (Trainer passes it).
+        """
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor) or labels.ndim != 3 or labels.shape[-1] != self.config.channels:
+                shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+                raise ValueError(f"labels must have shape (batch, length, 2) like input_ids, got {shape}.")
+            ref = input_ids if input_ids is not None else inputs_embeds
+            if ref is not None and tuple(labels.shape[:2]) != tuple(ref.shape[:2]):
+                raise ValueError(
+                    f"labels shape {tuple(labels.shape)} does not match the input rows {tuple(ref.shape[:2])}."
+                )
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            modalities=modalities,
+            **kwargs,
+        )
+        slice_ = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = {}
+        for modality in MODALITIES:
+            hidden = getattr(outputs, f"{modality}_last_hidden_state")
+            logits[modality] = None if hidden is None else self.head(modality)(hidden[:, slice_, :])
+
+        loss = text_loss = audio_loss = None
+        if labels is not None:
+            losses = []
+            for channel, modality in enumerate(MODALITIES):
+                if logits[modality] is None:
+                    losses.append(None)
+                    continue
+                if logits[modality].shape[1] != labels.shape[1]:
+                    raise ValueError("labels need logits for every row: use logits_to_keep=0 when training.")
+                losses.append(
+                    _channel_loss(
+                        logits[modality], labels[..., channel], logits[modality].shape[-1], num_items_in_batch
+                    )
+                )
+            text_loss, audio_loss = losses
+            loss = sum(x for x in losses if x is not None)
+        return MossSpeechCausalLMOutputWithPast(
+            loss=loss,
+            text_loss=text_loss,
+            audio_loss=audio_loss,
+            text_logits=logits["text"],
+            audio_logits=logits["audio"],
+            cache=outputs.cache,
+        )
+
+
+__all__ = [
+    "MossSpeechCausalLMOutputWithPast",
+    "MossSpeechForCausalLM",
+    "MossSpeechModel",
+    "MossSpeechModelOutputWithPast",
+    "MossSpeechPreTrainedModel",
+    "MossSpeechTransformerBlock",
+]

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random MOSS-Speech configs and grids (offline, CPU, float32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modeling_moss_speech import MossSpeechConfig, MossSpeechForCausalLM
+
+# Tiny special ids, mirroring the release's roles: text pad / im_end stop the turn, sosp opens speech,
+# modality_pad marks speech rows; in the audio vocabulary, codes < EOSP, then eosp, then unused ids.
+PAD, IM_END, SOSP, MODALITY_PAD = 280, 282, 290, 291
+AUDIO_PAD, EOSP, AUDIO_VOCAB = 10, 64, 80
+
+
+def tiny_config(**overrides) -> MossSpeechConfig:
+    """A 2-trunk + 1-tail model with hidden size 32: fast enough for many generate() calls."""
+    values = dict(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_shared_layers=2,
+        num_modality_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        audio_vocab_size=AUDIO_VOCAB,
+        sosp_token_id=SOSP,
+        modality_pad_token_id=MODALITY_PAD,
+        pad_token_id=PAD,
+        eos_token_id=[PAD, IM_END],
+        eosp_token_id=EOSP,
+        audio_pad_token_id=AUDIO_PAD,
+        max_position_embeddings=512,
+    )
+    values.update(overrides)
+    return MossSpeechConfig(**values)
+
+
+@pytest.fixture
+def config() -> MossSpeechConfig:
+    return tiny_config()
+
+
+@pytest.fixture
+def model(config) -> MossSpeechForCausalLM:
+    torch.manual_seed(0)
+    return MossSpeechForCausalLM(config).eval()
+
+
+def text_rows(ids: list[int]) -> list[list[int]]:
+    """Grid rows for a run of text tokens (audio channel = audio pad)."""
+    return [[i, AUDIO_PAD] for i in ids]
+
+
+def audio_rows(codes: list[int]) -> list[list[int]]:
+    """Grid rows of a speech segment as the processor builds it: sosp row, codes, eosp row."""
+    return [[SOSP, AUDIO_PAD]] + [[MODALITY_PAD, c] for c in codes] + [[MODALITY_PAD, EOSP]]
+
+
+def make_prompt(seed: int, length: int, ends_in_speech: bool = False) -> torch.Tensor:
+    """A (L, 2) prompt mixing text rows and a speech segment; ends with the audio-output prefix if asked."""
+    g = torch.Generator().manual_seed(seed)
+    n_text = max(1, length // 2)
+    text = torch.randint(0, 250, (n_text,), generator=g).tolist()
+    codes = torch.randint(0, EOSP, (max(1, length - n_text - 2),), generator=g).tolist()
+    rows = text_rows(text) + audio_rows(codes)
+    rows += [[SOSP, AUDIO_PAD]] if ends_in_speech else text_rows([7])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad (L_i, 2) prompts to a (B, L, 2) grid and (B, L) mask with the release's pad values."""
+    length = max(p.shape[0] for p in prompts)
+    grid = torch.empty(len(prompts), length, 2, dtype=torch.long)
+    grid[..., 0], grid[..., 1] = PAD, AUDIO_PAD
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        grid[i, length - p.shape[0] :] = p
+        mask[i, length - p.shape[0] :] = 1
+    return grid, mask
