@@ -361,8 +361,9 @@ class MossSpeechGenerationMixin(GenerationMixin):
     ) -> None:
         self.config.check_grid(input_ids)
         if attention_mask is not None:
-            if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape[:2]):
-                shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+            is_tensor = isinstance(attention_mask, torch.Tensor)
+            if not is_tensor or tuple(attention_mask.shape) != tuple(input_ids.shape[:2]):
+                shape = tuple(attention_mask.shape) if is_tensor else attention_mask
                 raise ValueError(
                     f"attention_mask must have shape (batch, length) = {tuple(input_ids.shape[:2])}, got {shape}."
                 )
@@ -381,7 +382,7 @@ class MossSpeechGenerationMixin(GenerationMixin):
                     "generation_config.eos_token_id to the ids that end a turn."
                 )
         if gen.num_beams not in (None, 1):
-            raise ValueError(f"num_beams={gen.num_beams} is not supported; MOSS-Speech generation samples or is greedy.")
+            raise ValueError(f"num_beams={gen.num_beams} is not supported: MOSS-Speech generation samples or is greedy.")
 
     def _process(
         self,
