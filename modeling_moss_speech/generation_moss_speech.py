@@ -382,7 +382,7 @@ class MossSpeechGenerationMixin(GenerationMixin):
                     "generation_config.eos_token_id to the ids that end a turn."
                 )
         if gen.num_beams not in (None, 1):
-            raise ValueError(f"num_beams={gen.num_beams} is not supported: MOSS-Speech generation samples or is greedy.")
+            raise ValueError(f"num_beams={gen.num_beams} is not supported (sampling or greedy only).")
 
     def _process(
         self,
