@@ -148,6 +148,10 @@ class MossSpeechConfig(Qwen3Config):
                 f"{self.eosp_token_id}."
             )
 
+    def validate_token_ids(self) -> None:
+        """Special ids belong to two vocabularies: check each against its own (transformers checks only text)."""
+        self._check_consistency()
+
     def check_grid(self, input_ids: torch.Tensor, name: str = "input_ids") -> None:
         """Raise `TypeError`/`ValueError` unless `input_ids` is an integer (B, L, 2) grid inside both vocabularies."""
         if not isinstance(input_ids, torch.Tensor):
