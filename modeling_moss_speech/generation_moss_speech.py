@@ -419,7 +419,7 @@ class MossSpeechGenerationMixin(GenerationMixin):
             if not active[modality]:
                 continue
             block, norm = model.tail(modality)
-            if len(pending[modality]) == 1:
+            if len(pending[modality]) == 1 and set(block.layer_types) <= masks.keys():
                 # In step with the trunk: its mask and rotary embeddings are this tail's too.
                 hidden = norm(block(shared, masks, rotary, new_pos, cache, True))
             else:

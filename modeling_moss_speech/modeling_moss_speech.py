@@ -283,6 +283,15 @@ class MossSpeechModel(MossSpeechPreTrainedModel):
             )
         if cache is not None and not isinstance(cache, Cache):
             raise TypeError(f"cache must be a transformers Cache, got {type(cache).__name__}.")
+        if (
+            cache is not None
+            and getattr(cache, "layer_class_to_replicate", None) is None
+            and len(cache.layers) < self.config.num_runtime_layers
+        ):
+            raise ValueError(
+                f"cache has {len(cache.layers)} layer slots but MOSS-Speech needs {self.config.num_runtime_layers} "
+                "(trunk + text tail + audio tail): pass DynamicCache() without a config, or None."
+            )
 
         batch, length = inputs_embeds.shape[:2]
         if use_cache is None:

@@ -203,3 +203,22 @@ def test_text_rows_helper_shapes_match_release_layout():
     rows = audio_rows([1, 2, 3])
     assert len(rows) == 5 and rows[0] == [SOSP, AUDIO_PAD] and rows[-1] == [MODALITY_PAD, EOSP]
     assert text_rows([4]) == [[4, AUDIO_PAD]]
+
+
+def test_one_cache_for_all_layers_reorders_like_any_cache(model):
+    grids = torch.stack([make_prompt(20, 9), make_prompt(21, 9)])
+    step = torch.tensor([[[5, AUDIO_PAD]], [[MODALITY_PAD, 7]]])
+    cache = DynamicCache()
+    model(grids, cache=cache, use_cache=True)
+    cache.reorder_cache(torch.tensor([1, 0]))  # what beam search does
+    reordered = model(step.flip(0), cache=cache, use_cache=True)
+    reference = model(torch.cat([grids, step], dim=1))
+    torch.testing.assert_close(reordered.text_logits[:, -1], reference.text_logits.flip(0)[:, -1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(reordered.audio_logits[:, -1], reference.audio_logits.flip(0)[:, -1], atol=1e-5,
+                               rtol=0)
+
+
+def test_cache_sized_for_fewer_layers_is_rejected(model):
+    cache = DynamicCache(config=model.config)  # sized from num_hidden_layers: no slots for the second tail
+    with pytest.raises(ValueError, match="layer slots but MOSS-Speech needs 4"):
+        model(make_prompt(22, 5).unsqueeze(0), cache=cache, use_cache=True)
