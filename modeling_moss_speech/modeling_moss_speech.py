@@ -104,6 +104,21 @@ class MossSpeechTransformerBlock(nn.Module):
         return hidden_states
 
 
+class MossSpeechRotaryEmbedding(Qwen3RotaryEmbedding):
+    """Qwen3 rotary embedding whose frequencies stay float32 when the model is cast (`model.to(torch.bfloat16)`).
+
+    The release computes them in float32; rounding them to bf16 moves the rotation angle by up to ~0.5 rad at
+    position 4096 and changes bf16 logits, while `from_pretrained(dtype=...)` already keeps them in float32.
+    """
+
+    def _apply(self, fn, recurse: bool = True):
+        frequencies = {name: buffer.float() for name, buffer in self._buffers.items() if buffer is not None}
+        super()._apply(fn, recurse)
+        for name, value in frequencies.items():
+            self._buffers[name] = value.to(self._buffers[name].device)
+        return self
+
+
 class MossSpeechPreTrainedModel(PreTrainedModel):
     """Weight initialisation and loading glue shared by the MOSS-Speech models."""
 
@@ -142,7 +157,7 @@ class MossSpeechModel(MossSpeechPreTrainedModel):
         )
         self.text_norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.audio_norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = Qwen3RotaryEmbedding(config=config)
+        self.rotary_emb = MossSpeechRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()
 

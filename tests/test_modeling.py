@@ -222,3 +222,13 @@ def test_cache_sized_for_fewer_layers_is_rejected(model):
     cache = DynamicCache(config=model.config)  # sized from num_hidden_layers: no slots for the second tail
     with pytest.raises(ValueError, match="layer slots but MOSS-Speech needs 4"):
         model(make_prompt(22, 5).unsqueeze(0), cache=cache, use_cache=True)
+
+
+def test_casting_to_bf16_keeps_rotary_frequencies_float32(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = MossSpeechForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    cast = MossSpeechForCausalLM.from_pretrained(tmp_path).eval().to(torch.bfloat16)
+    assert cast.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert cast.model.embed_tokens.weight.dtype == torch.bfloat16
+    grid = make_prompt(23, 40).unsqueeze(0)
+    assert torch.equal(cast(grid).text_logits, loaded(grid).text_logits)
