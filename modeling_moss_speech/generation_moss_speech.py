@@ -181,6 +181,14 @@ def _check_settings(channel: str, settings: dict) -> None:
         raise ValueError(f"{channel} repetition_penalty must be > 0, got {penalty}.")
 
 
+def seen_tokens(ids: torch.LongTensor, mask: torch.BoolTensor, vocab_size: int) -> torch.BoolTensor:
+    """(B, vocab) flags of the ids present at unmasked positions of (B, L) `ids` (the repetition-penalty history)."""
+    counts = torch.zeros(ids.shape[0], vocab_size, dtype=torch.long, device=ids.device)
+    # Counting (not assigning) keeps a real id seen when masked positions are parked on the same index.
+    counts.scatter_add_(1, ids.masked_fill(~mask, 0), mask.long())
+    return counts > 0
+
+
 def _penalize(scores: torch.Tensor, seen: torch.BoolTensor, penalty: float | None) -> torch.Tensor:
     """HF repetition penalty (negative scores ×p, others ÷p) on ids seen in the unpadded history."""
     if penalty is None or penalty == 1.0:
@@ -275,12 +283,9 @@ class MossSpeechGenerationMixin(GenerationMixin):
 
         real = attention_mask.bool()
         seen = {
-            "text": torch.zeros(batch, config.vocab_size, dtype=torch.bool, device=device),
-            "audio": torch.zeros(batch, config.audio_vocab_size, dtype=torch.bool, device=device),
+            modality: seen_tokens(input_ids[..., channel], real, size)
+            for channel, (modality, size) in enumerate(zip(MODALITIES, (config.vocab_size, config.audio_vocab_size)))
         }
-        for channel, modality in enumerate(MODALITIES):
-            ids = input_ids[..., channel].masked_fill(~real, 0)
-            seen[modality].scatter_(1, ids, real)
 
         is_audio = initial_audio_mode(config, input_ids[:, -1])
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
@@ -445,5 +450,6 @@ __all__ = [
     "MossSpeechGenerationMixin",
     "initial_audio_mode",
     "modality_spans",
+    "seen_tokens",
     "update_audio_mode",
 ]

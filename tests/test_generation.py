@@ -8,6 +8,7 @@ from conftest import AUDIO_PAD, EOSP, IM_END, MODALITY_PAD, PAD, SOSP, left_pad,
 from transformers.generation.streamers import BaseStreamer
 
 from modeling_moss_speech import MossSpeechForCausalLM, MossSpeechGenerationConfig
+from modeling_moss_speech.generation_moss_speech import seen_tokens
 
 GREEDY = {"do_sample": False, "repetition_penalty": 1.1}
 
@@ -224,3 +225,13 @@ def test_bad_grids_rejected_by_generate(model):
     mask[0, -1] = 0
     with pytest.raises(ValueError, match="left padding"):
         model.generate(grid, attention_mask=mask)
+
+
+def test_repetition_history_ignores_padding_but_keeps_real_ids():
+    ids = torch.tensor([[0, 0, 5, 0], [7, 3, 3, 9]])
+    mask = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    seen = seen_tokens(ids, mask, 12)
+    assert seen[0].nonzero().flatten().tolist() == [0, 5]  # id 0 is real at position 3, padding at 0-1
+    assert seen[1].nonzero().flatten().tolist() == [3, 7, 9]
+    mask[0, 3] = False
+    assert seen_tokens(ids, mask, 12)[0].nonzero().flatten().tolist() == [5]
