@@ -80,3 +80,20 @@ def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         grid[i, length - p.shape[0] :] = p
         mask[i, length - p.shape[0] :] = 1
     return grid, mask
+
+
+def espeak(text: str, voice: str = "en-us", speed: int = 160, pitch: int = 50):
+    """Real speech from espeak-ng (installed by .ci/run): (float32 waveform, sampling rate 22050)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    import soundfile as sf
+
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is not installed: run the README's test command (it installs espeak-ng and sox)")
+    with tempfile.NamedTemporaryFile(suffix=".wav") as handle:
+        subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", handle.name, text],
+                       check=True, capture_output=True)
+        wav, rate = sf.read(handle.name, dtype="float32")
+    return torch.from_numpy(wav), rate

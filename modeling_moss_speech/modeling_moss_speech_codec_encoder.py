@@ -1,0 +1,255 @@
+"""The MOSS-Speech speech tokenizer: a causal Whisper-VQ encoder, 16 kHz log-mel (100 Hz) → 12.5 Hz codes.
+
+Parameter names are the release's (`encoder.` prefix stripped from the codec's model.safetensors): `conv1`, `conv2`,
+`embed_positions`, `layers.{i}` (transformers' own `WhisperEncoderLayer`, run with causal self-attention),
+`layer_norm` (only when `quantize_encoder_only` is false), `codebook` and `embed_positions2`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import WhisperConfig
+from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
+from transformers.utils import ModelOutput
+
+from .configuration_moss_speech_codec import MossSpeechCodecEncoderConfig
+from .feature_extraction_moss_speech import MossSpeechFeatureExtractor, split_into_chunks
+
+# Both convolutions of the release have kernel 3; conv1 has stride 1, conv2 stride 2.
+_CONV_KERNEL = 3
+_CONV2_STRIDE = 2
+# Cap on the (rows × codebook) distance matrix built at once by `quantize` (128 MiB in float32).
+_MAX_DISTANCE_ELEMENTS = 1 << 25
+
+
+@dataclass
+class MossSpeechCodecEncoderOutput(ModelOutput):
+    """Output of [`MossSpeechCodecEncoder`].
+
+    Args:
+        codes: Code ids (B, T'), T' = ceil(ceil(T / 2) / pooling_kernel_size) for T input frames.
+        codes_mask: True for codes that carry audio (B, T'); a row with `v` valid frames has ceil(v / 8) of them.
+        last_hidden_state: Pooled hidden states the codes were chosen from, before quantization (B, T', d_model).
+    """
+
+    codes: torch.LongTensor | None = None
+    codes_mask: torch.BoolTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+class MossSpeechCodecEncoder(nn.Module):
+    """Causal Whisper-VQ speech tokenizer (GLM-4-Voice style), as in the MOSS-Speech codec.
+
+    conv1 (k3) → GELU → conv2 (k3, stride 2) → GELU → + `embed_positions` → causal pre-LN transformer layers; after
+    layer `pooling_position` the 50 Hz states are average-pooled ×4 (12.5 Hz) and each frame takes the id of its
+    nearest `codebook` row (squared L2). Only the token path runs: layers after `quantize_position` and
+    `layer_norm` (present when `quantize_encoder_only` is false) are kept for checkpoint compatibility only.
+
+    Right padding is required: attention is causal and no padding mask is applied (as in the release), so valid
+    frames never see padding and a row's valid codes do not depend on what it is batched with.
+    """
+
+    main_input_name = "input_features"
+
+    def __init__(self, config: MossSpeechCodecEncoderConfig):
+        super().__init__()
+        if not isinstance(config, MossSpeechCodecEncoderConfig):
+            raise TypeError(f"`config` must be a MossSpeechCodecEncoderConfig, got {type(config).__name__}.")
+        if not config.encoder_causal_attention:
+            raise ValueError("MossSpeechCodecEncoder implements the release's causal tokenizer only; got "
+                             "encoder_causal_attention=False (expected True).")
+        self.config = config
+        d_model = config.d_model
+        self.causal_convolution = config.encoder_causal_convolution
+        conv_padding = 0 if self.causal_convolution else 1  # causal: left pad in forward instead
+        self.conv1 = nn.Conv1d(config.num_mel_bins, d_model, kernel_size=_CONV_KERNEL, padding=conv_padding)
+        self.conv2 = nn.Conv1d(d_model, d_model, kernel_size=_CONV_KERNEL, stride=_CONV2_STRIDE, padding=conv_padding)
+        # Position tables are checkpoint tensors (loaded, never regenerated) and frozen, as in the release.
+        self.embed_positions = nn.Embedding(config.max_source_positions, d_model)
+        self.embed_positions.requires_grad_(False)
+
+        layer_config = WhisperConfig(
+            d_model=d_model,
+            encoder_attention_heads=config.encoder_attention_heads,
+            encoder_ffn_dim=config.encoder_ffn_dim,
+            activation_function=config.activation_function,
+            dropout=getattr(config, "dropout", 0.0),
+            attention_dropout=getattr(config, "attention_dropout", 0.0),
+            activation_dropout=getattr(config, "activation_dropout", 0.0),
+        )
+        # SDPA with `is_causal` and no mask: the release's kernel call, hence its numerics.
+        layer_config._attn_implementation = "sdpa"
+        self.layers = nn.ModuleList(WhisperEncoderLayer(layer_config) for _ in range(config.num_layers_built))
+        for layer in self.layers:
+            layer.self_attn.is_causal = True
+            layer.self_attn_layer_norm.eps = config.layer_norm_eps
+            layer.final_layer_norm.eps = config.layer_norm_eps
+        if not config.quantize_encoder_only:
+            self.layer_norm = nn.LayerNorm(d_model, eps=config.layer_norm_eps)
+
+        self.codebook = nn.Embedding(config.quantize_vocab_size, d_model)
+        self.embed_positions2 = nn.Embedding(config.max_source_positions // config.pooling_kernel_size, d_model)
+        self.embed_positions2.requires_grad_(False)
+
+    @property
+    def max_input_frames(self) -> int:
+        """Longest input in feature frames (3000 = 30 s at release size): 2 × max_source_positions."""
+        return _CONV2_STRIDE * self.config.max_source_positions
+
+    def quantize(self, hidden_states: torch.Tensor) -> torch.LongTensor:
+        """Nearest-codebook ids of `hidden_states` (..., d_model) → (...): argmin of ‖x‖² + ‖c‖² − 2 x·c."""
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.shape[-1:] != (self.config.d_model,):
+            shape = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states)
+            raise ValueError(f"`hidden_states` must be a tensor (..., {self.config.d_model}), got {shape}.")
+        codebook = self.codebook.weight
+        flat = hidden_states.reshape(-1, codebook.shape[1]).to(codebook.dtype)
+        codebook_sq = codebook.pow(2).sum(dim=1)
+        rows = max(1, _MAX_DISTANCE_ELEMENTS // codebook.shape[0])
+        codes = []
+        for block in flat.split(rows):
+            # Same expression and order as the release, so near-ties resolve to the same id.
+            distances = torch.addmm(codebook_sq + block.pow(2).sum(dim=1, keepdim=True), block, codebook.t(),
+                                    beta=1.0, alpha=-2.0)
+            codes.append(distances.argmin(dim=1))
+        codes = torch.cat(codes) if codes else flat.new_zeros(0, dtype=torch.long)
+        return codes.reshape(hidden_states.shape[:-1])
+
+    def _check_inputs(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        if not isinstance(input_features, torch.Tensor) or not input_features.is_floating_point():
+            raise TypeError("`input_features` must be a float tensor (batch, num_mel_bins, frames), got "
+                            f"{getattr(input_features, 'dtype', type(input_features).__name__)}.")
+        if input_features.dim() != 3 or input_features.shape[1] != self.config.num_mel_bins:
+            raise ValueError(f"`input_features` must have shape (batch, {self.config.num_mel_bins}, frames), got "
+                             f"{tuple(input_features.shape)}.")
+        frames = input_features.shape[-1]
+        if frames == 0 or input_features.shape[0] == 0:
+            raise ValueError(f"`input_features` is empty: shape {tuple(input_features.shape)}.")
+        if frames + frames % 2 > self.max_input_frames:
+            raise ValueError(
+                f"`input_features` has {frames} frames, more than the encoder takes ({self.max_input_frames} = "
+                "2 × max_source_positions, 30 s at release size); split long audio into 30 s chunks first "
+                "(`split_into_chunks`, or `encode_waveforms` which does it)."
+            )
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_features.shape[::2]:
+                shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+                raise ValueError(f"`attention_mask` must be a tensor of shape {tuple(input_features.shape[::2])} "
+                                 f"(batch, frames), got {shape}.")
+            mask = attention_mask.bool()
+            if (mask[:, 1:] & ~mask[:, :-1]).any():
+                raise ValueError("`attention_mask` must be right-padded (ones then zeros in every row): the causal "
+                                 "encoder applies no padding mask.")
+
+    def forward(
+        self, input_features: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> MossSpeechCodecEncoderOutput:
+        """Encode log-mel features to codes.
+
+        Args:
+            input_features: (B, num_mel_bins, T) log-mel frames at 100 Hz (from [`MossSpeechFeatureExtractor`]),
+                T ≤ 2 × max_source_positions (30 s).
+            attention_mask: (B, T), 1 for valid frames, right padding only; all frames valid if omitted.
+
+        Returns:
+            [`MossSpeechCodecEncoderOutput`] with `codes` and `codes_mask` (B, T') and the pre-quantization
+            `last_hidden_state` (B, T', d_model).
+        """
+        self._check_inputs(input_features, attention_mask)
+        batch_size, _, frames = input_features.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, frames, dtype=torch.bool, device=input_features.device)
+        attention_mask = attention_mask.bool()
+        if frames % 2:  # the release pads odd inputs by one zero frame
+            input_features = nn.functional.pad(input_features, (0, 1))
+            attention_mask = nn.functional.pad(attention_mask, (0, 1))
+
+        hidden = input_features.to(self.conv1.weight.dtype)
+        if self.causal_convolution:
+            hidden = nn.functional.pad(hidden, (_CONV_KERNEL - 1, 0))
+        hidden = nn.functional.gelu(self.conv1(hidden))
+        if self.causal_convolution:
+            hidden = nn.functional.pad(hidden, (_CONV_KERNEL - 1, 0))
+        hidden = nn.functional.gelu(self.conv2(hidden)).transpose(1, 2)
+        hidden = hidden + self.embed_positions.weight[: hidden.shape[1]]
+        frame_mask = attention_mask[:, ::_CONV2_STRIDE]
+
+        for index, layer in enumerate(self.layers[: self.config.quantize_position]):
+            hidden = layer(hidden, attention_mask=None)
+            if index + 1 == self.config.pooling_position:
+                hidden = self._pool(hidden)
+                frame_mask = frame_mask[:, :: self.config.pooling_kernel_size]
+
+        return MossSpeechCodecEncoderOutput(codes=self.quantize(hidden), codes_mask=frame_mask,
+                                            last_hidden_state=hidden)
+
+    def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        kernel = self.config.pooling_kernel_size
+        hidden = hidden.transpose(1, 2)
+        hidden = nn.functional.pad(hidden, (0, -hidden.shape[-1] % kernel))  # zeros, as the release
+        if self.config.pooling_type == "avg":
+            hidden = nn.functional.avg_pool1d(hidden, kernel)
+        else:
+            hidden = nn.functional.max_pool1d(hidden, kernel)
+        return hidden.transpose(1, 2)
+
+
+@torch.no_grad()
+def encode_waveforms(
+    encoder: MossSpeechCodecEncoder,
+    feature_extractor: MossSpeechFeatureExtractor,
+    audio: np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor],
+    sampling_rate: int,
+    batch_size: int = 32,
+) -> list[torch.LongTensor]:
+    """Speech codes of one waveform or a list of them: one 1-D CPU LongTensor per utterance.
+
+    Each utterance (float numpy/torch, 1-D or (channels, samples), any rate; channels averaged) is resampled to
+    16 kHz and split into 30 s chunks encoded independently (as the release); all chunks of all utterances are
+    batched `batch_size` at a time, sorted by length to limit padding. An utterance of `s` seconds gets
+    ceil(s × 12.5) codes. Runs without gradients on the encoder's device and dtype.
+    """
+    if not isinstance(encoder, MossSpeechCodecEncoder):
+        raise TypeError(f"`encoder` must be a MossSpeechCodecEncoder, got {type(encoder).__name__}.")
+    if not isinstance(feature_extractor, MossSpeechFeatureExtractor):
+        raise TypeError(f"`feature_extractor` must be a MossSpeechFeatureExtractor, got "
+                        f"{type(feature_extractor).__name__}.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if feature_extractor.feature_size != encoder.config.num_mel_bins:
+        raise ValueError(f"feature_extractor.feature_size ({feature_extractor.feature_size}) must equal the "
+                         f"encoder's num_mel_bins ({encoder.config.num_mel_bins}).")
+    chunk_samples = feature_extractor.n_samples
+    if chunk_samples // feature_extractor.hop_length > encoder.max_input_frames:
+        raise ValueError(f"feature_extractor.chunk_length ({feature_extractor.chunk_length} s) is longer than the "
+                         f"encoder takes ({encoder.max_input_frames} frames).")
+
+    waveforms = feature_extractor.prepare_waveforms(audio, sampling_rate)
+    chunks, owners = [], []
+    for owner, waveform in enumerate(waveforms):
+        pieces = split_into_chunks(waveform, chunk_samples)
+        chunks.extend(pieces)
+        owners.extend([owner] * len(pieces))
+
+    device, dtype = encoder.codebook.weight.device, encoder.conv1.weight.dtype
+    order = sorted(range(len(chunks)), key=lambda i: chunks[i].shape[0], reverse=True)
+    chunk_codes: list[torch.Tensor | None] = [None] * len(chunks)
+    for start in range(0, len(order), batch_size):
+        batch_ids = order[start : start + batch_size]
+        features = feature_extractor.extract_features([chunks[i] for i in batch_ids], device=device)
+        output = encoder(features["input_features"].to(dtype), features["attention_mask"])
+        counts = output.codes_mask.sum(dim=1).tolist()
+        for chunk_id, codes in zip(batch_ids, output.codes[output.codes_mask].cpu().split(counts)):
+            chunk_codes[chunk_id] = codes
+
+    per_utterance: list[list[torch.Tensor]] = [[] for _ in waveforms]
+    for owner, codes in zip(owners, chunk_codes):
+        per_utterance[owner].append(codes)
+    return [torch.cat(parts) for parts in per_utterance]
+
+
+__all__ = ["MossSpeechCodecEncoder", "MossSpeechCodecEncoderOutput", "encode_waveforms"]
