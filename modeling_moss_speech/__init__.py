@@ -4,9 +4,17 @@ Importing the package registers its classes with the Auto* factories, so
 `AutoModelForCausalLM.from_pretrained(path)` loads a MOSS-Speech checkpoint on the current transformers.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM
 
 from .configuration_moss_speech import MossSpeechConfig
+from .configuration_moss_speech_codec import (
+    MossSpeechCodecConfig,
+    MossSpeechCodecEncoderConfig,
+    MossSpeechCodecFlowConfig,
+    MossSpeechCodecSpeakerConfig,
+    MossSpeechCodecVocoderConfig,
+)
+from .feature_extraction_moss_speech import MossSpeechFeatureExtractor
 from .generation_moss_speech import (
     MossSpeechGenerateOutput,
     MossSpeechGenerationConfig,
@@ -18,15 +26,34 @@ from .modeling_moss_speech import (
     MossSpeechModelOutputWithPast,
     MossSpeechPreTrainedModel,
 )
+from .modeling_moss_speech_codec import (
+    MossSpeechCodecDecodeOutput,
+    MossSpeechCodecEncodeOutput,
+    MossSpeechCodecModel,
+    MossSpeechVoicePrompt,
+)
 
 __version__ = "0.1.0"
 
 AutoConfig.register(MossSpeechConfig.model_type, MossSpeechConfig, exist_ok=True)
 AutoModel.register(MossSpeechConfig, MossSpeechModel, exist_ok=True)
 AutoModelForCausalLM.register(MossSpeechConfig, MossSpeechForCausalLM, exist_ok=True)
+AutoConfig.register(MossSpeechCodecConfig.model_type, MossSpeechCodecConfig, exist_ok=True)
+AutoModel.register(MossSpeechCodecConfig, MossSpeechCodecModel, exist_ok=True)
+AutoFeatureExtractor.register(MossSpeechCodecConfig, MossSpeechFeatureExtractor, exist_ok=True)
 
 __all__ = [
     "MossSpeechCausalLMOutputWithPast",
+    "MossSpeechCodecConfig",
+    "MossSpeechCodecDecodeOutput",
+    "MossSpeechCodecEncodeOutput",
+    "MossSpeechCodecEncoderConfig",
+    "MossSpeechCodecFlowConfig",
+    "MossSpeechCodecModel",
+    "MossSpeechCodecSpeakerConfig",
+    "MossSpeechCodecVocoderConfig",
+    "MossSpeechFeatureExtractor",
+    "MossSpeechVoicePrompt",
     "MossSpeechConfig",
     "MossSpeechForCausalLM",
     "MossSpeechGenerateOutput",

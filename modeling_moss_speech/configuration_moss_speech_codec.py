@@ -98,6 +98,8 @@ class MossSpeechCodecFlowConfig(PretrainedConfig):
     encoder_static_chunk_size: int = 5
     encoder_max_len: int = 5000
     layer_norm_eps: float = 1e-5
+    # The conformer layers' own norms use 1e-12 in the release (its embed/after norms use layer_norm_eps).
+    conformer_layer_norm_eps: float = 1e-12
     # CausalConditionalCFM and its estimator
     sigma_min: float = 1e-6
     t_scheduler: str = "cosine"

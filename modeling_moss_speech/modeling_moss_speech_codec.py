@@ -1,0 +1,377 @@
+"""The MOSS-Speech codec as one transformers model: speech tokenizer + flow-matching decoder + HiFT + CAM++.
+
+`MossSpeechCodecModel.encode` turns audio (any rate, mono or multi-channel) into 12.5 Hz codes;
+`decode` turns codes back into 24 kHz speech, batched, optionally in the voice of a `MossSpeechVoicePrompt`;
+`stream_decode` yields speech chunks while codes arrive. State-dict prefixes follow the release's files:
+`encoder.*` (the codec's model.safetensors), `flow.*` (flow/flow.pt), `hift.*` (flow/hift.pt) and
+`speaker_encoder.*` (flow/campplus.onnx, converted).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torchaudio
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput, logging
+
+from .configuration_moss_speech_codec import MossSpeechCodecConfig
+from .feature_extraction_moss_speech import MossSpeechFeatureExtractor, prepare_waveforms
+from .modeling_moss_speech_codec_encoder import MossSpeechCodecEncoder, encode_waveforms
+from .modeling_moss_speech_codec_flow import MossSpeechCodecFlow, MossSpeechCodecFlowCFM
+from .modeling_moss_speech_codec_speaker import MossSpeechCodecSpeakerEncoder
+from .modeling_moss_speech_codec_vocoder import MossSpeechCodecVocoder
+
+logger = logging.get_logger(__name__)
+
+
+def prompt_mel_spectrogram(waveform_24k: torch.Tensor, n_mels: int = 80, sampling_rate: int = 24000) -> torch.Tensor:
+    """Log-mel of a 24 kHz voice prompt as the flow was trained on: (frames, n_mels).
+
+    n_fft = window = 1920, hop 480, Hann, no centering (reflect-pad (n_fft - hop) / 2 each side), magnitude,
+    slaney mel filters over 0-8 kHz, natural log clamped at 1e-5 (the Matcha-TTS / HiFi-GAN recipe).
+    """
+    n_fft, hop = 4 * sampling_rate // 50, sampling_rate // 50
+    wav = waveform_24k.float().reshape(1, 1, -1)
+    pad = (n_fft - hop) // 2
+    wav = torch.nn.functional.pad(wav, (pad, pad), mode="reflect").reshape(1, -1)
+    spec = torch.stft(wav, n_fft, hop_length=hop, win_length=n_fft, window=torch.hann_window(n_fft, device=wav.device),
+                      center=False, return_complex=True)
+    magnitude = torch.sqrt(spec.real.pow(2) + spec.imag.pow(2) + 1e-9)
+    filters = torchaudio.functional.melscale_fbanks(n_fft // 2 + 1, 0.0, 8000.0, n_mels, sampling_rate,
+                                                    norm="slaney", mel_scale="slaney").to(wav.device)
+    mel = torch.matmul(filters.T, magnitude[0])
+    return torch.log(torch.clamp(mel, min=1e-5)).T.contiguous()
+
+
+@dataclass
+class MossSpeechVoicePrompt:
+    """A voice to speak in: the prompt's codes, its 24 kHz log-mel (4 frames per code) and its CAM++ x-vector.
+
+    Build one with `codec.voice_prompt(wav, sampling_rate)`, reuse it across decodes, ship it with `save(path)`.
+    """
+
+    tokens: torch.LongTensor
+    mel: torch.FloatTensor
+    speaker_embedding: torch.FloatTensor
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.tokens.ndim != 1:
+            raise ValueError(f"voice prompt tokens must be 1-D, got shape {tuple(self.tokens.shape)}.")
+        if self.mel.ndim != 2:
+            raise ValueError(f"voice prompt mel must be (frames, mel_bins), got shape {tuple(self.mel.shape)}.")
+        if self.speaker_embedding.ndim != 1:
+            raise ValueError(
+                f"voice prompt speaker_embedding must be 1-D, got shape {tuple(self.speaker_embedding.shape)}."
+            )
+
+    def save(self, path: str) -> None:
+        """Write the prompt as a `.safetensors` file (three tensors plus string metadata)."""
+        tensors = {"tokens": self.tokens.cpu().contiguous(), "mel": self.mel.float().cpu().contiguous(),
+                   "speaker_embedding": self.speaker_embedding.float().cpu().contiguous()}
+        save_file(tensors, path, metadata={"format": "moss_speech_voice_prompt",
+                                           **{k: str(v) for k, v in self.metadata.items()}})
+
+    @classmethod
+    def load(cls, path: str) -> MossSpeechVoicePrompt:
+        """Read a prompt written by `save`."""
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        if metadata.pop("format", None) != "moss_speech_voice_prompt":
+            raise ValueError(f"{path} is not a MOSS-Speech voice prompt file (missing format metadata).")
+        tensors = load_file(path)
+        return cls(tensors["tokens"], tensors["mel"], tensors["speaker_embedding"], metadata)
+
+
+@dataclass
+class MossSpeechCodecEncodeOutput(ModelOutput):
+    """Result of [`MossSpeechCodecModel.encode`]: one 1-D code tensor per utterance and their lengths."""
+
+    codes: list[torch.LongTensor] | None = None
+    lengths: torch.LongTensor | None = None
+
+
+@dataclass
+class MossSpeechCodecDecodeOutput(ModelOutput):
+    """Result of [`MossSpeechCodecModel.decode`]: right-padded float32 waveforms (B, N) at `sampling_rate`."""
+
+    waveforms: torch.FloatTensor | None = None
+    lengths: torch.LongTensor | None = None
+    sampling_rate: int | None = None
+
+
+class MossSpeechCodecPreTrainedModel(PreTrainedModel):
+    """Loading glue of the codec; float32 by default whatever dtype the LM uses."""
+
+    config: MossSpeechCodecConfig
+    config_class = MossSpeechCodecConfig
+    base_model_prefix = "codec"
+    main_input_name = "input_features"
+    _no_split_modules: list[str] = []
+    supports_gradient_checkpointing = False
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        # Components initialise themselves in their constructors (the generic init would break weight-norm
+        # parametrizations and the frozen position tables). The one thing a checkpoint cannot carry is the flow's
+        # fixed noise, a non-persistent buffer the loader leaves uninitialised: draw it again.
+        if isinstance(module, MossSpeechCodecFlowCFM):
+            module.reset_noise()
+
+
+class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
+    """Speech tokenizer and speech decoder of MOSS-Speech.
+
+    Example:
+
+    ```python
+    >>> codec = AutoModel.from_pretrained("path/to/codec")          # float32
+    >>> codes = codec.encode(waveform, sampling_rate=44100).codes      # list of 1-D LongTensors, 12.5 per second
+    >>> speech = codec.decode(codes, voice_prompt=codec.voice_prompt(prompt_wav, 16000))
+    >>> speech.waveforms.shape, speech.sampling_rate                   # (B, 1920 x codes), 24000
+    ```
+    """
+
+    def __init__(self, config: MossSpeechCodecConfig) -> None:
+        super().__init__(config)
+        self.encoder = MossSpeechCodecEncoder(config.encoder_config)
+        self.flow = MossSpeechCodecFlow(config.flow_config)
+        self.hift = MossSpeechCodecVocoder(config.vocoder_config)
+        self.speaker_encoder = MossSpeechCodecSpeakerEncoder(config.speaker_config)
+        self.feature_extractor = MossSpeechFeatureExtractor(
+            feature_size=config.encoder_config.num_mel_bins, sampling_rate=config.sampling_rate
+        )
+        self.post_init()
+
+    @property
+    def output_sampling_rate(self) -> int:
+        return self.config.output_sampling_rate
+
+    def forward(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Tokenize log-mel features (from `MossSpeechFeatureExtractor`): codes and their mask."""
+        return self.encoder(input_features, attention_mask)
+
+    # ------------------------------------------------------------------ encode
+    @torch.no_grad()
+    def encode(
+        self, audio, sampling_rate: int | None = None, batch_size: int = 32
+    ) -> MossSpeechCodecEncodeOutput:
+        """Codes of one waveform or a list: ceil(seconds × 12.5) codes each, long audio in 30 s chunks.
+
+        `audio`: numpy array or tensor, (samples,) or (channels, samples), float; or a list of them (batched).
+        """
+        codes = encode_waveforms(self.encoder, self.feature_extractor, audio, sampling_rate, batch_size=batch_size)
+        lengths = torch.tensor([c.numel() for c in codes], dtype=torch.long)
+        return MossSpeechCodecEncodeOutput(codes=codes, lengths=lengths)
+
+    # ------------------------------------------------------------ voice prompt
+    @torch.no_grad()
+    def voice_prompt(self, audio, sampling_rate: int) -> MossSpeechVoicePrompt:
+        """Condition decoding on a speaker: prompt codes, 24 kHz prompt mel and CAM++ x-vector of `audio`."""
+        (wav,) = prepare_waveforms(audio, sampling_rate, target_rate=None)
+        device = self.device
+        codes = self.encode(wav, sampling_rate=sampling_rate).codes[0]
+        out_rate = self.config.output_sampling_rate
+        wav_out = torchaudio.functional.resample(wav, sampling_rate, out_rate) if sampling_rate != out_rate else wav
+        mel = prompt_mel_spectrogram(wav_out.to(device), self.config.flow_config.output_size, out_rate)
+        ratio = self.config.flow_config.token_mel_ratio
+        n_tokens = min(mel.shape[0] // ratio, codes.numel())
+        wav_16k = torchaudio.functional.resample(wav, sampling_rate, 16000) if sampling_rate != 16000 else wav
+        embedding = self.speaker_encoder.embed([wav_16k.to(device)])[0]
+        return MossSpeechVoicePrompt(
+            tokens=codes[:n_tokens].cpu(), mel=mel[: n_tokens * ratio].float().cpu(),
+            speaker_embedding=embedding.float().cpu(), metadata={"sampling_rate": sampling_rate},
+        )
+
+    # ------------------------------------------------------------------ decode
+    def _code_batch(
+        self, codes, lengths: torch.Tensor | Sequence[int] | None
+    ) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Normalise codes given as (B, T), (B, 1, T), a 1-D tensor or a list of sequences; validate the range."""
+        if isinstance(codes, torch.Tensor):
+            if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+                raise TypeError(f"codes must be integer ids, got dtype {codes.dtype}.")
+            if codes.ndim == 3 and codes.shape[1] == 1:
+                codes = codes[:, 0]
+            if codes.ndim == 1:
+                codes = codes[None]
+            if codes.ndim != 2:
+                raise ValueError(f"codes must be (batch, length), (batch, 1, length) or 1-D, got {tuple(codes.shape)}.")
+            if lengths is None:
+                lengths = torch.full((codes.shape[0],), codes.shape[1], dtype=torch.long)
+            lengths = torch.as_tensor(lengths, dtype=torch.long)
+            batch = codes.long()
+        else:
+            seqs = [torch.as_tensor(c) for c in codes]
+            if not seqs:
+                raise ValueError("codes is empty: pass at least one code sequence.")
+            for s in seqs:
+                if s.dtype.is_floating_point or s.dtype == torch.bool or s.ndim != 1:
+                    raise ValueError(f"each code sequence must be 1-D integer ids, got {s.dtype} {tuple(s.shape)}.")
+            lengths = torch.tensor([s.numel() for s in seqs], dtype=torch.long)
+            batch = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
+            for i, s in enumerate(seqs):
+                batch[i, : s.numel()] = s
+        if lengths.shape != (batch.shape[0],) or bool((lengths < 1).any()) or bool((lengths > batch.shape[1]).any()):
+            raise ValueError(f"lengths must give 1..{batch.shape[1]} codes per row, got {lengths.tolist()}.")
+        valid = torch.arange(batch.shape[1])[None] < lengths[:, None]
+        ids = batch[valid]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.num_codes):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise ValueError(f"codes hold id {bad}, outside the codebook [0, {self.config.num_codes}).")
+        return batch.masked_fill(~valid, 0), lengths
+
+    def _prompt_batch(self, voice_prompt, batch: int, device: torch.device):
+        """Stack prompts (one shared, one per row, or none = the release's zero defaults) into padded tensors."""
+        prompts = voice_prompt if isinstance(voice_prompt, (list, tuple)) else [voice_prompt] * batch
+        if len(prompts) != batch:
+            raise ValueError(f"got {len(prompts)} voice prompts for {batch} code sequences.")
+        cfg = self.config.flow_config
+        tok_len = torch.tensor([0 if p is None else p.tokens.numel() for p in prompts], dtype=torch.long)
+        mel_len = tok_len * cfg.token_mel_ratio
+        tokens = torch.zeros(batch, int(tok_len.max()), dtype=torch.long)
+        mel = torch.zeros(batch, int(mel_len.max()), cfg.output_size)
+        embedding = torch.zeros(batch, cfg.spk_embed_dim)
+        for i, p in enumerate(prompts):
+            if p is None:
+                continue
+            if not isinstance(p, MossSpeechVoicePrompt):
+                raise TypeError(f"voice_prompt must be a MossSpeechVoicePrompt or None, got {type(p).__name__}.")
+            tokens[i, : tok_len[i]] = p.tokens
+            mel[i, : mel_len[i]] = p.mel[: mel_len[i]]
+            embedding[i] = p.speaker_embedding
+        return (tokens.to(device), tok_len.to(device), mel.to(device, self.dtype), mel_len.to(device),
+                embedding.to(device, self.dtype))
+
+    @torch.no_grad()
+    def decode(
+        self,
+        codes,
+        lengths: torch.Tensor | Sequence[int] | None = None,
+        voice_prompt: MossSpeechVoicePrompt | Sequence[MossSpeechVoicePrompt | None] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MossSpeechCodecDecodeOutput:
+        """Speech of `codes` at 24 kHz, `samples_per_code` (1920) samples per code, batched.
+
+        Args:
+            codes: (B, T) / (B, 1, T) ids with `lengths`, a 1-D tensor, or a list of sequences.
+            voice_prompt: One prompt for all rows, one per row, or `None` (no prompt: the release's defaults).
+            generator: Random generator of the vocoder's source phases and noise (the flow is deterministic).
+        """
+        batch, lengths = self._code_batch(codes, lengths)
+        device = self.device
+        prompt = self._prompt_batch(voice_prompt, batch.shape[0], device)
+        mel, mel_len = self.flow.inference(
+            batch.to(device), lengths.to(device), *prompt[:2], *prompt[2:4], prompt[4],
+            finalize=True, streaming=False, num_codes=self.config.num_codes,
+        )
+        waveforms, wav_len = self.hift(mel.float() if self.dtype == torch.float32 else mel, mel_len,
+                                       generator=generator)
+        return MossSpeechCodecDecodeOutput(waveforms=waveforms.float(), lengths=wav_len,
+                                           sampling_rate=self.config.output_sampling_rate)
+
+    # --------------------------------------------------------------- streaming
+    @torch.no_grad()
+    def stream_decode(
+        self,
+        codes: Iterable[int | Sequence[int] | torch.Tensor],
+        voice_prompt: MossSpeechVoicePrompt | None = None,
+        chunk_size: int = 25,
+        overlap_frames: int = 8,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.FloatTensor]:
+        """Yield 24 kHz speech chunks (1-D float32) while codes arrive from `codes` (ids or groups of ids).
+
+        Each time `chunk_size` new codes plus the flow's lookahead are available, the flow runs in its chunked
+        (streaming) mode over everything received and the new mel frames are vocoded with `overlap_frames` frames of
+        left context; the vocoder's overlapping samples are cross-faded with the held-back tail of the previous
+        chunk. When `codes` is exhausted the final pass decodes the rest. The concatenated chunks have exactly
+        `samples_per_code` × codes samples, like `decode`.
+        """
+        if chunk_size < 1 or overlap_frames < 0:
+            raise ValueError(f"chunk_size must be >= 1 and overlap_frames >= 0, got {chunk_size}, {overlap_frames}.")
+        device = self.device
+        cfg = self.config.flow_config
+        ratio, hop = cfg.token_mel_ratio, self.config.vocoder_config.hop_length
+        lookahead = cfg.pre_lookahead_len
+        prompt = self._prompt_batch(voice_prompt, 1, device)
+        received: list[int] = []
+        done_tokens = 0            # codes whose mel frames were vocoded
+        mel_history: torch.Tensor | None = None   # (1, 80, frames) of all vocoded frames so far
+        held: torch.Tensor | None = None          # samples produced but not released (cross-fade tail)
+        xfade = overlap_frames * hop
+        window = torch.hann_window(2 * xfade, device=device) if xfade else None
+
+        def flow_mel(n_tokens: int, finalize: bool) -> torch.Tensor:
+            token = torch.tensor([received[: n_tokens + (0 if finalize else lookahead)]], device=device)
+            batch, _ = self._code_batch(token.cpu(), None)
+            mel, _ = self.flow.inference(
+                batch.to(device), torch.tensor([batch.shape[1]], device=device), *prompt[:2], *prompt[2:4],
+                prompt[4], finalize=finalize, streaming=not finalize, num_codes=self.config.num_codes,
+            )
+            return mel[:, :, : n_tokens * ratio]
+
+        def vocode(new_mel: torch.Tensor, last: bool) -> torch.Tensor:
+            nonlocal mel_history, held
+            context = 0 if mel_history is None else min(overlap_frames, mel_history.shape[-1])
+            mel_in = new_mel if context == 0 else torch.cat([mel_history[:, :, -context:], new_mel], dim=-1)
+            wav, _ = self.hift(mel_in.float(), None, generator=generator)
+            wav = wav[0]
+            mel_history = new_mel if mel_history is None else torch.cat([mel_history, new_mel], dim=-1)
+            if held is not None and context:
+                overlap = context * hop
+                fade = window[-overlap:] if overlap == xfade else torch.linspace(1, 0, overlap, device=device)
+                fade_in = 1 - fade if overlap != xfade else window[:overlap]
+                wav = torch.cat([held * fade + wav[:overlap] * fade_in, wav[overlap:]])
+            elif held is not None:
+                wav = torch.cat([held, wav])
+            if last or xfade == 0:
+                held = None
+                return wav
+            keep = min(xfade, wav.numel())
+            held = wav[-keep:]
+            return wav[:-keep]
+
+        def pieces() -> Iterator[int]:
+            for item in codes:
+                if isinstance(item, torch.Tensor):
+                    yield from (int(x) for x in item.reshape(-1).tolist())
+                elif isinstance(item, (list, tuple)):
+                    yield from (int(x) for x in item)
+                else:
+                    yield int(item)
+
+        for code in pieces():
+            received.append(code)
+            if len(received) - done_tokens >= chunk_size + lookahead:
+                target = len(received) - lookahead
+                mel = flow_mel(target, finalize=False)
+                chunk = vocode(mel[:, :, done_tokens * ratio :], last=False)
+                done_tokens = target
+                if chunk.numel():
+                    yield chunk.float()
+        if not received:
+            return
+        mel = flow_mel(len(received), finalize=True)
+        yield vocode(mel[:, :, done_tokens * ratio :], last=True).float()
+
+    @staticmethod
+    def expected_num_codes(num_samples: int, sampling_rate: int) -> int:
+        """ceil(seconds × 12.5): the number of codes `encode` returns for that much audio."""
+        return math.ceil(num_samples / sampling_rate * 12.5 - 1e-9)
+
+
+__all__ = [
+    "MossSpeechCodecDecodeOutput",
+    "MossSpeechCodecEncodeOutput",
+    "MossSpeechCodecModel",
+    "MossSpeechCodecPreTrainedModel",
+    "MossSpeechVoicePrompt",
+    "prompt_mel_spectrogram",
+]

@@ -1,0 +1,196 @@
+"""MossSpeechCodecModel: release key layout, encode/decode contract, voice prompts, streaming, loading, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import espeak
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
+
+from modeling_moss_speech import (
+    MossSpeechCodecConfig,
+    MossSpeechCodecModel,
+    MossSpeechFeatureExtractor,
+    MossSpeechVoicePrompt,
+)
+
+SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "codec_keys_release.json"
+
+
+def tiny_codec_config(**overrides) -> MossSpeechCodecConfig:
+    values = dict(
+        encoder_config=dict(d_model=32, encoder_attention_heads=2, encoder_ffn_dim=64, encoder_layers=2,
+                            quantize_position=2, pooling_position=2, quantize_vocab_size=64),
+        flow_config=dict(vocab_size=80, input_size=32, encoder_attention_heads=2, encoder_linear_units=64,
+                         encoder_num_blocks=1, encoder_num_up_blocks=1, estimator_channels=32, estimator_num_heads=2,
+                         estimator_attention_head_dim=16, estimator_n_blocks=1, estimator_num_mid_blocks=1,
+                         estimator_time_embed_dim=64, n_timesteps=3, noise_max_frames=4000),
+        vocoder_config=dict(base_channels=32, f0_predictor_channels=32),
+        speaker_config=dict(init_channels=32, growth_rate=8, block_layers=[2, 2, 2], fcm_channels=8),
+    )
+    values.update(overrides)
+    return MossSpeechCodecConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def codec() -> MossSpeechCodecModel:
+    torch.manual_seed(0)
+    return MossSpeechCodecModel(tiny_codec_config()).eval()
+
+
+def tone(seconds: float, rate: int = 16000, freq: float = 220.0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(round(seconds * rate))) / rate
+    return (0.3 * torch.sin(2 * math.pi * freq * t) + 0.01 * torch.randn(t.shape, generator=g)).float()
+
+
+@pytest.mark.skipif(not SPEC.exists(), reason="release key list not available")
+def test_release_size_parameter_names_and_shapes():
+    spec = json.loads(SPEC.read_text())
+    with torch.device("meta"):
+        model = MossSpeechCodecModel(MossSpeechCodecConfig())
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    for part, prefix in (("encoder", "encoder."), ("flow", "flow."), ("hift", "hift.")):
+        mine = {k[len(prefix):]: v for k, v in ours.items() if k.startswith(prefix)}
+        assert mine == spec[part], part
+    assert {k.split(".")[0] for k in ours} == {"encoder", "flow", "hift", "speaker_encoder"}
+
+
+def test_token_counts_follow_the_ceil_rule(codec):
+    out = codec.encode([tone(1.0), tone(2.4), tone(31.0)], sampling_rate=16000)
+    assert out.lengths.tolist() == [13, 30, 388]
+    assert all(c.dtype == torch.long and int(c.max()) < 64 for c in out.codes)
+
+
+def test_real_speech_batch_equals_each_alone(codec):
+    utterances = [espeak("What is two plus three?")[0], espeak("Paris is the capital of France.", "en+f3")[0],
+                  espeak("Blue.", "en-gb")[0]]
+    batch = codec.encode(utterances, sampling_rate=22050)
+    for wav, codes in zip(utterances, batch.codes):
+        assert codes.numel() == math.ceil(wav.numel() / 22050 * 12.5)
+        assert torch.equal(codec.encode(wav, sampling_rate=22050).codes[0], codes)
+
+
+def test_any_rate_and_stereo(codec):
+    assert codec.encode(tone(1.0, 8000), sampling_rate=8000).lengths.tolist() == [13]
+    assert codec.encode(tone(1.0, 44100).numpy(), sampling_rate=44100).lengths.tolist() == [13]
+    stereo = torch.stack([tone(1.0), tone(1.0, seed=1)])
+    assert codec.encode(stereo, sampling_rate=16000).lengths.tolist() == [13]
+
+
+def test_decode_length_determinism_and_batching(codec):
+    codes = [torch.randint(0, 64, (7,)), torch.randint(0, 64, (4,))]
+    out = codec.decode(codes, generator=torch.Generator().manual_seed(1))
+    assert out.sampling_rate == 24000
+    assert out.lengths.tolist() == [7 * 1920, 4 * 1920]
+    assert out.waveforms.dtype == torch.float32 and out.waveforms.shape == (2, 7 * 1920)
+    again = codec.decode(codes, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out.waveforms, again.waveforms)
+    assert torch.isfinite(out.waveforms).all()
+    assert out.waveforms[1, 4 * 1920 :].abs().max() == 0
+
+
+def test_voice_prompt_changes_output_and_round_trips(codec, tmp_path):
+    speech, rate = espeak("Hello, this is the voice you should speak in.", "en+f3")
+    prompt = codec.voice_prompt(speech, sampling_rate=rate)
+    assert prompt.mel.shape == (4 * prompt.tokens.numel(), 80) and prompt.speaker_embedding.shape == (192,)
+    codes = torch.randint(0, 64, (1, 6))
+    plain = codec.decode(codes, generator=torch.Generator().manual_seed(0)).waveforms
+    voiced = codec.decode(codes, voice_prompt=prompt, generator=torch.Generator().manual_seed(0)).waveforms
+    assert voiced.shape == plain.shape and not torch.allclose(voiced, plain)
+    path = tmp_path / "voice.safetensors"
+    prompt.save(str(path))
+    loaded = MossSpeechVoicePrompt.load(str(path))
+    for name in ("tokens", "mel", "speaker_embedding"):
+        assert torch.equal(getattr(loaded, name), getattr(prompt, name))
+    again = codec.decode(codes, voice_prompt=loaded, generator=torch.Generator().manual_seed(0)).waveforms
+    assert torch.equal(again, voiced)
+
+
+def test_stream_decode_matches_offline(codec):
+    codes = torch.randint(0, 64, (23,))
+    offline = codec.decode(codes[None], generator=torch.Generator().manual_seed(0)).waveforms[0]
+    chunks = list(codec.stream_decode(iter(codes.tolist()), chunk_size=5, generator=torch.Generator().manual_seed(0)))
+    assert len(chunks) >= 3
+    assert torch.cat(chunks).numel() == offline.numel() == 23 * 1920
+
+
+def test_stream_decode_is_close_to_offline():
+    """With the vocoder's random source switched off, chunking is the only difference from the offline decode."""
+    torch.manual_seed(0)
+    config = tiny_codec_config(vocoder_config=dict(base_channels=32, f0_predictor_channels=32, nsf_alpha=0.0,
+                                                   nsf_sigma=0.0))
+    codec = MossSpeechCodecModel(config).eval()
+    codes = torch.randint(0, 64, (60,))
+    offline = codec.decode(codes[None]).waveforms[0]
+
+    def snr_db(reference, estimate):
+        return float(10 * torch.log10(reference.pow(2).sum() / (reference - estimate).pow(2).sum()))
+
+    other = snr_db(offline, codec.decode(torch.randint(0, 64, (1, 60))).waveforms[0])
+    streamed = {
+        overlap: torch.cat(list(codec.stream_decode(codes.split(7), chunk_size=10, overlap_frames=overlap)))
+        for overlap in (0, 8)
+    }
+    assert all(s.numel() == offline.numel() for s in streamed.values())
+    assert snr_db(offline, streamed[8]) > other + 10  # far closer to its offline decode than another utterance is
+    assert snr_db(offline, streamed[8]) > snr_db(offline, streamed[0]) + 6  # the cross-fade is what makes it so
+
+
+@pytest.mark.parametrize(
+    ("codes", "error", "message"),
+    [
+        (torch.tensor([[1, 64]]), ValueError, "outside the codebook \\[0, 64\\)"),
+        (torch.tensor([[-1, 3]]), ValueError, "outside the codebook"),
+        (torch.zeros(1, 2, 3, dtype=torch.long), ValueError, "codes must be"),
+        (torch.zeros(1, 3), TypeError, "integer ids"),
+    ],
+)
+def test_bad_codes(codec, codes, error, message):
+    with pytest.raises(error, match=message):
+        codec.decode(codes)
+
+
+@pytest.mark.parametrize(
+    ("audio", "rate", "error", "message"),
+    [
+        (torch.zeros(0), 16000, ValueError, "empty"),
+        (torch.tensor([0.0, float("nan")] * 1000), 16000, ValueError, "NaN"),
+        (torch.tensor([0.0, float("inf")] * 1000), 16000, ValueError, "inf"),
+        (torch.zeros(1000, dtype=torch.int16), 16000, TypeError, "float"),
+        (torch.zeros(1, 1, 1000), 16000, ValueError, "must be 1-D"),
+        (torch.zeros(1000), 0, ValueError, "sampling_rate"),
+    ],
+)
+def test_bad_audio(codec, audio, rate, error, message):
+    with pytest.raises(error, match=message):
+        codec.encode(audio, sampling_rate=rate)
+
+
+def test_save_and_auto_load_round_trip(codec, tmp_path):
+    codec.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
+    assert type(AutoConfig.from_pretrained(tmp_path)) is MossSpeechCodecConfig
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(loaded) is MossSpeechCodecModel and loaded.dtype == torch.float32
+    audio = tone(1.3)
+    assert torch.equal(loaded.encode(audio, 16000).codes[0], codec.encode(audio, 16000).codes[0])
+    codes = torch.randint(0, 64, (1, 5))
+    a = codec.decode(codes, generator=torch.Generator().manual_seed(2)).waveforms
+    b = loaded.decode(codes, generator=torch.Generator().manual_seed(2)).waveforms
+    assert torch.equal(a, b)
+    MossSpeechFeatureExtractor(feature_size=128).save_pretrained(tmp_path)
+    assert isinstance(AutoFeatureExtractor.from_pretrained(tmp_path), MossSpeechFeatureExtractor)
+
+
+def test_float32_by_default_and_dtype_honoured(tmp_path, codec):
+    codec.save_pretrained(tmp_path)
+    half = AutoModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    assert AutoModel.from_pretrained(tmp_path).dtype == torch.float32
+    assert np.isfinite(half.decode(torch.randint(0, 64, (1, 3))).waveforms.float().numpy()).all()
