@@ -10,13 +10,16 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def test_python_examples_run():
+def test_python_examples_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples write files (a voice prompt)
     blocks = re.findall(r"^```python\n(.*?)^```", README, flags=re.S | re.M)
     assert blocks, "README has no runnable example"
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the examples are the test
     assert namespace["rows"].shape[-1] == 2
+    assert namespace["codes"].lengths.tolist() == [25, 13]
+    assert namespace["speech"].lengths.tolist() == [48000, 24960]
 
 
 def test_ci_runs_the_readme_test_command():
