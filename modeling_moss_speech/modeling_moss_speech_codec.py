@@ -277,7 +277,16 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
                                            sampling_rate=self.config.output_sampling_rate)
 
     # --------------------------------------------------------------- streaming
-    @torch.no_grad()
+    def stream_decoder(
+        self,
+        voice_prompt: MossSpeechVoicePrompt | None = None,
+        chunk_size: int = 25,
+        overlap_frames: int = 8,
+        generator: torch.Generator | None = None,
+    ) -> MossSpeechStreamDecoder:
+        """A push-style streaming decoder for one utterance (see [`MossSpeechStreamDecoder`])."""
+        return MossSpeechStreamDecoder(self, voice_prompt, chunk_size, overlap_frames, generator)
+
     def stream_decode(
         self,
         codes: Iterable[int | Sequence[int] | torch.Tensor],
@@ -288,78 +297,15 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
     ) -> Iterator[torch.FloatTensor]:
         """Yield 24 kHz speech chunks (1-D float32) while codes arrive from `codes` (ids or groups of ids).
 
-        Each time `chunk_size` new codes plus the flow's lookahead are available, the flow runs in its chunked
-        (streaming) mode over everything received and the new mel frames are vocoded with `overlap_frames` frames of
-        left context; the vocoder's overlapping samples are cross-faded with the held-back tail of the previous
-        chunk. When `codes` is exhausted the final pass decodes the rest. The concatenated chunks have exactly
-        `samples_per_code` × codes samples, like `decode`.
+        The concatenated chunks have exactly `samples_per_code` × codes samples, like `decode`; see
+        [`MossSpeechStreamDecoder`] for how chunks are made.
         """
-        if chunk_size < 1 or overlap_frames < 0:
-            raise ValueError(f"chunk_size must be >= 1 and overlap_frames >= 0, got {chunk_size}, {overlap_frames}.")
-        device = self.device
-        cfg = self.config.flow_config
-        ratio, hop = cfg.token_mel_ratio, self.config.vocoder_config.hop_length
-        lookahead = cfg.pre_lookahead_len
-        prompt = self._prompt_batch(voice_prompt, 1, device)
-        received: list[int] = []
-        done_tokens = 0            # codes whose mel frames were vocoded
-        mel_history: torch.Tensor | None = None   # (1, 80, frames) of all vocoded frames so far
-        held: torch.Tensor | None = None          # samples produced but not released (cross-fade tail)
-        xfade = overlap_frames * hop
-        window = torch.hann_window(2 * xfade, device=device) if xfade else None
-
-        def flow_mel(n_tokens: int, finalize: bool) -> torch.Tensor:
-            token = torch.tensor([received[: n_tokens + (0 if finalize else lookahead)]], device=device)
-            batch, _ = self._code_batch(token.cpu(), None)
-            mel, _ = self.flow.inference(
-                batch.to(device), torch.tensor([batch.shape[1]], device=device), *prompt[:2], *prompt[2:4],
-                prompt[4], finalize=finalize, streaming=not finalize, num_codes=self.config.num_codes,
-            )
-            return mel[:, :, : n_tokens * ratio]
-
-        def vocode(new_mel: torch.Tensor, last: bool) -> torch.Tensor:
-            nonlocal mel_history, held
-            context = 0 if mel_history is None else min(overlap_frames, mel_history.shape[-1])
-            mel_in = new_mel if context == 0 else torch.cat([mel_history[:, :, -context:], new_mel], dim=-1)
-            wav, _ = self.hift(mel_in.float(), None, generator=generator)
-            wav = wav[0]
-            mel_history = new_mel if mel_history is None else torch.cat([mel_history, new_mel], dim=-1)
-            if held is not None and context:
-                overlap = context * hop
-                fade = window[-overlap:] if overlap == xfade else torch.linspace(1, 0, overlap, device=device)
-                fade_in = 1 - fade if overlap != xfade else window[:overlap]
-                wav = torch.cat([held * fade + wav[:overlap] * fade_in, wav[overlap:]])
-            elif held is not None:
-                wav = torch.cat([held, wav])
-            if last or xfade == 0:
-                held = None
-                return wav
-            keep = min(xfade, wav.numel())
-            held = wav[-keep:]
-            return wav[:-keep]
-
-        def pieces() -> Iterator[int]:
-            for item in codes:
-                if isinstance(item, torch.Tensor):
-                    yield from (int(x) for x in item.reshape(-1).tolist())
-                elif isinstance(item, (list, tuple)):
-                    yield from (int(x) for x in item)
-                else:
-                    yield int(item)
-
-        for code in pieces():
-            received.append(code)
-            if len(received) - done_tokens >= chunk_size + lookahead:
-                target = len(received) - lookahead
-                mel = flow_mel(target, finalize=False)
-                chunk = vocode(mel[:, :, done_tokens * ratio :], last=False)
-                done_tokens = target
-                if chunk.numel():
-                    yield chunk.float()
-        if not received:
-            return
-        mel = flow_mel(len(received), finalize=True)
-        yield vocode(mel[:, :, done_tokens * ratio :], last=True).float()
+        decoder = self.stream_decoder(voice_prompt, chunk_size, overlap_frames, generator)
+        for item in codes:
+            yield from decoder.push(item)
+        tail = decoder.flush()
+        if tail.numel():
+            yield tail
 
     @staticmethod
     def expected_num_codes(num_samples: int, sampling_rate: int) -> int:
@@ -367,8 +313,114 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
         return math.ceil(num_samples / sampling_rate * 12.5 - 1e-9)
 
 
+class MossSpeechStreamDecoder:
+    """Incremental speech decoding for one utterance: `push` codes as they are generated, get audio back.
+
+    Each time `chunk_size` new codes plus the flow's lookahead (3 codes) are available, the flow runs in its chunked
+    (streaming) mode over everything received and the new mel frames are vocoded with `overlap_frames` frames of
+    left context; the vocoder's overlapping samples are cross-faded with the held-back tail of the previous chunk.
+    `flush()` decodes the rest with the final (non-streaming) flow pass. All chunks together have exactly
+    `samples_per_code` × codes samples.
+    """
+
+    def __init__(
+        self,
+        codec: MossSpeechCodecModel,
+        voice_prompt: MossSpeechVoicePrompt | None = None,
+        chunk_size: int = 25,
+        overlap_frames: int = 8,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if chunk_size < 1 or overlap_frames < 0:
+            raise ValueError(f"chunk_size must be >= 1 and overlap_frames >= 0, got {chunk_size}, {overlap_frames}.")
+        self.codec, self.chunk_size, self.overlap_frames, self.generator = codec, chunk_size, overlap_frames, generator
+        cfg = codec.config.flow_config
+        self.ratio, self.hop = cfg.token_mel_ratio, codec.config.vocoder_config.hop_length
+        self.lookahead = cfg.pre_lookahead_len
+        self.prompt = codec._prompt_batch(voice_prompt, 1, codec.device)
+        self.received: list[int] = []
+        self.done_tokens = 0  # codes whose mel frames were vocoded
+        self.mel_history: torch.Tensor | None = None
+        self.held: torch.Tensor | None = None  # produced but not released: the next chunk cross-fades into it
+        self.xfade = overlap_frames * self.hop
+        self.finished = False
+
+    @property
+    def num_codes(self) -> int:
+        return len(self.received)
+
+    @torch.no_grad()
+    def push(self, codes: int | Sequence[int] | torch.Tensor) -> list[torch.FloatTensor]:
+        """Add codes; returns the audio chunks that became ready (usually zero or one)."""
+        if self.finished:
+            raise ValueError("this stream decoder was flushed; start a new one for another utterance.")
+        if isinstance(codes, torch.Tensor):
+            new = [int(x) for x in codes.reshape(-1).tolist()]
+        elif isinstance(codes, (list, tuple)):
+            new = [int(x) for x in codes]
+        else:
+            new = [int(codes)]
+        bad = [c for c in new if not 0 <= c < self.codec.config.num_codes]
+        if bad:
+            raise ValueError(f"codes hold id {bad[0]}, outside the codebook [0, {self.codec.config.num_codes}).")
+        self.received.extend(new)
+        chunks = []
+        while len(self.received) - self.done_tokens >= self.chunk_size + self.lookahead:
+            target = self.done_tokens + self.chunk_size
+            mel = self._flow_mel(target, finalize=False)
+            chunk = self._vocode(mel[:, :, self.done_tokens * self.ratio :], last=False)
+            self.done_tokens = target
+            if chunk.numel():
+                chunks.append(chunk.float())
+        return chunks
+
+    @torch.no_grad()
+    def flush(self) -> torch.FloatTensor:
+        """Decode whatever is left (final flow pass) and release the held-back tail."""
+        self.finished = True
+        device = self.codec.device
+        if not self.received:
+            return torch.zeros(0, device=device)
+        if self.done_tokens == len(self.received):
+            held, self.held = self.held, None
+            return (held if held is not None else torch.zeros(0, device=device)).float()
+        mel = self._flow_mel(len(self.received), finalize=True)
+        return self._vocode(mel[:, :, self.done_tokens * self.ratio :], last=True).float()
+
+    def _flow_mel(self, n_tokens: int, finalize: bool) -> torch.Tensor:
+        codec, device = self.codec, self.codec.device
+        token = torch.tensor([self.received[: n_tokens + (0 if finalize else self.lookahead)]], device=device)
+        mel, _ = codec.flow.inference(
+            token, torch.tensor([token.shape[1]], device=device), *self.prompt[:2], *self.prompt[2:4],
+            self.prompt[4], finalize=finalize, streaming=not finalize, num_codes=codec.config.num_codes,
+        )
+        return mel[:, :, : n_tokens * self.ratio]
+
+    def _vocode(self, new_mel: torch.Tensor, last: bool) -> torch.Tensor:
+        hop, device = self.hop, self.codec.device
+        context = 0 if self.mel_history is None else min(self.overlap_frames, self.mel_history.shape[-1])
+        mel_in = new_mel if context == 0 else torch.cat([self.mel_history[:, :, -context:], new_mel], dim=-1)
+        wav, _ = self.codec.hift(mel_in.float(), None, generator=self.generator)
+        wav = wav[0]
+        self.mel_history = new_mel if self.mel_history is None else torch.cat([self.mel_history, new_mel], dim=-1)
+        if self.held is not None and context:
+            overlap = context * hop
+            # raised-cosine (Hann half-window) cross-fade: smoother than linear at both ends
+            fade_in = 0.5 - 0.5 * torch.cos(torch.linspace(0.0, math.pi, overlap, device=device))
+            wav = torch.cat([self.held[-overlap:] * (1 - fade_in) + wav[:overlap] * fade_in, wav[overlap:]])
+        elif self.held is not None:
+            wav = torch.cat([self.held, wav])
+        if last or self.xfade == 0:
+            self.held = None
+            return wav
+        keep = min(self.xfade, wav.numel())
+        self.held = wav[-keep:]
+        return wav[:-keep]
+
+
 __all__ = [
     "MossSpeechCodecDecodeOutput",
+    "MossSpeechStreamDecoder",
     "MossSpeechCodecEncodeOutput",
     "MossSpeechCodecModel",
     "MossSpeechCodecPreTrainedModel",

@@ -194,3 +194,20 @@ def test_float32_by_default_and_dtype_honoured(tmp_path, codec):
     assert half.dtype == torch.bfloat16
     assert AutoModel.from_pretrained(tmp_path).dtype == torch.float32
     assert np.isfinite(half.decode(torch.randint(0, 64, (1, 3))).waveforms.float().numpy()).all()
+
+
+def test_push_decoder_equals_stream_decode_and_rejects_bad_codes(codec):
+    codes = torch.randint(0, 64, (19,))
+    pulled = torch.cat(list(codec.stream_decode(iter(codes.tolist()), chunk_size=4,
+                                                generator=torch.Generator().manual_seed(0))))
+    decoder = codec.stream_decoder(chunk_size=4, generator=torch.Generator().manual_seed(0))
+    pieces = []
+    for group in codes.split(3):  # codes arrive in groups of 3 while the decoder works in chunks of 4
+        pieces += decoder.push(group)
+    pieces.append(decoder.flush())
+    assert torch.equal(torch.cat(pieces), pulled)
+    with pytest.raises(ValueError, match="flushed"):
+        decoder.push(1)
+    with pytest.raises(ValueError, match="outside the codebook"):
+        codec.stream_decoder().push([3, 64])
+    assert codec.stream_decoder().flush().numel() == 0
