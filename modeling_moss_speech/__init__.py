@@ -6,6 +6,7 @@ Importing the package registers its classes with the Auto* factories, so
 
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM
 
+from .chat_moss_speech import MossSpeechAudioStreamer, MossSpeechChat
 from .configuration_moss_speech import MossSpeechConfig
 from .configuration_moss_speech_codec import (
     MossSpeechCodecConfig,
@@ -32,6 +33,7 @@ from .modeling_moss_speech_codec import (
     MossSpeechCodecModel,
     MossSpeechVoicePrompt,
 )
+from .processing_moss_speech import MossSpeechProcessor, MossSpeechResponse, register_processor
 
 __version__ = "0.1.0"
 
@@ -54,6 +56,11 @@ __all__ = [
     "MossSpeechCodecVocoderConfig",
     "MossSpeechFeatureExtractor",
     "MossSpeechVoicePrompt",
+    "MossSpeechProcessor",
+    "MossSpeechResponse",
+    "MossSpeechAudioStreamer",
+    "MossSpeechChat",
+    "register_processor",
     "MossSpeechConfig",
     "MossSpeechForCausalLM",
     "MossSpeechGenerateOutput",

@@ -19,9 +19,9 @@ appended in Qwen3's order from id 151643, so every id equals the release's (spec
     291  <|speech_pad|>         modality pad: text channel of speech rows        (conftest MODALITY_PAD)
     285-289, 292-299            <|reserved_N|> (special, so every id in [0, 300) decodes)
 
-Ids 0..279 are regular tokens: "[UNK]" (0), "\\n" (1), punctuation, digits and about 250 lowercase English words.
-Text is lowercased, split on spaces (removed), newlines and punctuation (kept), and decoded by joining words with
-spaces (spaces before punctuation removed).
+Ids 0..279 are regular tokens: "[UNK]" (0), "\\n" (1), punctuation, digits, 245 lowercase English words and
+"[unused_N]" (273..279). Text is lowercased, split on spaces (removed), newlines and punctuation (kept), and
+decoded by joining words with spaces (the space before punctuation removed).
 """
 
 from __future__ import annotations
@@ -85,19 +85,18 @@ _TINY_SYMBOLS = ["[UNK]", "\n", ".", ",", "?", "!", ":", ";", "'", '"', "-", "("
     str(d) for d in range(10)
 ]
 _TINY_WORDS = """
-a about after again all also always am an and answer any are as ask assistant at away back be because been
-before best big blue book but by call came can capital car cat city cold color come could country day did do
-does dog door down each earth eat eight english even every eye face fact far fast father find fine first five
-for four france friend from fun game get give go good great green had hand happy has have he hear hello help
-helpful her here high him his home house how i if in into is it its joke just keep kind know language large
-last late learn left let life light like line listen little live long look love made make man many may me mean
-mind minute money more morning most mother much music must my name near need never new next nice night nine no
-not now number of off old on one only open or other our out outputs over paris people place plan play please
-plus point put question quick read ready red respond response right river road room run said same say school
-sea see seven she short should show six slow small so some song sound speak speech spoken start stop story sun
-system take talk tell ten text than thank that the their them then there these they thing think this three
-through time to today together too tree true try two under up us use user very voice walk want water way we
-weather well what when where which while white who why will with word work world would write year yes you your
+a about after again all also always am an and answer any are as ask assistant at back be because best blue but
+by call came can capital cat city color come day did do does dog eight english even every fact fast find fine
+first five for four france from fun get give go good great green had happy has have he hear hello help helpful
+her here high him his home how i if in into is it its joke just kind know language large last learn let like
+listen little long look love made make man many may me mean more morning most much music must my name near need
+never new next nice night nine no not now number of off old on one only open or other our out outputs over paris
+people place plan play please plus point put question quick read ready red respond response right river road
+room run said same say school sea see seven she short should show six slow small so some song sound speak speech
+spoken start stop story sun system take talk tell ten text than thank that the their them then there these they
+thing think this three through time to today together too tree true try two under up us use user very voice walk
+want water way we weather well what when where which while white who why will with word work world would write
+year yes you your
 """.split()
 TINY_REGULAR_TOKENS = _TINY_SYMBOLS + _TINY_WORDS
 _TINY_NAMED_SPECIALS = {
@@ -120,7 +119,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     if len(TINY_REGULAR_TOKENS) > TINY_PAD or len(set(TINY_REGULAR_TOKENS)) != len(TINY_REGULAR_TOKENS):
         raise RuntimeError("the tiny vocabulary must hold at most 280 distinct regular tokens.")
     vocab = {token: index for index, token in enumerate(TINY_REGULAR_TOKENS)}
-    # Unused regular ids stay reachable as "[UNUSED_N]" so that every id below 280 has a token.
+    # Unused regular ids stay reachable as "[unused_N]" so that every id below 280 has a token.
     vocab.update({f"[unused_{i}]": i for i in range(len(TINY_REGULAR_TOKENS), TINY_PAD)})
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     backend.normalizer = normalizers.Lowercase()
