@@ -401,6 +401,13 @@ class MossSpeechForCausalLM(MossSpeechPreTrainedModel, MossSpeechGenerationMixin
         self.audio_lm_head = nn.Linear(config.hidden_size, config.audio_vocab_size, bias=False)
         self.post_init()
 
+    @classmethod
+    def from_text_model(cls, text_model, num_shared_layers: int, **kwargs) -> MossSpeechForCausalLM:
+        """Split a pretrained Qwen3 causal LM into MOSS-Speech; see `training_utils.from_text_model`."""
+        from .training_utils import from_text_model
+
+        return from_text_model(text_model, num_shared_layers, **kwargs)
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
