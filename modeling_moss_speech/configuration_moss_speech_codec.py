@@ -14,6 +14,13 @@ def _positive(owner: str, **values) -> None:
             raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}.")
 
 
+def _fill_list_defaults(config: PretrainedConfig, defaults: dict) -> None:
+    # List fields default to None in the dataclass (a mutable default would be shared): fill them per instance.
+    for name, value in defaults.items():
+        if getattr(config, name) is None:
+            setattr(config, name, value)
+
+
 @strict
 class MossSpeechCodecEncoderConfig(PretrainedConfig):
     """The causal Whisper-VQ speech tokenizer: 16 kHz log-mel → 12.5 Hz codes from one codebook.
@@ -168,9 +175,7 @@ class MossSpeechCodecVocoderConfig(PretrainedConfig):
             "source_resblock_kernel_sizes": [7, 7, 11],
             "source_resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5], [1, 3, 5]],
         }
-        for name, value in defaults.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        _fill_list_defaults(self, defaults)
         super().__post_init__(**kwargs)
         owner = "MossSpeechCodecVocoderConfig"
         if len(self.upsample_rates) != len(self.upsample_kernel_sizes):
@@ -212,9 +217,7 @@ class MossSpeechCodecSpeakerConfig(PretrainedConfig):
     def __post_init__(self, **kwargs):
         defaults = {"fcm_num_blocks": [2, 2], "block_layers": [12, 24, 16], "block_kernel_sizes": [3, 3, 3],
                     "block_dilations": [1, 2, 2]}
-        for name, value in defaults.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        _fill_list_defaults(self, defaults)
         super().__post_init__(**kwargs)
         if not len(self.block_layers) == len(self.block_kernel_sizes) == len(self.block_dilations):
             raise ValueError("MossSpeechCodecSpeakerConfig: block_layers, block_kernel_sizes and block_dilations "
