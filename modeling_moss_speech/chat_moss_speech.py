@@ -122,12 +122,16 @@ class MossSpeechChat:
         stream_to: str | Path | Sequence[str | Path | None] | None = None,
         chunk_size: int = 25,
         generator: torch.Generator | None = None,
+        vocoder_generator: torch.Generator | None = None,
+        decode_audio: bool = True,
         **generation_kwargs,
     ):
         """Answer one conversation (returns one response) or a batch (returns a list).
 
         With `on_audio` or `stream_to`, speech is decoded while it is generated: chunks go to `on_audio(row, chunk)`
         and/or are appended to the wav file(s) as they come; the returned responses hold the same audio.
+        `generator` drives sampling and `vocoder_generator` the vocoder's source noise, so a seeded answer has the
+        same codes streamed or not. `decode_audio=False` skips speech decoding (no codec needed: text answers).
         """
         single = bool(conversations) and isinstance(conversations[0], dict)
         batch = [conversations] if single else list(conversations)
@@ -136,13 +140,15 @@ class MossSpeechChat:
         kwargs = {**self.generation_kwargs, **generation_kwargs}
         streamer = kwargs.pop("streamer", None)
         if on_audio is not None or stream_to is not None:
+            if not decode_audio:
+                raise ValueError("on_audio / stream_to decode speech: they cannot be combined with decode_audio=False.")
             if streamer is not None:
                 raise ValueError("pass either streamer= or on_audio=/stream_to=, not both.")
             files = [stream_to] if isinstance(stream_to, (str, Path)) else stream_to
             config = self.model.config
             streamer = MossSpeechAudioStreamer(
                 self.processor.codec, config.modality_pad_token_id, config.eosp_token_id, self.voice, on_audio,
-                files, chunk_size=chunk_size, generator=generator,
+                files, chunk_size=chunk_size, generator=vocoder_generator,
             )
         out = self.model.generate(
             inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device), streamer=streamer,
@@ -156,7 +162,8 @@ class MossSpeechChat:
                 response.sampling_rate = self.processor.codec.config.output_sampling_rate
         else:
             responses = self.processor.batch_decode(out.sequences.cpu(), lengths=out.lengths.cpu(),
-                                                    voice_prompt=self.voice)
+                                                    decode_audio=decode_audio, voice_prompt=self.voice,
+                                                    generator=vocoder_generator)
         return responses[0] if single else responses
 
 
