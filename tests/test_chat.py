@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import soundfile as sf
 import torch
 from conftest import espeak, tiny_config
@@ -63,3 +64,20 @@ def test_single_conversation_text_reply():
     chat, processor = make_chat(do_sample=False, max_new_tokens=6)
     reply = chat.reply([{"role": "user", "content": "What colour is grass?"}], output_modality="text")
     assert isinstance(reply.text, str) and reply.audio is None
+
+
+def test_seeded_sampling_gives_the_same_answer_streamed_or_not(tmp_path):
+    chat, processor = make_chat(do_sample=True, temperature=1.0, max_new_tokens=20)
+    conversation = [{"role": "user", "content": "What colour is grass?"}]
+
+    def seeded():
+        return {"generator": torch.Generator().manual_seed(7), "vocoder_generator": torch.Generator().manual_seed(8)}
+
+    offline = chat.reply(conversation, output_modality="audio", **seeded())
+    streamed = chat.reply(conversation, output_modality="audio", stream_to=tmp_path / "a.wav", chunk_size=4,
+                          **seeded())
+    assert offline.codes.numel() > 0
+    assert offline.codes.tolist() == streamed.codes.tolist() and offline.text == streamed.text
+    assert offline.audio.numel() == streamed.audio.numel()
+    with pytest.raises(ValueError, match="decode_audio=False"):
+        chat.reply(conversation, stream_to=tmp_path / "b.wav", decode_audio=False)
