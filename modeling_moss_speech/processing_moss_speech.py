@@ -426,6 +426,62 @@ class MossSpeechProcessor(ProcessorMixin):
             rendered.append(texts[0])
         return rendered if is_batched else rendered[0]
 
+    def training_rows(
+        self,
+        conversations: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        output_modality: str | Sequence[str | None] | None = None,
+        system_prompt: str | Sequence[str | None] | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Unpadded training grids of conversations that contain their answers, with a per-row assistant mask.
+
+        Each conversation must hold at least one assistant turn. Its grid is the prompt that `__call__` builds for the
+        conversation up to its LAST assistant turn (default system turn included, placed after the history exactly
+        where inference puts it, i.e. right before that assistant turn), followed by that turn's content and closing
+        `"<|im_end|>\\n"`, then any later turns. So the rows a model is trained on equal the rows it is prompted with.
+        Earlier assistant turns stay where they are in the history.
+
+        Args:
+            conversations: One conversation or a list of them, with the content forms `__call__` accepts; all audio
+                of the call is encoded in one codec call.
+            output_modality: "text", "audio" or `None` (one for all or one per conversation): selects the default
+                system prompt; `None` takes the modality of the last assistant turn (speech content → "audio").
+            system_prompt: As in `__call__`.
+
+        Returns:
+            One dict per conversation: `input_ids` (L, 2) LongTensor and `assistant_masks` (L,) BoolTensor, true on the
+            rows an assistant turn produces (its content rows, a speech segment's start and end rows included, and its
+            `<|im_end|>` row), false on headers, other turns and the turn-closing newline.
+        """
+        batch, _ = self._as_batch(conversations)
+        values = [output_modality] * len(batch) if output_modality is None or isinstance(output_modality, str) \
+            else output_modality
+        if not isinstance(values, Sequence) or len(values) != len(batch):
+            raise ValueError(f"output_modality must be 'text', 'audio' or None, or a list of {len(batch)} of them (one "
+                             f"per conversation), got {output_modality!r}.")
+        for value in values:
+            if value is not None and value not in MODALITIES:
+                raise ValueError(f"output_modality must be 'text', 'audio' or None, got {value!r}.")
+        prompts = self._system_prompts(system_prompt, len(batch))
+
+        parsed = []
+        for conversation, where in batch:
+            turns = self._parse_conversation(conversation, where, load=True)
+            if not any(role == "assistant" for role, _ in turns):
+                raise ValueError(f"{where} has no assistant turn: training needs the answer in the conversation "
+                                 f"(roles found: {[role for role, _ in turns]}).")
+            parsed.append(turns)
+        self._encode_waveforms([content for turns in parsed for _, content in turns if content.waveform is not None])
+
+        out = []
+        for turns, modality, prompt in zip(parsed, values, prompts):
+            if modality is None:
+                last = [content for role, content in turns if role == "assistant"][-1]
+                modality = "audio" if last.is_audio else "text"
+            text, audio, mask = self._training_rows(turns, modality, prompt)
+            out.append({"input_ids": torch.tensor([text, audio], dtype=torch.long).T.contiguous(),
+                        "assistant_masks": torch.tensor(mask, dtype=torch.bool)})
+        return out
+
     # ------------------------------------------------------------------------------------- input validation
 
     @staticmethod
@@ -649,6 +705,46 @@ class MossSpeechProcessor(ProcessorMixin):
                 raise ValueError(f"MossSpeechProcessor: the audio-output prefix {prefix!r} tokenizes to {ids}, which "
                                  f"does not end with sosp_token_id {self.sosp_token_id}.")
         return text_ids, audio_ids
+
+    def _training_rows(
+        self, turns: list[tuple[str, _Content]], modality: str, system_prompt: str | None
+    ) -> tuple[list[int], list[int], list[bool]]:
+        """Text channel, audio channel and assistant mask of a conversation that holds its answer."""
+        text_ids: list[int] = []
+        audio_ids: list[int] = []
+        mask: list[bool] = []
+        closing = self._tokenize("<|im_end|>\n")
+        im_end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        # The turn's own stop token is trained (the model must learn to end its turn), the newline after it is not.
+        stop = closing.index(im_end_id) + 1 if im_end_id in closing else len(closing)
+
+        def add(text: list[int], audio: list[int], trained: list[bool]) -> None:
+            text_ids.extend(text)
+            audio_ids.extend(audio)
+            mask.extend(trained)
+
+        def add_text(segment: str, trained: bool = False) -> None:
+            ids = self._tokenize(segment)
+            add(ids, [self.audio_pad_token_id] * len(ids), [trained] * len(ids))
+
+        last_assistant = max(index for index, (role, _) in enumerate(turns) if role == "assistant")
+        for index, (role, content) in enumerate(turns):
+            assistant = role == "assistant"
+            if index == last_assistant and turns[0][0] != "system":
+                # Where inference places the default system turn: after the history, before the answer.
+                add_text("<|im_start|>system\n")
+                add_text(system_prompt if system_prompt is not None else self.default_system_prompts[modality])
+                add_text("<|im_end|>\n")
+            add_text(f"<|im_start|>{role}\n")
+            if content.is_audio:
+                codes = content.codes.tolist()
+                add([self.sosp_token_id] + [self.modality_pad_token_id] * (len(codes) + 1),
+                    [self.audio_pad_token_id] + codes + [self.eosp_token_id], [assistant] * (len(codes) + 2))
+            else:
+                add_text(content.text, trained=assistant)
+            add(closing, [self.audio_pad_token_id] * len(closing),
+                [assistant and position < stop for position in range(len(closing))])
+        return text_ids, audio_ids, mask
 
     # ----------------------------------------------------------------------------------------------- output
 
