@@ -43,6 +43,7 @@ AutoModelForCausalLM.register(MossSpeechConfig, MossSpeechForCausalLM, exist_ok=
 AutoConfig.register(MossSpeechCodecConfig.model_type, MossSpeechCodecConfig, exist_ok=True)
 AutoModel.register(MossSpeechCodecConfig, MossSpeechCodecModel, exist_ok=True)
 AutoFeatureExtractor.register(MossSpeechCodecConfig, MossSpeechFeatureExtractor, exist_ok=True)
+register_processor()  # AutoProcessor; kept out of the processing module's import (see register_processor)
 
 __all__ = [
     "MossSpeechCausalLMOutputWithPast",

@@ -6,6 +6,8 @@ moss-speech chat --model DIR --text "Hello" --output-modality text   # text ques
 moss-speech encode a.wav b.wav --codec CODEC -o codes.json            # speech → 12.5 Hz codes
 moss-speech decode codes.json --codec CODEC --voice me.wav -o out/    # codes → 24 kHz speech
 moss-speech info DIR [--json]                                         # what a checkpoint directory holds
+moss-speech convert --model RELEASE --codec RELEASE_CODEC -o OUT      # the original release → this layout
+moss-speech push OUT org/MOSS-Speech                                  # upload with remote code and a model card
 ```
 
 Errors are reported as one line on stderr (`moss-speech: error: ...`) with exit code 2; `--debug` adds the
@@ -40,6 +42,8 @@ from .chat_moss_speech import MossSpeechChat
 from .checkpoint_info import describe_checkpoint, format_report
 from .configuration_moss_speech import MossSpeechConfig
 from .configuration_moss_speech_codec import MossSpeechCodecConfig
+from .convert_moss_speech_original_to_hf import add_convert_arguments, format_conversion_report, run_conversion
+from .hub import CARD_TEMPLATES, publish, stage_upload
 from .modeling_moss_speech import MossSpeechForCausalLM
 from .modeling_moss_speech_codec import MossSpeechCodecModel, MossSpeechVoicePrompt
 from .processing_moss_speech import MossSpeechProcessor
@@ -135,7 +139,7 @@ def _examples(*lines: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `moss-speech` argument parser with its four sub-commands (`chat`, `encode`, `decode`, `info`)."""
+    """The `moss-speech` argument parser and its sub-commands (chat, encode, decode, info, convert, push)."""
     parser = _ArgumentParser(
         prog=PROG, formatter_class=_HelpFormatter, parents=[_global_options(True)],
         description="MOSS-Speech, the true speech-to-speech LLM: chat with a checkpoint, turn speech into codec "
@@ -144,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "chat --model MOSS-Speech --text 'Tell me a joke.' --output-modality text",
                          "encode a.wav b.wav --codec MOSS-Speech-Codec -o codes.json",
                          "decode codes.json --codec MOSS-Speech-Codec --voice speaker.wav -o speech/",
-                         "info MOSS-Speech") + "\n\nRun 'moss-speech COMMAND --help' for the options of a command.")
+                         "info MOSS-Speech",
+                         "convert --model MOSS-Speech --codec MOSS-Speech-Codec -o moss-speech-hf",
+                         "push moss-speech-hf your-name/MOSS-Speech")
+        + "\n\nRun 'moss-speech COMMAND --help' for the options of a command.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
                         help="print the package version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_ArgumentParser)
@@ -257,6 +264,56 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("directory", metavar="DIR", help="checkpoint or processor directory")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     info.set_defaults(func=_cmd_info)
+
+    convert = command(
+        "convert", "convert the original MOSS-Speech release (model and/or codec directories) into this layout",
+        "Convert the release as published: the language-model directory (config.json, safetensors shards, tokenizer "
+        "files) and/or the codec directory (config.json, model.safetensors, flow/flow.pt, flow/hift.pt, "
+        "flow/campplus.onnx). Writes our config classes, sharded safetensors, the processor (tokenizer loadable by "
+        "transformers 4.57 and 5.x, feature extractor, chat template, special ids) and generation_config.json; the "
+        "codec goes to OUT/codec. Strict: every source tensor is used exactly once and every target tensor filled, "
+        "otherwise the keys are listed. Pickled codec files are read with torch.load(weights_only=True) only; a "
+        "pickled language model is refused. The codec part needs the [convert] extra (onnx).",
+        "convert --model MOSS-Speech --codec MOSS-Speech-Codec -o moss-speech-hf",
+        "convert --codec MOSS-Speech-Codec -o moss-speech-codec-hf",
+        "convert --model MOSS-Speech --codec-path your-name/MOSS-Speech-Codec -o out --remote-code")
+    add_convert_arguments(convert)
+    convert.set_defaults(func=_cmd_convert)
+
+    push = command(
+        "push", "upload a model or codec directory to the Hugging Face Hub with remote code and a model card",
+        "Upload DIR to the Hub repository REPO_ID in one commit: weights, processor, the codec (--codec: as the "
+        "codec/ folder of the same repository; --codec-repo: a codec published on its own, referenced by the "
+        "processor), code files with auto_map (so that trust_remote_code=True works without this package) and a "
+        "README.md model card from model_cards/ with Hub metadata. The token is the logged-in user's or $HF_TOKEN.",
+        "push moss-speech-hf your-name/MOSS-Speech",
+        "push moss-speech-codec-hf your-name/MOSS-Speech-Codec --card codec",
+        "push nano-out your-name/MOSS-Speech-Nano --card nano --codec nano-codec --private",
+        "push moss-speech-hf your-name/MOSS-Speech --dry-run staged/")
+    push.add_argument("directory", metavar="DIR", help="converted or saved model directory (or a codec directory)")
+    push.add_argument("repo_id", metavar="REPO_ID", help="Hub repository 'namespace/name', created if needed")
+    where = push.add_mutually_exclusive_group()
+    where.add_argument("--codec", metavar="DIR", help="codec directory uploaded as the repository's codec/ folder")
+    where.add_argument("--codec-repo", metavar="REPO_ID",
+                       help="repository of a codec published on its own, for the processor to load")
+    push.add_argument("--card", choices=sorted(CARD_TEMPLATES),
+                      help="model card template (default: codec for a codec directory, moss-speech otherwise)")
+    push.add_argument("--base-model", metavar="REPO_ID", help="base_model metadata (default for the moss-speech "
+                                                              "card: Qwen/Qwen3-8B)")
+    push.add_argument("--dataset", action="append", default=[], metavar="REPO_ID",
+                      help="a Hub dataset the model was trained on (datasets metadata; repeatable)")
+    push.add_argument("--tag", action="append", default=[], metavar="TAG", help="an extra tag (repeatable)")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to main")
+    push.add_argument("--revision", metavar="BRANCH", help="branch to commit to (default: main)")
+    push.add_argument("--commit-message", metavar="TEXT", default="Upload MOSS-Speech checkpoint with moss-speech",
+                      help="message of the upload commit")
+    push.add_argument("--no-remote-code", action="store_true",
+                      help="do not add code files and auto_map (then only users of this package can load it)")
+    push.add_argument("--dry-run", metavar="DIR",
+                      help="write what would be uploaded (weights as links) to the new directory DIR, print the file "
+                           "list and upload nothing")
+    push.set_defaults(func=_cmd_push)
     return parser
 
 
@@ -651,6 +708,49 @@ def _cmd_info(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CLIError(f"info: {error}") from error
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ convert/push
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    """`moss-speech convert`: the release's directories → this package's layout; a summary on stdout."""
+    for value, option in ((args.model, "--model"), (args.codec, "--codec")):
+        if value is not None:
+            _check_dir(value, option)
+    start = time.perf_counter()
+    report = run_conversion(args)
+    print(format_conversion_report(report))
+    _note(f"converted in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    """`moss-speech push`: stage and upload a directory (or, with --dry-run, only stage it)."""
+    directory = _check_dir(args.directory, "push")
+    config = _read_config(directory)
+    if config is None or config.get("model_type") not in (LM_MODEL_TYPE, CODEC_MODEL_TYPE):
+        raise CLIError(f"push: {args.directory!r} is not a MOSS-Speech model or codec directory (config.json with "
+                       f"model_type {LM_MODEL_TYPE!r} or {CODEC_MODEL_TYPE!r})")
+    if args.codec is not None:
+        _check_checkpoint(args.codec, "--codec", CODEC_MODEL_TYPE)
+    card = args.card or ("codec" if config["model_type"] == CODEC_MODEL_TYPE else "moss-speech")
+    options = {"card": card, "codec_dir": args.codec, "codec_repo_id": args.codec_repo,
+               "remote_code": not args.no_remote_code, "base_model": args.base_model,
+               "datasets": args.dataset or None, "tags": args.tag or None}
+    if args.dry_run is not None:
+        stage = Path(args.dry_run)
+        if stage.exists() and (not stage.is_dir() or any(stage.iterdir())):
+            raise CLIError(f"--dry-run: {args.dry_run!r} must be a new or empty directory")
+        files = stage_upload(directory, stage, args.repo_id, **options)
+        print("\n".join(files))
+        _note(f"dry run: {len(files)} files staged in {stage} for {args.repo_id}; nothing uploaded")
+        return 0
+    info = publish(directory, args.repo_id, private=args.private, commit_message=args.commit_message,
+                   create_pr=args.create_pr, revision=args.revision, **options)
+    print(getattr(info, "pr_url", None) or getattr(info, "commit_url", None) or info)
+    _note(f"uploaded {directory} to {args.repo_id}")
     return 0
 
 

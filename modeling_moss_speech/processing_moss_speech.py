@@ -964,11 +964,13 @@ class MossSpeechProcessor(ProcessorMixin):
 
 
 def register_processor() -> None:
-    """Make `AutoProcessor.from_pretrained` resolve `MossSpeechProcessor` (runs at import; idempotent)."""
+    """Make `AutoProcessor.from_pretrained` resolve `MossSpeechProcessor` (the package's __init__ runs it; idempotent).
+
+    Not run at import of this module: a copy of it loaded as a checkpoint's remote code would otherwise register its
+    own class globally, and a second checkpoint's processor would then be built from the first one's code.
+    """
     AutoProcessor.register(MossSpeechConfig, MossSpeechProcessor, exist_ok=True)
 
-
-register_processor()
 
 __all__ = ["CHAT_TEMPLATE", "DEFAULT_SYSTEM_PROMPTS", "MossSpeechProcessor", "MossSpeechResponse",
            "register_processor"]
