@@ -38,6 +38,7 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from transformers.utils import logging as hf_logging
 
 from . import __version__
+from .analysis import add_analyze_layers_arguments, run_analyze_layers
 from .chat_moss_speech import MossSpeechChat
 from .checkpoint_info import describe_checkpoint, format_report
 from .configuration_moss_speech import MossSpeechConfig
@@ -314,6 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write what would be uploaded (weights as links) to the new directory DIR, print the file "
                            "list and upload nothing")
     push.set_defaults(func=_cmd_push)
+
+    analyze = command(
+        "analyze-layers", "layer-wise speech/text similarity of a checkpoint (the paper's Fig. 2)",
+        "Feed paired speech and transcripts through the model, compare speech frames and text tokens layer by layer "
+        "(cosine similarity aligned with DTW), print one score per layer and a suggested num_shared_layers, and "
+        "optionally write the scores (JSON) and a plot (PNG, needs the [analysis] extra).",
+        "analyze-layers --model MOSS-Speech --processor MOSS-Speech --audio q.wav --transcript 'What is two plus "
+        "three?' --output-png layers.png")
+    add_analyze_layers_arguments(analyze)
+    analyze.set_defaults(func=_cmd_analyze_layers)
     return parser
 
 
@@ -723,6 +734,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     report = run_conversion(args)
     print(format_conversion_report(report))
     _note(f"converted in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _cmd_analyze_layers(args: argparse.Namespace) -> int:
+    """`moss-speech analyze-layers`: per-layer speech/text similarity (prints a JSON summary)."""
+    run_analyze_layers(args)
     return 0
 
 

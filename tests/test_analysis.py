@@ -211,5 +211,11 @@ def test_analyze_layers_cli_with_a_wav_and_with_a_prepared_dataset(model, tmp_pa
     assert analyze_layers_main(argv) == 0
     summary = json.loads((tmp_path / "ds.json").read_text())
     assert summary["num_pairs"] == 2 and summary["path"] == "same" and len(summary["pair_scores"]) == 2
+    # the same through the console script's entry point
+    from modeling_moss_speech.cli import main
+
+    (tmp_path / "ds.json").unlink()
+    assert main(["analyze-layers", *argv]) == 0
+    assert json.loads((tmp_path / "ds.json").read_text())["num_pairs"] == 2
     with pytest.raises(ValueError, match="one transcript per audio file"):
         analyze_layers_main(argv[:4] + ["--audio", str(tmp_path / "q.wav")])
