@@ -213,7 +213,8 @@ def _format_info(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _read_config(directory: Path) -> dict | None:
+def read_config(directory: Path) -> dict | None:
+    """config.json of `directory` as a dict, `None` if there is none; `ValueError` if it is not valid JSON."""
     path = directory / "config.json"
     if not path.is_file():
         return None
@@ -226,7 +227,7 @@ def _read_config(directory: Path) -> dict | None:
 def describe_checkpoint(directory: str | Path) -> dict[str, Any]:
     """A JSON-able report of what `directory` holds: LM, codec and/or processor, with per-branch counts."""
     directory = Path(directory)
-    config = _read_config(directory)
+    config = read_config(directory)
     report: dict[str, Any] = {"path": str(directory), "holds": []}
     model_type = None if config is None else config.get("model_type")
     if model_type == LM_MODEL_TYPE:

@@ -40,7 +40,7 @@ from transformers.utils import logging as hf_logging
 from . import __version__
 from .analysis import add_analyze_layers_arguments, run_analyze_layers
 from .chat_moss_speech import MossSpeechChat
-from .checkpoint_info import describe_checkpoint, format_report
+from .checkpoint_info import describe_checkpoint, format_report, read_config
 from .configuration_moss_speech import MossSpeechConfig
 from .configuration_moss_speech_codec import MossSpeechCodecConfig
 from .convert_moss_speech_original_to_hf import add_convert_arguments, format_conversion_report, run_conversion
@@ -333,13 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _read_config(directory: Path) -> dict | None:
     """config.json of `directory` as a dict, or `None` if there is none."""
-    path = directory / "config.json"
-    if not path.is_file():
-        return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise CLIError(f"{path} is not valid JSON ({error})") from error
+        return read_config(directory)
+    except ValueError as error:
+        raise CLIError(str(error)) from error
 
 
 def _check_path(value: str, option: str, directory: bool = False) -> Path:
