@@ -24,7 +24,7 @@ from modeling_moss_speech.modeling_moss_speech_codec_encoder import (
     encode_waveforms,
 )
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "codec_keys_release.json"
+SPEC = Path(__file__).resolve().parent / "data" / "codec_keys_release.json"  # copy of shared/spec
 SR = 16000
 
 

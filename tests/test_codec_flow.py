@@ -12,7 +12,7 @@ import torch
 from modeling_moss_speech.configuration_moss_speech_codec import MossSpeechCodecFlowConfig
 from modeling_moss_speech.modeling_moss_speech_codec_flow import MossSpeechCodecFlow
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec" / "codec_keys_release.json"
+SPEC = Path(__file__).resolve().parent / "data" / "codec_keys_release.json"  # copy of shared/spec
 VOCAB, NUM_CODES, MELS, RATIO, LOOKAHEAD = 80, 64, 80, 4, 3
 
 
