@@ -4,16 +4,20 @@ Same process, random weights, float32 on CPU (or --device). The Qwen3 twin has `
 num_modality_layers` layers, the text vocabulary and the same hidden sizes, so with lazy tails one MOSS decode step
 does the same work as one Qwen3 step. Prints one JSON object:
 
-    python bench/bench_decode.py            # the bench config below
-    python bench/bench_decode.py --quick    # smaller, for a smoke run
+    python bench/bench_decode.py               # the bench config below
+    python bench/bench_decode.py --quick       # smaller, for a smoke run
+    python bench/bench_decode.py --no-compile  # skip the static-cache / torch.compile figures (compiling takes minutes)
 
 Targets (issue #3): lazy decode >= 0.95x Qwen3 at batch 1 and 8; batch-8 aggregate >= 5x batch 1; prefill <= 1.15x.
+Issue #10: MOSS decode with a static cache and a `torch.compile`d decode step (`compile=True`), lazy tails on, vs the
+eager default (dynamic cache, lazy tails): compiled >= 1.5x eager. `compile_s` is the first call (compilation).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -84,12 +88,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-compile", action="store_true", help="skip the static-cache and compiled figures")
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    parser.add_argument("--modes", default="text,audio", help="comma-separated segment modes (default text,audio)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     new_tokens = args.new_tokens or (16 if args.quick else 48)
     prompt_len = args.prompt_len or (32 if args.quick else 128)
 
+    load_start = os.getloadavg()
     torch.manual_seed(0)
     config = bench_config(args.quick)
     moss = MossSpeechForCausalLM(config).eval().to(args.device)
@@ -105,8 +113,10 @@ def main() -> None:
 
     results = {}
     with torch.inference_mode():
-        for batch in (1, 8):
-            for mode in ("text", "audio"):
+        batches = [int(b) for b in args.batches.split(",")]
+        modes = args.modes.split(",")
+        for batch in batches:
+            for mode in modes:
                 grid, text = prompts(batch, mode)
                 stay = {"text_logits_processor": [Suppress([config.sosp_token_id])],
                         "audio_logits_processor": [Suppress([config.eosp_token_id])]}
@@ -116,8 +126,8 @@ def main() -> None:
                         do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
                         pad_token_id=config.pad_token_id))
 
-                def run_moss(n: int, lazy: bool, grid=grid, stay=stay):
-                    return moss.generate(grid, lazy_tails=lazy, **{**moss_common, "max_new_tokens": n}, **stay)
+                def run_moss(n: int, lazy: bool, grid=grid, stay=stay, **extra):
+                    return moss.generate(grid, lazy_tails=lazy, **{**moss_common, "max_new_tokens": n}, **stay, **extra)
 
                 # Prefill = a one-token generate (prompt pass + one sampling); decode = the extra time of
                 # new_tokens - 1 further steps, so neither figure contains the other.
@@ -134,8 +144,24 @@ def main() -> None:
                     entry[f"ratio_{key}_over_qwen3"] = tps / qwen_tps
                     entry[f"prefill_{key}_over_qwen3"] = prefill / qwen_prefill
                 entry["qwen3_prefill_s"] = qwen_prefill
+                if not args.no_compile:
+                    eager_rows = run_moss(new_tokens, True)
+                    for key, extra in (("static", {"cache_implementation": "static", "compile": False}),
+                                       ("compiled", {"compile": True})):
+                        start = time.perf_counter()
+                        rows = run_moss(new_tokens, True, **extra)
+                        entry[f"{key}_first_call_s"] = time.perf_counter() - start
+                        entry[f"{key}_same_tokens_as_eager"] = bool(torch.equal(rows, eager_rows))
+                        prefill = best_time(lambda extra=extra: run_moss(1, True, **extra), args.repeats)
+                        decode = best_time(lambda extra=extra: run_moss(new_tokens, True, **extra), args.repeats)
+                        entry[f"moss_{key}_tokens_per_s"] = batch * (new_tokens - 1) / (decode - prefill)
+                    entry["compile_s"] = entry.pop("compiled_first_call_s")
+                    entry.pop("static_first_call_s")
+                    entry["compiled_over_eager"] = entry["moss_compiled_tokens_per_s"] / entry["moss_lazy_tokens_per_s"]
+                    entry["compiled_over_static_eager"] = (entry["moss_compiled_tokens_per_s"]
+                                                           / entry["moss_static_tokens_per_s"])
                 results[f"b{batch}_{mode}"] = entry
-        for mode in ("text", "audio"):
+        for mode in modes if {1, 8} <= set(batches) else ():
             results[f"batch8_over_batch1_{mode}"] = {
                 "moss_lazy": results[f"b8_{mode}"]["moss_lazy_tokens_per_s"]
                 / results[f"b1_{mode}"]["moss_lazy_tokens_per_s"],
@@ -144,6 +170,7 @@ def main() -> None:
         results["gemm_batch8_over_batch1_ceiling"] = gemm_batch_ceiling(config.hidden_size, config.intermediate_size)
     report = {
         "bench": "decode",
+        "load_average_start_end": [load_start, os.getloadavg()],
         "device": args.device,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -157,6 +184,7 @@ def main() -> None:
             "lazy_decode_over_qwen3_min": 0.95,
             "batch8_over_batch1_min": 5.0,
             "prefill_over_qwen3_max": 1.15,
+            "compiled_over_eager_min": 1.5,
         },
     }
     print(json.dumps(report, indent=2))

@@ -20,6 +20,14 @@ Deliberate differences from the release, each a fix:
 Lazy tails: while decoding, only the tail of the modality being sampled runs; the trunk outputs the other tail
 missed are kept and run through it in one batched pass when its modality is needed again. `lazy_tails=False`
 runs both tails every step (the release's behaviour); both give the same logits and tokens.
+
+Static cache and `torch.compile`: `cache_implementation="static"` decodes into a fixed-size cache (one slot per
+runtime layer, see `MossSpeechPreTrainedModel.new_cache`) with a fixed-size padding mask, so a single-row decode
+step (embed → trunk → active tails → heads) has the same shapes at every step and compiles into one graph without
+breaks. The lazy-tail catch-up has a variable length (the rows a tail missed), so it is not compiled: when a tail
+comes back, its missed rows run eagerly first, then the compiled single-row step runs trunk and tails together.
+Catch-ups happen once per modality switch, a few times per turn, so compiling them (or padding them to fixed
+buckets) would buy little and cost one graph per bucket.
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, GenerationMixin
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.configuration_utils import CompileConfig
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -45,6 +54,9 @@ from .configuration_moss_speech import MODALITIES
 logger = logging.get_logger(__name__)
 
 CHANNEL_SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
+# Static caches are sized up to a multiple of this when compiling, so prompts of similar length share one graph.
+STATIC_CACHE_BUCKET = 128
 
 
 class MossSpeechGenerationConfig(GenerationConfig):
@@ -53,7 +65,11 @@ class MossSpeechGenerationConfig(GenerationConfig):
     Besides every standard field, it holds `text_<field>` and `audio_<field>` for `<field>` in
     `do_sample, temperature, top_k, top_p, repetition_penalty`; a per-channel value of `None` falls back to the
     shared field. `lazy_tails` (default `True`) runs only the tail of the active modality while decoding.
-    Saved as `generation_config.json` like any generation config.
+    `cache_implementation` is `"dynamic"` (default) or `"static"`; `compile` (default `None`) compiles the
+    single-row decode step with `torch.compile` (`compile_config`): `True` forces it (and a static cache),
+    `False` forbids it, `None` compiles as transformers does, i.e. with a static cache on an accelerator, or on
+    CPU when `compile_config._compile_all_devices` is set. Saved as `generation_config.json` like any generation
+    config.
 
     Example:
 
@@ -85,6 +101,7 @@ class MossSpeechGenerationConfig(GenerationConfig):
             for field in CHANNEL_SAMPLING_FIELDS:
                 setattr(self, f"{channel}_{field}", kwargs.pop(f"{channel}_{field}", None))
         self.lazy_tails = kwargs.pop("lazy_tails", True)
+        self.compile = kwargs.pop("compile", None)
         super().__init__(**kwargs)
 
     @classmethod
@@ -255,7 +272,7 @@ class MossSpeechGenerationMixin(GenerationMixin):
             attention_mask: (B, L), 0 on left padding. Defaults to all ones.
             generation_config: Overrides the model's; any of its fields may also be passed as keyword arguments
                 (`max_new_tokens=...`, `audio_temperature=...`, `lazy_tails=False`, `return_dict_in_generate=True`,
-                `output_logits=True`, `use_cache=False`).
+                `output_logits=True`, `use_cache=False`, `cache_implementation="static"`, `compile=True`).
             text_logits_processor / audio_logits_processor: Extra processors for one channel, called as
                 `processor(channel_history (B, L), scores (B, V))` after the built-in masks and before sampling.
             stopping_criteria: Extra criteria, called with the text-channel history; each returns a (B,) stop flag.
@@ -280,6 +297,8 @@ class MossSpeechGenerationMixin(GenerationMixin):
         use_cache = gen.use_cache is not False
         lazy = bool(gen.lazy_tails) and use_cache
         min_new = gen.min_new_tokens or 0
+        compiled_step = self._decode_compile(gen, device)
+        static = use_cache and (gen.cache_implementation == "static" or compiled_step is not None)
 
         real = attention_mask.bool()
         seen = {
@@ -292,7 +311,18 @@ class MossSpeechGenerationMixin(GenerationMixin):
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
         next_pos = attention_mask.sum(-1)
         grid = input_ids
-        cache = DynamicCache() if use_cache else None
+        cache, step_mask = None, attention_mask
+        if static:
+            needed = prompt_len + gen.max_new_tokens
+            max_cache_len = gen.max_cache_len or (
+                -(-needed // STATIC_CACHE_BUCKET) * STATIC_CACHE_BUCKET if compiled_step is not None else needed
+            )
+            cache = self.new_cache(batch, max_cache_len, static=True)
+            # Fixed-size padding mask (column j = row j of every layer's cache): the same shape at every step.
+            step_mask = attention_mask.new_zeros(batch, max_cache_len)
+            step_mask[:, :prompt_len] = attention_mask
+        elif use_cache:
+            cache = DynamicCache()
         pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in MODALITIES}
         new_rows = input_ids
         new_pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -304,7 +334,7 @@ class MossSpeechGenerationMixin(GenerationMixin):
                 "audio": bool((unfinished & is_audio).any()) or not lazy,
             }
             if use_cache:
-                logits = self._cached_step(new_rows, new_pos, attention_mask, cache, pending, active)
+                logits = self._cached_step(new_rows, new_pos, step_mask, cache, pending, active, compiled_step)
             else:
                 logits = self._uncached_step(grid, attention_mask, active)
             if gen.output_logits:
@@ -334,7 +364,11 @@ class MossSpeechGenerationMixin(GenerationMixin):
             for channel, modality in enumerate(MODALITIES):
                 seen[modality][unfinished, row[unfinished, channel]] = True
             grid = torch.cat([grid, row[:, None, :]], dim=1)
-            attention_mask = torch.cat([attention_mask, unfinished.long()[:, None]], dim=1)
+            if static:
+                step_mask[:, prompt_len + step - 1] = unfinished.long()
+            else:
+                attention_mask = torch.cat([attention_mask, unfinished.long()[:, None]], dim=1)
+                step_mask = attention_mask
             stop = ~is_audio & torch.isin(text_tok, eos_ids)
             if stopping_criteria:
                 stop = stop | stopping_criteria(grid[..., 0], scores_for_stop).to(device)
@@ -388,6 +422,25 @@ class MossSpeechGenerationMixin(GenerationMixin):
                 )
         if gen.num_beams not in (None, 1):
             raise ValueError(f"num_beams={gen.num_beams} is not supported (sampling or greedy only).")
+        if gen.cache_implementation not in CACHE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"cache_implementation={gen.cache_implementation!r} is not supported by MOSS-Speech generate; use "
+                "'dynamic' (default) or 'static'."
+            )
+        if gen.compile not in (None, True, False):
+            raise ValueError(f"compile must be True, False or None (automatic), got {gen.compile!r}.")
+        if gen.compile is True and gen.cache_implementation == "dynamic":
+            raise ValueError("compile=True needs a static cache, but cache_implementation='dynamic' was asked for.")
+        if gen.use_cache is False and (gen.compile is True or gen.cache_implementation == "static"):
+            raise ValueError(
+                f"use_cache=False cannot be combined with compile={gen.compile} / "
+                f"cache_implementation={gen.cache_implementation!r}."
+            )
+        needed = input_ids.shape[1] + max_new
+        if gen.max_cache_len is not None and gen.max_cache_len < needed:
+            raise ValueError(
+                f"max_cache_len={gen.max_cache_len} is smaller than the prompt plus max_new_tokens ({needed} rows)."
+            )
 
     def _process(
         self,
@@ -409,15 +462,30 @@ class MossSpeechGenerationMixin(GenerationMixin):
         new_rows: torch.Tensor,
         new_pos: torch.Tensor,
         attention_mask: torch.Tensor,
-        cache: DynamicCache,
+        cache: Cache,
         pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
         active: dict[str, bool],
+        compiled_step: Callable | None = None,
     ) -> dict[str, torch.Tensor]:
+        """Run the trunk on `new_rows` and the active tails (catching up on rows they missed); logits of the last row,
+        on the rows' device."""
         model = self.model
+        device = new_rows.device
+        if compiled_step is not None and new_rows.shape[1] == 1:
+            run = tuple(m for m in MODALITIES if active[m])
+            for modality in run:
+                self._catch_up(modality, attention_mask, cache, pending)
+            shared, logits = compiled_step(new_rows, new_pos, attention_mask, cache, run)
+            # Copies: graph outputs may live in buffers the next replay overwrites (CUDA graphs).
+            shared = shared.clone()
+            for modality in MODALITIES:
+                if modality not in run:
+                    pending[modality].append((shared, new_pos))
+            return {m: value.to(device, copy=True) for m, value in zip(run, logits)}
         embeds = model.embed_grid(new_rows)
         rotary = model.rotary_emb(embeds, new_pos)
         masks = model._mask_mapping(embeds, attention_mask, cache, new_pos, model.shared_block)
-        shared = model.shared_block(embeds, masks, rotary, new_pos, cache, True)
+        shared = model.shared_block(embeds, masks, rotary, new_pos, cache=cache, use_cache=True)
         logits = {}
         for modality in MODALITIES:
             pending[modality].append((shared, new_pos))
@@ -426,14 +494,92 @@ class MossSpeechGenerationMixin(GenerationMixin):
             block, norm = model.tail(modality)
             if len(pending[modality]) == 1 and set(block.layer_types) <= masks.keys():
                 # In step with the trunk: its mask and rotary embeddings are this tail's too.
-                hidden = norm(block(shared, masks, rotary, new_pos, cache, True))
+                hidden = norm(block(shared, masks, rotary, new_pos, cache=cache, use_cache=True))
             else:
                 hidden_in = torch.cat([h for h, _ in pending[modality]], dim=1)
                 positions = torch.cat([p for _, p in pending[modality]], dim=1)
                 hidden = model.run_tail(modality, hidden_in, attention_mask, positions, cache, True)
             pending[modality].clear()
-            logits[modality] = self.head(modality)(hidden[:, -1, :])
+            logits[modality] = self.head(modality)(hidden[:, -1, :]).to(device)
         return logits
+
+    def _catch_up(
+        self,
+        modality: str,
+        attention_mask: torch.Tensor,
+        cache: Cache,
+        pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+    ) -> None:
+        """Push the trunk outputs the `modality` tail missed through it (eagerly: their number varies)."""
+        if not pending[modality]:
+            return
+        block, _ = self.model.tail(modality)
+        hidden_in = torch.cat([h for h, _ in pending[modality]], dim=1)
+        positions = torch.cat([p for _, p in pending[modality]], dim=1)
+        self.model.run_block(block, hidden_in, attention_mask, positions, cache, True)
+        pending[modality].clear()
+
+    def decode_step(
+        self,
+        rows: torch.LongTensor,
+        position_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        cache: Cache,
+        modalities: tuple[str, ...],
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """One decode step for tails in step with the trunk: the function `generate` compiles.
+
+        Args:
+            rows: (B, 1, 2) new grid rows; position_ids: (B, 1) their positions.
+            attention_mask: (B, max_cache_len) padding mask over every cache slot (static cache) or
+                (B, cached + 1) (dynamic cache).
+            cache: The cache (its `modalities` tails hold exactly as many rows as the trunk).
+            modalities: The tails to run.
+
+        Returns:
+            The trunk output (B, 1, H) and, per modality, the logits (B, vocab) of the new row.
+        """
+        model = self.model
+        embeds = model.embed_grid(rows)
+        rotary = model.rotary_emb(embeds, position_ids)
+        masks = model._mask_mapping(embeds, attention_mask, cache, position_ids, model.shared_block)
+        shared = model.shared_block(embeds, masks, rotary, position_ids, cache=cache, use_cache=True)
+        logits = []
+        for modality in modalities:
+            block, norm = model.tail(modality)
+            if not set(block.layer_types) <= masks.keys():
+                masks = {**masks, **model._mask_mapping(shared, attention_mask, cache, position_ids, block)}
+            hidden = norm(block(shared, masks, rotary, position_ids, cache=cache, use_cache=True))
+            logits.append(self.head(modality)(hidden[:, -1, :]))
+        return shared, tuple(logits)
+
+    def _decode_compile(self, gen: MossSpeechGenerationConfig, device: torch.device) -> Callable | None:
+        """The compiled `decode_step` when this generate call should use it (see `MossSpeechGenerationConfig`)."""
+        if gen.compile is False or gen.disable_compile or gen.use_cache is False:
+            return None
+        devices = set(getattr(self, "hf_device_map", {}).values())
+        offloaded = "disk" in devices or ("cpu" in devices and len(devices) > 1)
+        if gen.compile is None:
+            compile_config = gen.compile_config
+            on_accelerator = device.type in ("cuda", "xpu") or bool(
+                compile_config is not None and compile_config._compile_all_devices
+            )
+            if gen.cache_implementation != "static" or not on_accelerator or offloaded:
+                return None
+        elif offloaded:
+            raise ValueError(
+                "compile=True cannot be used with a model offloaded to cpu/disk (device_map values "
+                f"{sorted(map(str, devices))}): accelerate's offload hooks move weights during the forward pass."
+            )
+        compile_config = gen.compile_config or CompileConfig(
+            fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else "default"
+        )
+        key = repr(sorted(compile_config.to_dict().items()))
+        compiled = self.__dict__.get("_moss_compiled_decode")
+        if compiled is None or compiled[0] != key:
+            compiled = (key, torch.compile(self.decode_step, **compile_config.to_dict()))
+            self.__dict__["_moss_compiled_decode"] = compiled
+        return compiled[1]
 
     def _uncached_step(
         self, grid: torch.Tensor, attention_mask: torch.Tensor, active: dict[str, bool]
@@ -441,7 +587,7 @@ class MossSpeechGenerationMixin(GenerationMixin):
         modalities = tuple(m for m in MODALITIES if active[m])
         out = self(input_ids=grid, attention_mask=attention_mask, use_cache=False, modalities=modalities,
                    logits_to_keep=1)
-        return {m: getattr(out, f"{m}_logits")[:, -1, :] for m in modalities}
+        return {m: getattr(out, f"{m}_logits")[:, -1, :].to(grid.device) for m in modalities}
 
 
 __all__ = [

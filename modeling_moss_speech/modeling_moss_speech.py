@@ -7,13 +7,15 @@ The module tree and parameter names are the release's, so its safetensors load w
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers import PretrainedConfig, PreTrainedModel, Qwen3Config
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3DecoderLayer,
@@ -26,6 +28,111 @@ from .configuration_moss_speech import MODALITIES, MossSpeechConfig
 from .generation_moss_speech import MossSpeechGenerationConfig, MossSpeechGenerationMixin
 
 logger = logging.get_logger(__name__)
+
+# Hub arguments of `from_pretrained` that the config loader needs too (to validate a device_map before loading).
+_CONFIG_LOADING_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder",
+                          "proxies")
+
+
+def runtime_layer_types(config: MossSpeechConfig) -> list[str]:
+    """Attention type of every cache slot: trunk, then text tail, then audio tail (each tail reads the first
+    `num_modality_layers` entries of `config.layer_types`, as its layers are built with block-local indices)."""
+    tail = list(config.layer_types[: config.num_modality_layers])
+    return list(config.layer_types[: config.num_shared_layers]) + tail + tail
+
+
+def runtime_cache_config(config: MossSpeechConfig) -> Qwen3Config:
+    """A Qwen3 config with one layer per runtime attention layer (`config.num_runtime_layers`).
+
+    transformers' cache classes size themselves from `num_hidden_layers` / `layer_types`, which for MOSS-Speech
+    count the trunk and one tail only; this config covers both tails, so
+    `StaticCache(config=runtime_cache_config(config), max_cache_len=n)` (or `DynamicCache(config=...)`) has a slot
+    for every layer of the model.
+    """
+    types = runtime_layer_types(config)
+    return Qwen3Config(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=len(types), num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, layer_types=types,
+        sliding_window=config.sliding_window, use_sliding_window="sliding_attention" in types,
+        max_window_layers=len(types), max_position_embeddings=config.max_position_embeddings,
+    )
+
+
+def cache_length(cache: Cache | None, layer_idx: int) -> int:
+    """Positions held by cache slot `layer_idx`, as a Python int (static layers report a 0-d tensor)."""
+    if cache is None:
+        return 0
+    return int(cache.get_seq_length(layer_idx))
+
+
+def module_device(module: nn.Module) -> torch.device | None:
+    """The device `module` computes on: its accelerate hook's execution device (set by `device_map` dispatch,
+    also for offloaded weights), else the device of its first materialised parameter; `None` if unknown."""
+    for sub in module.modules():
+        hook = getattr(sub, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            device = getattr(h, "execution_device", None)
+            if device is not None:
+                return torch.device(device)
+        for param in sub.parameters(recurse=False):
+            if param.device.type != "meta":
+                return param.device
+    return None
+
+
+def check_device_map(model: nn.Module, device_map: dict) -> None:
+    """Raise a `ValueError` naming the first `device_map` entry that is not a module/parameter of `model`, has an
+    invalid device, or the modules no entry covers (transformers would silently put those on "cpu")."""
+    names = {name for name, _ in model.named_modules()}
+    names |= {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    for key, device in device_map.items():
+        if not isinstance(key, str):
+            raise TypeError(f"device_map keys must be module names (str), got {key!r} of type {type(key).__name__}.")
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names), n=3)
+            top = sorted({name.split(".")[0] for name in names if name})
+            layers = [f"{name}.0-{len(module) - 1}" for name, module in model.named_modules()
+                      if name.endswith(".layers") and isinstance(module, nn.ModuleList)]
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ValueError(
+                f"device_map entry {key!r} is not a module of {type(model).__name__}.{hint} Top-level modules: "
+                f"{top}" + (f"; decoder layers: {', '.join(layers)}." if layers else ".")
+            )
+        if isinstance(device, bool) or not (isinstance(device, (int, str, torch.device))):
+            raise ValueError(
+                f"device_map[{key!r}] = {device!r} is not a device (an int, 'cpu', 'cuda:0', 'disk', ...)."
+            )
+        if isinstance(device, int) and device < 0:
+            raise ValueError(f"device_map[{key!r}] = {device} is not a device index (>= 0).")
+        if isinstance(device, str) and device != "disk":
+            try:
+                torch.device(device)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"device_map[{key!r}] = {device!r} is not a device ('cpu', 'cuda:0', 'disk', an int, ...)."
+                ) from error
+    if "" in device_map:
+        return
+    params = [name for name, _ in model.named_parameters()]
+    uncovered = {name for name in params if not any(name == k or name.startswith(k + ".") for k in device_map)}
+    if uncovered:
+        # Report whole modules: for each uncovered parameter, the shortest prefix whose parameters are all uncovered.
+        modules: list[str] = []
+        for name in params:
+            if name not in uncovered:
+                continue
+            parts = name.split(".")
+            for depth in range(1, len(parts) + 1):
+                prefix = ".".join(parts[:depth])
+                if all(p in uncovered for p in params if p == prefix or p.startswith(prefix + ".")):
+                    if prefix not in modules:
+                        modules.append(prefix)
+                    break
+        raise ValueError(
+            f"device_map gives no device for {modules} of {type(model).__name__}: add an entry for each (or a '' "
+            "entry as the default)."
+        )
 
 
 @dataclass
@@ -87,8 +194,8 @@ class MossSpeechTransformerBlock(nn.Module):
         mask_mapping: dict[str, torch.Tensor | None],
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         position_ids: torch.LongTensor,
-        cache: Cache | None,
-        use_cache: bool,
+        cache: Cache | None = None,
+        use_cache: bool = False,
         **kwargs,
     ) -> torch.Tensor:
         for layer, layer_type in zip(self.layers, self.layer_types):
@@ -132,6 +239,66 @@ class MossSpeechPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with a `device_map` dict checked against the module tree first.
+
+        transformers places modules that no entry names on "cpu" without a word and only warns about entries that
+        name nothing; here either is a `ValueError` naming the entry, raised before any weight is read.
+        """
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict):
+            config = kwargs.get("config")
+            if not isinstance(config, PretrainedConfig):
+                hub = {k: kwargs[k] for k in _CONFIG_LOADING_KWARGS if kwargs.get(k) is not None}
+                config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub)
+            with torch.device("meta"), init.no_init_weights():
+                skeleton = cls(config)
+            check_device_map(skeleton, device_map)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def runtime_cache_config(self) -> Qwen3Config:
+        """A config whose `layer_types` cover every runtime layer; see [`runtime_cache_config`]."""
+        return runtime_cache_config(self.config)
+
+    def new_cache(
+        self,
+        batch_size: int | None = None,
+        max_cache_len: int | None = None,
+        static: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> Cache:
+        """A cache with one slot per runtime layer (trunk + text tail + audio tail).
+
+        Args:
+            batch_size: With `static=True`, allocate every layer now (each on the device its layer runs on, so a
+                `device_map` split works); `None` allocates each layer on its first update.
+            max_cache_len: Rows a static cache holds (prompt + new rows); required when `static`.
+            static: A fixed-size `StaticCache` (for `torch.compile`) or a growing `DynamicCache`.
+            dtype: Key/value dtype when allocating now; defaults to each layer's weight dtype.
+        """
+        cache_config = self.runtime_cache_config()
+        if not static:
+            return DynamicCache(config=cache_config)
+        if not isinstance(max_cache_len, int) or isinstance(max_cache_len, bool) or max_cache_len < 1:
+            raise ValueError(
+                f"new_cache: max_cache_len must be an integer >= 1 for a static cache, got {max_cache_len!r}."
+            )
+        cache = StaticCache(config=cache_config, max_cache_len=max_cache_len)
+        if batch_size is not None:
+            if not isinstance(batch_size, int) or batch_size < 1:
+                raise ValueError(f"new_cache: batch_size must be an integer >= 1, got {batch_size!r}.")
+            base = self.base_model
+            attentions = [layer.self_attn for block in (base.shared_block, base.text_block, base.audio_block)
+                          for layer in block.layers]
+            config = self.config
+            for slot, attention in zip(cache.layers, attentions):
+                device = module_device(attention) or torch.device("cpu")
+                empty = torch.zeros(batch_size, config.num_key_value_heads, 0, config.head_dim,
+                                    dtype=dtype or attention.k_proj.weight.dtype, device=device)
+                slot.lazy_initialization(empty, empty)
+        return cache
 
 
 class MossSpeechModel(MossSpeechPreTrainedModel):
@@ -178,8 +345,11 @@ class MossSpeechModel(MossSpeechPreTrainedModel):
     def embed_grid(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Embed a (B, L, 2) grid with the release's rule (audio table iff the text id is the modality pad)."""
         text_ids, audio_ids = input_ids[..., 0], input_ids[..., 1]
-        is_audio = (text_ids == self.config.modality_pad_token_id).unsqueeze(-1)
-        return torch.where(is_audio, self.audio_embed(audio_ids), self.embed_tokens(text_ids))
+        text = self.embed_tokens(text_ids)
+        # The two tables may sit on different devices under a device_map: combine on the text table's.
+        audio = self.audio_embed(audio_ids).to(text.device)
+        is_audio = (text_ids == self.config.modality_pad_token_id).unsqueeze(-1).to(text.device)
+        return torch.where(is_audio, audio, text)
 
     def _mask_mapping(
         self,
@@ -223,12 +393,18 @@ class MossSpeechModel(MossSpeechPreTrainedModel):
         `attention_mask` is the 2-D padding mask covering the cached positions plus the new ones (or `None`).
         """
         if attention_mask is not None and not isinstance(attention_mask, dict) and attention_mask.ndim == 2:
-            past = cache.get_seq_length(block.layer_offset) if cache is not None else 0
-            attention_mask = attention_mask[:, : past + hidden_states.shape[1]]
+            attention_mask = attention_mask[:, : cache_length(cache, block.layer_offset) + hidden_states.shape[1]]
+        # Hand-off between blocks on different devices (trunk → tail): inputs go where the block runs.
+        device = module_device(block)
+        if device is not None and hidden_states.device != device:
+            hidden_states, position_ids = hidden_states.to(device), position_ids.to(device)
+            if position_embeddings is not None:
+                position_embeddings = tuple(t.to(device) for t in position_embeddings)
         mask_mapping = self._mask_mapping(hidden_states, attention_mask, cache, position_ids, block)
         if position_embeddings is None:
             position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        return block(hidden_states, mask_mapping, position_embeddings, position_ids, cache, use_cache, **kwargs)
+        return block(hidden_states, mask_mapping, position_embeddings, position_ids, cache=cache, use_cache=use_cache,
+                     **kwargs)
 
     def run_tail(
         self,
@@ -305,7 +481,8 @@ class MossSpeechModel(MossSpeechPreTrainedModel):
         ):
             raise ValueError(
                 f"cache has {len(cache.layers)} layer slots but MOSS-Speech needs {self.config.num_runtime_layers} "
-                "(trunk + text tail + audio tail): pass DynamicCache() without a config, or None."
+                "(trunk + text tail + audio tail): use model.new_cache(...) (static or dynamic), a cache built from "
+                "model.runtime_cache_config(), DynamicCache() without a config, or None."
             )
 
         batch, length = inputs_embeds.shape[:2]
@@ -313,12 +490,12 @@ class MossSpeechModel(MossSpeechPreTrainedModel):
             use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
             cache = DynamicCache()
-        past = cache.get_seq_length(0) if cache is not None else 0
+        past = cache_length(cache, 0)
         for modality in modalities:
             offset = self.config.tail_layer_offset(modality)
-            if cache is not None and cache.get_seq_length(offset) != past:
+            if cache is not None and cache_length(cache, offset) != past:
                 raise ValueError(
-                    f"The {modality} tail's cache holds {cache.get_seq_length(offset)} positions but the trunk holds "
+                    f"The {modality} tail's cache holds {cache_length(cache, offset)} positions but the trunk holds "
                     f"{past}: a cache left behind by lazy-tail decoding cannot be reused for a full forward pass."
                 )
         if attention_mask is not None and attention_mask.ndim == 2:
@@ -489,7 +666,8 @@ class MossSpeechForCausalLM(MossSpeechPreTrainedModel, MossSpeechGenerationMixin
                     )
                 )
             text_loss, audio_loss = losses
-            loss = sum(x for x in losses if x is not None)
+            present = [x for x in losses if x is not None]
+            loss = present[0] if len(present) == 1 else present[0] + present[1].to(present[0].device)
         return MossSpeechCausalLMOutputWithPast(
             loss=loss,
             text_loss=text_loss,

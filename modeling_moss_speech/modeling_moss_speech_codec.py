@@ -114,8 +114,47 @@ class MossSpeechCodecPreTrainedModel(PreTrainedModel):
     config_class = MossSpeechCodecConfig
     base_model_prefix = "codec"
     main_input_name = "input_features"
-    _no_split_modules: list[str] = []
+    # Each component reads its own weights' device and dtype and is entered through methods other than `forward`
+    # (flow.inference, speaker_encoder.embed, encode_waveforms), so a device_map must keep each one whole.
+    _no_split_modules: list[str] = [
+        "MossSpeechCodecEncoder", "MossSpeechCodecFlow", "MossSpeechCodecVocoder", "MossSpeechCodecSpeakerEncoder",
+    ]
+    _components = ("encoder", "flow", "hift", "speaker_encoder")
     supports_gradient_checkpointing = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, float32 unless `dtype` is given, components whole on one device each.
+
+        transformers' default `dtype="auto"` follows the checkpoint's `config.json` (a codec saved from a bf16
+        pipeline would come back in bf16); the codec stays float32 unless `dtype` (or `torch_dtype`) is passed.
+        A `device_map` may name `""` or whole components (`encoder`, `flow`, `hift`, `speaker_encoder`) on devices;
+        offloading (`"disk"`, or `"cpu"` next to accelerators) is refused: the codec runs its components through
+        methods that accelerate's offload hooks do not cover.
+        """
+        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+            kwargs["dtype"] = torch.float32
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict):
+            for key in device_map:
+                if key != "" and key not in cls._components:
+                    raise ValueError(
+                        f"device_map entry {key!r} is not a codec component: name '' or whole components "
+                        f"{list(cls._components)} (each runs on one device)."
+                    )
+            cls._check_no_offload(device_map.values())
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        cls._check_no_offload(getattr(model, "hf_device_map", {}).values())
+        return model
+
+    @staticmethod
+    def _check_no_offload(devices) -> None:
+        devices = {str(d) for d in devices}
+        if "disk" in devices or ("cpu" in devices and len(devices) > 1):
+            raise ValueError(
+                f"The codec cannot be offloaded (device_map devices {sorted(devices)}): put each component on one "
+                "device, e.g. device_map={'': 0} or 'cpu', or give max_memory enough room for whole components."
+            )
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         # Components initialise themselves in their constructors (the generic init would break weight-norm
@@ -397,7 +436,7 @@ class MossSpeechStreamDecoder:
         return mel[:, :, : n_tokens * self.ratio]
 
     def _vocode(self, new_mel: torch.Tensor, last: bool) -> torch.Tensor:
-        hop, device = self.hop, self.codec.device
+        hop = self.hop
         context = 0 if self.mel_history is None else min(self.overlap_frames, self.mel_history.shape[-1])
         mel_in = new_mel if context == 0 else torch.cat([self.mel_history[:, :, -context:], new_mel], dim=-1)
         wav, _ = self.codec.hift(mel_in.float(), None, generator=self.generator)
@@ -406,7 +445,8 @@ class MossSpeechStreamDecoder:
         if self.held is not None and context:
             overlap = context * hop
             # raised-cosine (Hann half-window) cross-fade: smoother than linear at both ends
-            fade_in = 0.5 - 0.5 * torch.cos(torch.linspace(0.0, math.pi, overlap, device=device))
+            # on the vocoder's device (under a device_map it may differ from the codec's first component)
+            fade_in = 0.5 - 0.5 * torch.cos(torch.linspace(0.0, math.pi, overlap, device=wav.device))
             wav = torch.cat([self.held[-overlap:] * (1 - fade_in) + wav[:overlap] * fade_in, wav[overlap:]])
         elif self.held is not None:
             wav = torch.cat([self.held, wav])
