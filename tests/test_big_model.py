@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import EOSP, IM_END, PAD, SOSP, left_pad, make_prompt
 from test_codec import tiny_codec_config
+from test_generation import Force
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechForCausalLM, MossSpeechVoicePrompt
 from modeling_moss_speech.modeling_moss_speech import runtime_cache_config
@@ -27,22 +28,6 @@ SPLIT = {
     "text_lm_head": "disk",
     "audio_lm_head": "cpu",
 }
-
-
-class Force:
-    """Forces `token` for batch row `row` at this processor's `step`-th call (1-based) and bans `suppress`."""
-
-    def __init__(self, plan: dict[tuple[int, int], int], suppress: tuple[int, ...] = ()):
-        self.plan, self.suppress, self.step = plan, list(suppress), 0
-
-    def __call__(self, history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.step += 1
-        scores[:, self.suppress] = float("-inf")
-        for (row, step), token in self.plan.items():
-            if step == self.step:
-                scores[row] = float("-inf")
-                scores[row, token] = 0.0
-        return scores
 
 
 def switching_generate(model, grid, mask, **kwargs):
