@@ -2,7 +2,8 @@
 
 Parameter names are the release's (`encoder.` prefix stripped from the codec's model.safetensors): `conv1`, `conv2`,
 `embed_positions`, `layers.{i}` (transformers' own `WhisperEncoderLayer`, run with causal self-attention),
-`layer_norm` (only when `quantize_encoder_only` is false), `codebook` and `embed_positions2`.
+`layer_norm` (only when `quantize_encoder_only` is false), `codebook` and `embed_positions2`; nano checkpoints add
+`ctc_head` (a CTC recogniser on the codes, absent from the release).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import WhisperConfig
-from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
+from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer, sinusoids
 from transformers.utils import ModelOutput
 
 from .configuration_moss_speech_codec import MossSpeechCodecEncoderConfig
@@ -95,6 +96,15 @@ class MossSpeechCodecEncoder(nn.Module):
         self.codebook = nn.Embedding(config.quantize_vocab_size, d_model)
         self.embed_positions2 = nn.Embedding(config.max_source_positions // config.pooling_kernel_size, d_model)
         self.embed_positions2.requires_grad_(False)
+        # A fresh encoder gets Whisper's sinusoidal tables (a checkpoint overwrites them; they are never trained).
+        with torch.no_grad():
+            self.embed_positions.weight.copy_(sinusoids(*self.embed_positions.weight.shape))
+            self.embed_positions2.weight.copy_(sinusoids(*self.embed_positions2.weight.shape))
+        self.ctc_head = MossSpeechCodecCTCHead(config, layer_config) if config.ctc_alphabet else None
+
+    def code_vectors(self, codes: torch.LongTensor) -> torch.Tensor:
+        """Codebook vectors of `codes` (B, T') plus the 12.5 Hz position table: the CTC head's input."""
+        return self.codebook(codes) + self.embed_positions2.weight[: codes.shape[1]]
 
     @property
     def max_input_frames(self) -> int:
@@ -198,6 +208,52 @@ class MossSpeechCodecEncoder(nn.Module):
         return hidden.transpose(1, 2)
 
 
+class MossSpeechCodecCTCHead(nn.Module):
+    """CTC recogniser on the codes (nano checkpoints): bidirectional `WhisperEncoderLayer`s over the code vectors,
+    then `ctc_upsample` character distributions per code. Trained with the tokenizer so its codes carry the words;
+    kept in the checkpoint as a small speech recogniser for evaluation."""
+
+    def __init__(self, config: MossSpeechCodecEncoderConfig, layer_config: WhisperConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(WhisperEncoderLayer(layer_config) for _ in range(config.ctc_layers))
+        for layer in self.layers:
+            layer.self_attn.is_causal = False
+            layer.self_attn_layer_norm.eps = config.layer_norm_eps
+            layer.final_layer_norm.eps = config.layer_norm_eps
+        self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.proj = nn.Linear(config.d_model, config.ctc_upsample * (len(config.ctc_alphabet) + 1))
+
+    def forward(self, vectors: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T', d_model) code vectors and (B, T') validity → (B, T' × ctc_upsample, alphabet + 1) log-probs."""
+        hidden = vectors
+        attention = None
+        if mask is not None and not bool(mask.all()):
+            # Additive key-padding mask; every row keeps at least its first code, so no row is fully masked.
+            keys = mask.bool()[:, None, None, :]
+            attention = torch.zeros(keys.shape, dtype=hidden.dtype, device=hidden.device)
+            attention = attention.masked_fill(~keys, torch.finfo(hidden.dtype).min)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=attention)
+        logits = self.proj(self.layer_norm(hidden))
+        batch, length, _ = logits.shape
+        logits = logits.reshape(batch, length * self.config.ctc_upsample, -1)
+        return logits.float().log_softmax(dim=-1)
+
+    def greedy_decode(self, log_probs: torch.Tensor, frame_lengths: torch.Tensor) -> list[str]:
+        """Best-path CTC decoding: argmax per frame, merge repeats, drop blanks."""
+        alphabet = self.config.ctc_alphabet
+        texts = []
+        for row, length in zip(log_probs.argmax(dim=-1).tolist(), frame_lengths.tolist()):
+            chars, previous = [], 0
+            for index in row[:length]:
+                if index != previous and index != 0:
+                    chars.append(alphabet[index - 1])
+                previous = index
+            texts.append(" ".join("".join(chars).split()))
+        return texts
+
+
 @torch.no_grad()
 def encode_waveforms(
     encoder: MossSpeechCodecEncoder,
@@ -252,4 +308,4 @@ def encode_waveforms(
     return [torch.cat(parts) for parts in per_utterance]
 
 
-__all__ = ["MossSpeechCodecEncoder", "MossSpeechCodecEncoderOutput", "encode_waveforms"]
+__all__ = ["MossSpeechCodecCTCHead", "MossSpeechCodecEncoder", "MossSpeechCodecEncoderOutput", "encode_waveforms"]

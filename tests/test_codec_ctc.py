@@ -1,0 +1,109 @@
+"""The codec's optional CTC recogniser (nano checkpoints) and the speech-tokenizer training script."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+import torchaudio
+from conftest import espeak
+from test_codec import tiny_codec_config
+
+from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "training"))
+import train_speech_tokenizer  # noqa: E402
+
+ALPHABET = " abcdefghijklmnopqrstuvwxyz'"
+
+
+def ctc_config(**encoder) -> MossSpeechCodecConfig:
+    config = tiny_codec_config()
+    values = config.encoder_config.to_dict()
+    values.update({"ctc_alphabet": ALPHABET, "ctc_layers": 1, "ctc_upsample": 4, **encoder})
+    return tiny_codec_config(encoder_config=values)
+
+
+def test_ctc_alphabet_validation():
+    with pytest.raises(ValueError, match="repeated"):
+        ctc_config(ctc_alphabet="abca")
+    with pytest.raises(ValueError, match="ctc_alphabet"):
+        ctc_config(ctc_alphabet="")
+    with pytest.raises(ValueError, match="ctc_upsample"):
+        ctc_config(ctc_upsample=0)
+
+
+def test_release_codec_has_no_ctc_head_and_refuses_to_transcribe():
+    codec = MossSpeechCodecModel(tiny_codec_config())
+    assert not codec.can_transcribe
+    assert not any(k.startswith("encoder.ctc_head") for k in codec.state_dict())
+    with pytest.raises(ValueError, match="no CTC recogniser"):
+        codec.transcribe(torch.zeros(16000), sampling_rate=16000)
+
+
+def test_ctc_head_saves_loads_and_batches_like_single_rows(tmp_path):
+    torch.manual_seed(0)
+    codec = MossSpeechCodecModel(ctc_config()).eval()
+    assert any(k.startswith("encoder.ctc_head.") for k in codec.state_dict())
+    codec.save_pretrained(tmp_path)
+    loaded = MossSpeechCodecModel.from_pretrained(tmp_path).eval()
+    codes = [torch.randint(0, 64, (n,)) for n in (3, 9, 5)]
+    together = loaded.transcribe_codes(codes)
+    assert together == codec.transcribe_codes(codes)
+    # Padding a row next to longer ones must not change its transcript (key-padding mask).
+    assert together == [loaded.transcribe_codes([c])[0] for c in codes]
+    with pytest.raises(ValueError, match="outside the codebook"):
+        loaded.transcribe_codes([torch.tensor([64])])
+
+
+def test_greedy_decoding_merges_repeats_and_drops_blanks():
+    codec = MossSpeechCodecModel(ctc_config())
+    head = codec.encoder.ctc_head
+    a, b, space = ALPHABET.index("a") + 1, ALPHABET.index("b") + 1, ALPHABET.index(" ") + 1
+    frames = [0, a, a, 0, a, space, space, b, b, 0, 0, space]
+    log_probs = torch.full((1, len(frames), len(ALPHABET) + 1), -10.0)
+    log_probs[0, torch.arange(len(frames)), torch.tensor(frames)] = 0.0
+    assert head.greedy_decode(log_probs, torch.tensor([len(frames)])) == ["aa b"]
+    assert head.greedy_decode(log_probs, torch.tensor([3])) == ["a"]
+
+
+def _tiny_corpus(path: Path) -> None:
+    from datasets import Audio, Dataset, DatasetDict
+
+    rows = []
+    for i, text in enumerate(["red", "blue", "green", "red blue", "green red", "blue green"] * 2):
+        wav, rate = espeak(text, voice=("en-us", "en+m3")[i % 2])
+        wav = torchaudio.functional.resample(wav, rate, 16000)
+        buffer = io.BytesIO()
+        sf.write(buffer, wav.numpy(), 16000, format="FLAC")
+        rows.append({"text": text, "audio": {"bytes": buffer.getvalue(), "path": None}})
+    data = Dataset.from_list(rows).cast_column("audio", Audio(sampling_rate=16000))
+    DatasetDict(train=data.select(range(10)), validation=data.select(range(10, 12))).save_to_disk(str(path))
+
+
+def test_train_speech_tokenizer_learns_and_saves_a_transcribing_codec(tmp_path):
+    _tiny_corpus(tmp_path / "corpus")
+    config = ctc_config().to_dict()
+    (tmp_path / "codec.json").write_text(json.dumps({k: config[k] for k in
+                                                     ("encoder_config", "flow_config", "vocoder_config",
+                                                      "speaker_config")}))
+    summary = train_speech_tokenizer.main([
+        "--corpus", str(tmp_path / "corpus"), "--config", str(tmp_path / "codec.json"),
+        "--output", str(tmp_path / "out"), "--max-steps", "600", "--batch-size", "5", "--eval-every", "1000",
+        "--learning-rate", "5e-3", "--threads", "1",
+    ])
+    assert summary["steps"] == 600
+    codec = MossSpeechCodecModel.from_pretrained(tmp_path / "out").eval()
+    texts = ["red", "blue", "green", "red blue", "green red"]
+    speech = [espeak(text, voice="en-us") for text in texts]
+    heard = codec.transcribe([wav for wav, _ in speech], sampling_rate=speech[0][1])
+    # Overfits ten utterances: the training sentences come back through waveform → codes → CTC.
+    scores = train_speech_tokenizer.recognition_scores(heard, texts)
+    assert scores["cer"] < 0.3, (heard, scores)  # an untrained encoder scores ~1.0
+    assert summary["codes_used"] > 1

@@ -1,0 +1,309 @@
+"""Train the speech tokenizer of a MOSS-Speech codec (Whisper-VQ encoder + single codebook) with a CTC objective.
+
+The release's tokenizer was trained with a speech-recognition objective so its codes are semantic; this does the
+same at small scale: the encoder's pooled 12.5 Hz states are vector-quantized (straight-through estimator, EMA
+codebook, k-means initialisation, dead-code restarts) and a CTC head recognises the transcript from the quantized
+vectors alone, so whatever the codes carry is what the words need. The CTC head stays in the checkpoint
+(`codec.transcribe`), a small recogniser for evaluation.
+
+    python training/train_speech_tokenizer.py --corpus data/nano/corpus \\
+        --config training/configs/nano_codec.json --output outputs/nano/codec_tokenizer --max-steps 3000
+
+Reads the corpus of `processing/synthesize_espeak.py` (a DatasetDict with `train` and `validation` splits, an
+`audio` column and the spoken `text`). Saves a full `MossSpeechCodecModel` (the flow/vocoder are left as
+initialised; `training/train_speech_decoder.py` trains them) and prints a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel
+
+WARMUP_STEPS_WITHOUT_VQ = 300
+
+
+def _read_split(corpus: str, split: str, limit: int | None = None) -> tuple[list[np.ndarray], list[str]]:
+    from datasets import Audio, load_from_disk
+
+    dataset = load_from_disk(corpus)[split].cast_column("audio", Audio(decode=False))
+    if limit is not None and limit < len(dataset):
+        dataset = dataset.shuffle(seed=0).select(range(limit))
+    waves, texts = [], []
+    for row in dataset:
+        data, rate = sf.read(io.BytesIO(row["audio"]["bytes"]), dtype="float32")
+        if rate != 16000:
+            raise ValueError(f"corpus audio must be 16 kHz, got {rate} Hz in {split}.")
+        waves.append(data if data.ndim == 1 else data.mean(axis=1))
+        texts.append(row["text"])
+    return waves, texts
+
+
+def _features(codec: MossSpeechCodecModel, waves: list[np.ndarray]) -> list[torch.Tensor]:
+    """Per-utterance log-mel (mel bins, valid frames), computed once."""
+    extractor = codec.feature_extractor
+    out = []
+    for start in tqdm(range(0, len(waves), 64), desc="features", leave=False):
+        batch = [torch.from_numpy(w) for w in waves[start : start + 64]]
+        feats = extractor.extract_features(batch)
+        for row, mask in zip(feats["input_features"], feats["attention_mask"]):
+            out.append(row[:, : int(mask.sum())].clone())
+    return out
+
+
+def _targets(texts: list[str], alphabet: str) -> list[torch.Tensor]:
+    index = {c: i + 1 for i, c in enumerate(alphabet)}
+    out = []
+    for text in texts:
+        missing = sorted(set(text) - set(index))
+        if missing:
+            raise ValueError(f"transcript {text!r} has characters outside the CTC alphabet: {missing}.")
+        out.append(torch.tensor([index[c] for c in text], dtype=torch.long))
+    return out
+
+
+def _batch(features: list[torch.Tensor], ids: list[int], augment: bool, rng: random.Random):
+    frames = [features[i].shape[1] for i in ids]
+    longest = max(frames)
+    longest += longest % 2
+    batch = torch.zeros(len(ids), features[ids[0]].shape[0], longest)
+    mask = torch.zeros(len(ids), longest, dtype=torch.long)
+    for row, i in enumerate(ids):
+        feat = features[i]
+        if augment:
+            feat = feat.clone()
+            # Frequency masking: speaker identity lives partly in spectral detail the codes should not need.
+            for _ in range(2):
+                width = rng.randint(0, 12)
+                start = rng.randint(0, feat.shape[0] - width)
+                feat[start : start + width] = feat.min()
+        batch[row, :, : feat.shape[1]] = feat
+        mask[row, : feat.shape[1]] = 1
+    return batch, mask
+
+
+def _ctc_forward(codec, feats, mask, quantize: bool):
+    """Encoder → (straight-through) quantized code vectors → CTC log-probs; returns what the losses need."""
+    encoder = codec.encoder
+    out = encoder(feats, mask)
+    hidden = out.last_hidden_state
+    code_mask = out.codes_mask[:, : hidden.shape[1]]
+    if quantize:
+        chosen = encoder.codebook(out.codes).detach()
+        vectors = hidden + (chosen - hidden).detach()
+        commit = ((hidden - chosen) ** 2).mean(-1)[code_mask].mean()
+    else:
+        vectors, commit = hidden, hidden.new_zeros(())
+    vectors = vectors + encoder.embed_positions2.weight[: vectors.shape[1]]
+    log_probs = encoder.ctc_head(vectors, code_mask)
+    return log_probs, code_mask, hidden, out.codes, commit
+
+
+class EMACodebook:
+    """Exponential-moving-average codebook updates with dead-code restarts (the codebook takes no gradients)."""
+
+    def __init__(self, codebook: torch.nn.Embedding, decay: float = 0.99) -> None:
+        self.codebook = codebook
+        self.decay = decay
+        self.count = torch.ones(codebook.num_embeddings)
+        self.sum = codebook.weight.detach().clone()
+
+    def kmeans_init(self, vectors: torch.Tensor, iterations: int = 15, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        k = self.codebook.num_embeddings
+        centers = vectors[torch.randperm(vectors.shape[0], generator=g)[:k]].clone()
+        for _ in range(iterations):
+            assign = torch.cdist(vectors, centers).argmin(1)
+            counts = torch.bincount(assign, minlength=k).float()
+            sums = torch.zeros_like(centers).index_add_(0, assign, vectors)
+            empty = counts == 0
+            centers = torch.where(empty[:, None], centers, sums / counts.clamp(min=1)[:, None])
+            if empty.any():
+                centers[empty] = vectors[torch.randint(0, vectors.shape[0], (int(empty.sum()),), generator=g)]
+        self.codebook.weight.data.copy_(centers)
+        self.sum = centers.clone()
+        self.count = torch.ones(k)
+
+    @torch.no_grad()
+    def update(self, vectors: torch.Tensor, codes: torch.Tensor) -> None:
+        k = self.codebook.num_embeddings
+        counts = torch.bincount(codes, minlength=k).float()
+        sums = torch.zeros(k, vectors.shape[1]).index_add_(0, codes, vectors.float())
+        self.count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        total = self.count.sum()
+        smoothed = (self.count + 1e-5) / (total + k * 1e-5) * total
+        self.codebook.weight.data.copy_(self.sum / smoothed[:, None])
+
+    @torch.no_grad()
+    def restart_dead(self, vectors: torch.Tensor, threshold: float = 0.03) -> int:
+        dead = torch.nonzero(self.count < threshold).flatten()
+        if dead.numel() == 0 or vectors.shape[0] == 0:
+            return 0
+        picks = vectors[torch.randint(0, vectors.shape[0], (dead.numel(),))].float()
+        self.codebook.weight.data[dead] = picks
+        self.sum[dead] = picks
+        self.count[dead] = 1.0
+        return int(dead.numel())
+
+
+def _edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def recognition_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Character error rate and whole-utterance exact match of transcripts."""
+    errors = sum(_edit_distance(h, r) for h, r in zip(hypotheses, references))
+    chars = max(1, sum(len(r) for r in references))
+    exact = sum(h == r for h, r in zip(hypotheses, references))
+    return {"cer": errors / chars, "exact_match": exact / max(1, len(references))}
+
+
+@torch.no_grad()
+def evaluate(codec: MossSpeechCodecModel, waves: list[np.ndarray], texts: list[str]) -> dict[str, float]:
+    """Scores of the inference path (waveform → codes → CTC), as `codec.transcribe` runs it."""
+    codec.eval()
+    hypotheses = codec.transcribe(waves, sampling_rate=16000)
+    codec.train()
+    return recognition_scores(hypotheses, texts)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", required=True, help="DatasetDict directory from processing/synthesize_espeak.py")
+    parser.add_argument("--config", required=True, help="JSON of MossSpeechCodecConfig fields (with ctc_alphabet)")
+    parser.add_argument("--output", required=True, help="where the codec is saved")
+    parser.add_argument("--max-steps", type=int, default=3000)
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop early after this long")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--commitment", type=float, default=0.25)
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--eval-examples", type=int, default=200)
+    parser.add_argument("--max-train-examples", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name in ("max_steps", "batch_size", "eval_every", "eval_examples"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    started = time.monotonic()
+
+    config = MossSpeechCodecConfig(**json.loads(Path(args.config).read_text()))
+    alphabet = config.encoder_config.ctc_alphabet
+    if not alphabet:
+        raise ValueError(f"{args.config}: encoder_config.ctc_alphabet must be set to train with CTC.")
+    codec = MossSpeechCodecModel(config).train()
+
+    train_waves, train_texts = _read_split(args.corpus, "train", args.max_train_examples)
+    eval_waves, eval_texts = _read_split(args.corpus, "validation", args.eval_examples)
+    features = _features(codec, train_waves)
+    targets = _targets(train_texts, alphabet)
+    _targets(eval_texts, alphabet)
+    order = sorted(range(len(features)), key=lambda i: features[i].shape[1])
+    # Length-bucketed batches limit padding; their order is shuffled every epoch.
+    buckets = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+
+    encoder = codec.encoder
+    ema = EMACodebook(encoder.codebook)
+    encoder.codebook.weight.requires_grad_(False)
+    params = [p for p in codec.encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.01)
+
+    def schedule(step: int) -> float:
+        warmup = min(200, args.max_steps // 10)
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, args.max_steps - warmup))))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    warmup_vq = min(WARMUP_STEPS_WITHOUT_VQ, args.max_steps // 5)
+    history, pool, step = [], [], 0
+    progress = tqdm(total=args.max_steps, desc="tokenizer")
+    while step < args.max_steps:
+        rng.shuffle(buckets)
+        for ids in buckets:
+            if step >= args.max_steps:
+                break
+            if args.max_minutes and time.monotonic() - started > 60 * args.max_minutes:
+                args.max_steps = step
+                break
+            quantize = step >= warmup_vq
+            feats, mask = _batch(features, ids, augment=True, rng=rng)
+            log_probs, code_mask, hidden, codes, commit = _ctc_forward(codec, feats, mask, quantize)
+            frame_lengths = code_mask.sum(1) * config.encoder_config.ctc_upsample
+            target = [targets[i] for i in ids]
+            ctc = F.ctc_loss(log_probs.transpose(0, 1), torch.cat(target), frame_lengths,
+                             torch.tensor([t.numel() for t in target]), blank=0, zero_infinity=True)
+            loss = ctc + args.commitment * commit
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            valid = hidden.detach()[code_mask]
+            if not quantize:
+                pool.append(valid)
+                if step + 1 == warmup_vq:
+                    ema.kmeans_init(torch.cat(pool)[-20000:], seed=args.seed)
+                    pool = []
+            else:
+                ema.update(valid, codes[code_mask])
+                if step % 100 == 0:
+                    ema.restart_dead(valid)
+            step += 1
+            progress.update(1)
+            if step % 25 == 0:
+                progress.set_postfix(ctc=f"{ctc.item():.3f}", commit=f"{commit.item():.4f}")
+            if step % args.eval_every == 0 and quantize:
+                scores = evaluate(codec, eval_waves, eval_texts)
+                scores["step"] = step
+                history.append(scores)
+                tqdm.write(json.dumps(scores))
+    progress.close()
+
+    final = evaluate(codec, eval_waves, eval_texts)
+    codec.eval()
+    usage = torch.zeros(config.encoder_config.quantize_vocab_size, dtype=torch.long)
+    for codes in codec.encode(train_waves[:2000], sampling_rate=16000).codes:
+        usage += torch.bincount(codes, minlength=usage.numel())
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    codec.save_pretrained(args.output)
+    summary = {
+        "steps": step,
+        "minutes": round((time.monotonic() - started) / 60, 2),
+        "train_utterances": len(features),
+        "validation": {k: round(v, 4) for k, v in final.items()},
+        "codes_used": int((usage > 0).sum()),
+        "codebook_size": usage.numel(),
+        "encoder_parameters": sum(p.numel() for p in codec.encoder.parameters()),
+        "history": history,
+        "output": args.output,
+    }
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
