@@ -6,6 +6,7 @@ moss-speech chat --model DIR --text "Hello" --output-modality text   # text ques
 moss-speech encode a.wav b.wav --codec CODEC -o codes.json            # speech → 12.5 Hz codes
 moss-speech decode codes.json --codec CODEC --voice me.wav -o out/    # codes → 24 kHz speech
 moss-speech info DIR [--json]                                         # what a checkpoint directory holds
+moss-speech eval --corpus data/nano/corpus --split test -o results.json  # spoken-QA accuracy of a checkpoint
 moss-speech convert --model RELEASE --codec RELEASE_CODEC -o OUT      # the original release → this layout
 moss-speech push OUT org/MOSS-Speech                                  # upload with remote code and a model card
 ```
@@ -37,17 +38,19 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
-from . import __version__
+from . import __version__, pretrained
 from .analysis import add_analyze_layers_arguments, run_analyze_layers
 from .chat_moss_speech import MossSpeechChat
 from .checkpoint_info import describe_checkpoint, format_report, read_config
 from .configuration_moss_speech import MossSpeechConfig
 from .configuration_moss_speech_codec import MossSpeechCodecConfig
 from .convert_moss_speech_original_to_hf import add_convert_arguments, format_conversion_report, run_conversion
+from .evaluation import TASKS as EVAL_TASKS
+from .evaluation import format_table, run_evaluation
 from .hub import CARD_TEMPLATES, publish, stage_upload
 from .modeling_moss_speech import MossSpeechForCausalLM
 from .modeling_moss_speech_codec import MossSpeechCodecModel, MossSpeechVoicePrompt
-from .processing_moss_speech import MossSpeechProcessor
+from .processing_moss_speech import CODEC_SUBFOLDER, MossSpeechProcessor
 
 PROG = "moss-speech"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -171,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Answer one question with a MOSS-Speech checkpoint. The answer's text is printed on stdout; speech, if the "
         "model produced any, is written to --out (24 kHz, 16-bit); a one-line summary (rows generated, seconds of "
         "audio, time) goes to stderr.",
+        "chat --wav question.wav --out answer.wav       (the shipped MOSS-Speech-Nano checkpoint)",
         "chat --model MOSS-Speech --codec MOSS-Speech-Codec --wav question.wav",
         "chat --model MOSS-Speech --text 'What is the capital of France?' --stream --voice me.safetensors",
         "chat --model MOSS-Speech --text 'Hi!' --output-modality text --greedy")
@@ -182,14 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--system", metavar="TEXT", help="system prompt, sent as the first turn (default: the "
                                                         "processor's fallback prompt for the output modality)")
     group = chat.add_argument_group("checkpoints")
-    group.add_argument("--model", metavar="DIR", required=True,
+    group.add_argument("--model", metavar="DIR",
                        help="language-model checkpoint directory (config.json with model_type moss_speech, "
-                            "safetensors), loaded with AutoModelForCausalLM")
+                            "safetensors), loaded with AutoModelForCausalLM (default: the shipped MOSS-Speech-Nano "
+                            "checkpoint)")
     group.add_argument("--processor", metavar="DIR", help="processor directory (processor_config.json, tokenizer) "
                                                           "(default: the --model directory)")
     group.add_argument("--codec", metavar="DIR", help=f"{codec_help}, overriding the codec the processor names; "
-                                                      "needed for --wav, audio answers, --voice and --stream")
-    group.add_argument("--voice", metavar="PATH", help=voice_help)
+                                                      "needed for --wav, audio answers, --voice and --stream "
+                                                      "(default: the processor's codec, else the model directory's "
+                                                      "codec/ folder)")
+    group.add_argument("--voice", metavar="NAME|PATH",
+                       help=f"{voice_help}; or the NAME of a voice shipped in the model directory's voices/ folder")
     group = chat.add_argument_group("output")
     group.add_argument("--output-modality", choices=("audio", "text"), default="audio",
                        help="answer in speech (the prompt ends with start-of-speech) or in text (default: audio)")
@@ -325,6 +333,51 @@ def build_parser() -> argparse.ArgumentParser:
         "three?' --output-png layers.png")
     add_analyze_layers_arguments(analyze)
     analyze.set_defaults(func=_cmd_analyze_layers)
+
+    evaluate = command(
+        "eval", "spoken-QA accuracy (S->T, S->S, T->S, T->T), text retention and codec round trip on a corpus split",
+        "Evaluate a checkpoint on a split of a spoken-QA corpus (processing/synthesize_espeak.py): exact match of "
+        "the normalised answer (lowercase, letters only) for speech and text questions answered in text and in "
+        "speech (spoken answers are decoded by the codec and transcribed by its CTC recogniser), text retention "
+        "(T->T accuracy divided by that of a text-only baseline model) and the codec round trip (CTC transcription "
+        "of the question audio before and after encode -> decode). Greedy decoding, batched. Prints a table on "
+        "stdout and writes every number, some example answers and timings as JSON to --output.",
+        "eval --corpus data/nano/corpus --split test -o results.json",
+        "eval --model outputs/nano/sft --corpus data/nano/corpus --baseline-text-model outputs/nano/text "
+        "-o results.json",
+        "eval --corpus data/nano/corpus --split validation --tasks s2t t2t --max-examples 50")
+    group = evaluate.add_argument_group("checkpoints")
+    group.add_argument("--model", metavar="DIR", help="MOSS-Speech checkpoint directory with its processor "
+                                                      "(default: the shipped MOSS-Speech-Nano checkpoint)")
+    group.add_argument("--codec", metavar="DIR", help=f"{codec_help} with a CTC recogniser (default: the "
+                                                      "processor's codec, else the model directory's codec/ folder)")
+    group.add_argument("--baseline-text-model", metavar="DIR",
+                       help="text-only causal LM (e.g. the Qwen3 model before the speech split) with the same "
+                            "tokenizer: its T->T accuracy is the denominator of text retention")
+    group.add_argument("--voice", metavar="NAME|PATH",
+                       help="voice the codec speaks generated and round-tripped codes in: a voice NAME of the model "
+                            "directory's voices/ folder, a .safetensors prompt or an audio file (default: none)")
+    group = evaluate.add_argument_group("data")
+    group.add_argument("--corpus", metavar="DIR", required=True,
+                       help="corpus directory (a DatasetDict saved with save_to_disk)")
+    group.add_argument("--split", metavar="NAME", default="test", help="split to evaluate (default: test)")
+    group.add_argument("--tasks", nargs="+", choices=EVAL_TASKS, default=list(EVAL_TASKS), metavar="TASK",
+                       help=f"what to measure, among {', '.join(EVAL_TASKS)} (default: all)")
+    group.add_argument("--max-examples", type=_positive_int, metavar="N",
+                       help="evaluate the first N spoken questions and the first N facts only")
+    group = evaluate.add_argument_group("decoding and output")
+    group.add_argument("--batch-size", type=_positive_int, default=16, metavar="B",
+                       help="questions per generate call and utterances per codec call (default: 16)")
+    group.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N",
+                       help="most rows (text tokens or speech codes) per answer (default: 128)")
+    group.add_argument("--repetition-penalty", type=_positive_float, default=1.0, metavar="R",
+                       help="repetition penalty of both channels (default: 1.0, i.e. pure greedy decoding)")
+    group.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the vocoder's noise (default: 0)")
+    group.add_argument("--num-examples", type=_non_negative_int, default=5, metavar="N",
+                       help="answers (and wrong answers) per task kept in the JSON (default: 5)")
+    group.add_argument("-o", "--output", metavar="PATH", help="write the results as JSON here")
+    _add_device_options(evaluate, lm=True)
+    evaluate.set_defaults(func=_cmd_eval)
     return parser
 
 
@@ -363,6 +416,29 @@ def _check_checkpoint(value: str, option: str, model_type: str) -> Path:
     if config.get("model_type") != model_type:
         raise CLIError(f"{option}: {value!r} holds a {config.get('model_type')!r} checkpoint, expected {model_type!r}")
     return path
+
+
+def _model_dir(value: str | None) -> Path:
+    """The `--model` checkpoint directory, or the shipped MOSS-Speech-Nano checkpoint when it is not given."""
+    if value is None:
+        try:
+            value = str(pretrained.nano_path())
+        except FileNotFoundError as error:
+            raise CLIError(f"--model not given, and {error}") from error
+    return _check_checkpoint(value, "--model", LM_MODEL_TYPE)
+
+
+def _voice_path(value: str | None, model_dir: Path) -> str | None:
+    """`--voice` as a path: a file as given, or the NAME of a voice in the model directory's voices/ folder."""
+    if value is None or Path(value).exists():
+        return value
+    voices = pretrained.shipped_voices(model_dir)
+    if value in voices:
+        return str(voices[value])
+    if "/" not in value and os.sep not in value and "." not in value:  # a name, not a path
+        raise CLIError(f"--voice: {value!r} is neither a file nor a voice of {str(model_dir)!r} (its voices: "
+                       f"{', '.join(voices) or 'none'})")
+    return value
 
 
 def _check_output_file(value: str, option: str, audio: bool) -> Path:
@@ -497,15 +573,15 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     """`moss-speech chat`: one turn; text on stdout, speech to --out, a summary on stderr."""
     start = time.perf_counter()
     # Check everything that can be checked before loading any weights.
-    model_dir = _check_checkpoint(args.model, "--model", LM_MODEL_TYPE)
+    model_dir = _model_dir(args.model)
     processor_option = "--processor" if args.processor is not None else "--model"
-    processor_dir = _check_dir(args.processor if args.processor is not None else args.model, processor_option)
+    processor_dir = _check_dir(args.processor if args.processor is not None else str(model_dir), processor_option)
     if not (processor_dir / PROCESSOR_FILE).is_file():
         raise CLIError(f"{processor_option}: {str(processor_dir)!r} has no {PROCESSOR_FILE}; save a "
                        "MossSpeechProcessor there or pass --processor DIR")
     codec_dir = _check_checkpoint(args.codec, "--codec", CODEC_MODEL_TYPE) if args.codec is not None else None
     question = _read_audio(_check_path(args.wav, "--wav"), "--wav") if args.wav is not None else None
-    voice = _check_voice(args.voice)
+    voice = _check_voice(_voice_path(args.voice, model_dir))
     out = _check_output_file(args.out, "--out", audio=True)
     if args.text is not None and not args.text.strip():
         raise CLIError("--text: the question is empty")
@@ -516,6 +592,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     overrides = {"codec_path": str(codec_dir)} if codec_dir is not None else {}
     processor = MossSpeechProcessor.from_pretrained(str(processor_dir), **overrides)
     has_codec = processor.codec_path is not None or processor.codec_subfolder is not None
+    if not has_codec and (model_dir / CODEC_SUBFOLDER / "config.json").is_file():
+        processor.codec_path, has_codec = str(model_dir / CODEC_SUBFOLDER), True  # a codec shipped beside the model
     needs = [reason for reason, needed in (("--wav", question is not None), ("--voice", voice is not None),
                                             ("--output-modality audio", args.output_modality == "audio"),
                                             ("--stream", args.stream)) if needed]
@@ -731,6 +809,42 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     report = run_conversion(args)
     print(format_conversion_report(report))
     _note(f"converted in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """`moss-speech eval`: spoken-QA accuracy of a checkpoint on a corpus split; a table on stdout, JSON to -o."""
+    start = time.perf_counter()
+    model_dir = _model_dir(args.model)
+    if not (model_dir / PROCESSOR_FILE).is_file():
+        raise CLIError(f"--model: {str(model_dir)!r} has no {PROCESSOR_FILE}; evaluation needs the checkpoint's "
+                       "processor beside it")
+    codec_dir = _check_checkpoint(args.codec, "--codec", CODEC_MODEL_TYPE) if args.codec is not None else None
+    baseline_dir = None
+    if args.baseline_text_model is not None:
+        baseline_dir = _check_dir(args.baseline_text_model, "--baseline-text-model")
+        config = _read_config(baseline_dir)
+        if config is None or config.get("model_type") in (LM_MODEL_TYPE, CODEC_MODEL_TYPE):
+            kind = "no config.json" if config is None else f"a {config.get('model_type')!r} checkpoint"
+            raise CLIError(f"--baseline-text-model: {args.baseline_text_model!r} holds {kind}, expected a text-only "
+                           "causal LM (e.g. qwen3)")
+        if "t2t" not in args.tasks:
+            raise CLIError("--baseline-text-model: text retention needs the t2t task (add it to --tasks)")
+    corpus = _check_dir(args.corpus, "--corpus")
+    voice = _voice_path(args.voice, model_dir)
+    if voice is not None:
+        _check_path(voice, "--voice")
+    output = _check_output_file(args.output, "--output", audio=False) if args.output is not None else None
+    device = _resolve_device(args.device)
+    results = run_evaluation(
+        model_dir, corpus, args.split, codec_dir=codec_dir, baseline_dir=baseline_dir, tasks=args.tasks,
+        max_examples=args.max_examples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        repetition_penalty=args.repetition_penalty, voice=voice, device=device,
+        dtype=_resolve_dtype(args.dtype, device), seed=args.seed, num_examples=args.num_examples, output=output,
+        progress=not args.quiet, log=None if args.quiet else _note)
+    print(format_table(results), flush=True)
+    where = f"; results in {output}" if output is not None else ""
+    _note(f"evaluated in {time.perf_counter() - start:.1f} s{where}")
     return 0
 
 
