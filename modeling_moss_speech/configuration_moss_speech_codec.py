@@ -4,8 +4,13 @@ the GLM-4-Voice tokenizer the release derives from (20 heads, ffn 5120, 16 quant
 
 from __future__ import annotations
 
+from dataclasses import field
+
 from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+VOCODER_TYPES = ("hift", "griffin_lim")
 
 
 def _positive(owner: str, **values) -> None:
@@ -230,6 +235,11 @@ class MossSpeechCodecConfig(PretrainedConfig):
 
     Input audio is resampled to `sampling_rate` (16 kHz) for the tokenizer; decoded speech comes out at
     `vocoder_config.sampling_rate` (24 kHz), `token_mel_ratio × vocoder hop` = 1920 samples per code.
+
+    `vocoder_type`: `"hift"` (the release's neural vocoder) or `"griffin_lim"` (no weights: inverse mel +
+    `griffin_lim_iters` Griffin-Lim iterations; `vocoder_config` then only gives the rate, hop and mel bins).
+    `speaker_config=None` (explicitly; omitted = the release's CAM++) builds no speaker encoder: voice prompts then
+    carry a zero x-vector and condition the flow through their codes and mel only.
     """
 
     model_type = "moss_speech_codec"
@@ -237,14 +247,18 @@ class MossSpeechCodecConfig(PretrainedConfig):
         "encoder_config": MossSpeechCodecEncoderConfig,
         "flow_config": MossSpeechCodecFlowConfig,
         "vocoder_config": MossSpeechCodecVocoderConfig,
-        "speaker_config": MossSpeechCodecSpeakerConfig,
+        # Optional: an explicit None means "no speaker encoder" (nano checkpoints).
+        "speaker_config": SubConfigSpec(MossSpeechCodecSpeakerConfig, optional=True),
     }
 
     encoder_config: MossSpeechCodecEncoderConfig | dict | None = None
     flow_config: MossSpeechCodecFlowConfig | dict | None = None
     vocoder_config: MossSpeechCodecVocoderConfig | dict | None = None
-    speaker_config: MossSpeechCodecSpeakerConfig | dict | None = None
+    # An empty dict (the default) builds the release's CAM++; None builds none.
+    speaker_config: MossSpeechCodecSpeakerConfig | dict | None = field(default_factory=dict)
     sampling_rate: int = 16000
+    vocoder_type: str = "hift"
+    griffin_lim_iters: int = 32
     return_dict: bool | None = True
 
     def __post_init__(self, **kwargs):
@@ -254,7 +268,15 @@ class MossSpeechCodecConfig(PretrainedConfig):
                 f"MossSpeechCodecConfig: the flow's mel bins ({self.flow_config.output_size}) must equal the "
                 f"vocoder's input channels ({self.vocoder_config.in_channels})."
             )
-        if self.flow_config.spk_embed_dim != self.speaker_config.embedding_size:
+        if self.vocoder_type not in VOCODER_TYPES:
+            raise ValueError(f"MossSpeechCodecConfig.vocoder_type must be one of {VOCODER_TYPES}, got "
+                             f"{self.vocoder_type!r}.")
+        _positive("MossSpeechCodecConfig", griffin_lim_iters=self.griffin_lim_iters)
+        vocoder = self.vocoder_config
+        if self.vocoder_type == "griffin_lim" and vocoder.hop_length * 50 != vocoder.sampling_rate:
+            raise ValueError(f"MossSpeechCodecConfig: Griffin-Lim inverts the flow's 50 Hz mel, so the vocoder's hop "
+                             f"({vocoder.hop_length}) must be sampling_rate / 50 ({vocoder.sampling_rate / 50:g}).")
+        if self.speaker_config is not None and self.flow_config.spk_embed_dim != self.speaker_config.embedding_size:
             raise ValueError(
                 f"MossSpeechCodecConfig: flow spk_embed_dim ({self.flow_config.spk_embed_dim}) must equal the "
                 f"speaker encoder's embedding_size ({self.speaker_config.embedding_size})."

@@ -23,6 +23,7 @@ from .configuration_moss_speech_codec import MossSpeechCodecConfig
 from .feature_extraction_moss_speech import MossSpeechFeatureExtractor, prepare_waveforms
 from .modeling_moss_speech_codec_encoder import MossSpeechCodecEncoder, encode_waveforms
 from .modeling_moss_speech_codec_flow import MossSpeechCodecFlow, MossSpeechCodecFlowCFM
+from .modeling_moss_speech_codec_griffin_lim import MossSpeechCodecGriffinLim
 from .modeling_moss_speech_codec_speaker import MossSpeechCodecSpeakerEncoder
 from .modeling_moss_speech_codec_vocoder import MossSpeechCodecVocoder
 
@@ -181,8 +182,15 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
         super().__init__(config)
         self.encoder = MossSpeechCodecEncoder(config.encoder_config)
         self.flow = MossSpeechCodecFlow(config.flow_config)
-        self.hift = MossSpeechCodecVocoder(config.vocoder_config)
-        self.speaker_encoder = MossSpeechCodecSpeakerEncoder(config.speaker_config)
+        # `hift` / `speaker_encoder` are None when the config asks for neither (no state-dict keys then).
+        if config.vocoder_type == "hift":
+            self.hift = MossSpeechCodecVocoder(config.vocoder_config)
+        else:
+            self.hift = None
+            self.griffin_lim = MossSpeechCodecGriffinLim(config.vocoder_config, n_iter=config.griffin_lim_iters)
+        self.speaker_encoder = (
+            None if config.speaker_config is None else MossSpeechCodecSpeakerEncoder(config.speaker_config)
+        )
         self.feature_extractor = MossSpeechFeatureExtractor(
             feature_size=config.encoder_config.num_mel_bins, sampling_rate=config.sampling_rate
         )
@@ -191,6 +199,11 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
     @property
     def output_sampling_rate(self) -> int:
         return self.config.output_sampling_rate
+
+    @property
+    def vocoder(self) -> torch.nn.Module:
+        """The mel → waveform module `config.vocoder_type` names: HiFT (`hift`) or Griffin-Lim (`griffin_lim`)."""
+        return self.hift if self.hift is not None else self.griffin_lim
 
     def forward(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         """Tokenize log-mel features (from `MossSpeechFeatureExtractor`): codes and their mask."""
@@ -212,7 +225,11 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
     # ------------------------------------------------------------ voice prompt
     @torch.no_grad()
     def voice_prompt(self, audio, sampling_rate: int) -> MossSpeechVoicePrompt:
-        """Condition decoding on a speaker: prompt codes, 24 kHz prompt mel and CAM++ x-vector of `audio`."""
+        """Condition decoding on a speaker: prompt codes, 24 kHz prompt mel and CAM++ x-vector of `audio`.
+
+        Without a speaker encoder (`speaker_config=None`) the x-vector is zeros: the prompt's codes and mel alone
+        carry the voice.
+        """
         (wav,) = prepare_waveforms(audio, sampling_rate, target_rate=None)
         device = self.device
         codes = self.encode(wav, sampling_rate=sampling_rate).codes[0]
@@ -221,8 +238,11 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
         mel = prompt_mel_spectrogram(wav_out.to(device), self.config.flow_config.output_size, out_rate)
         ratio = self.config.flow_config.token_mel_ratio
         n_tokens = min(mel.shape[0] // ratio, codes.numel())
-        wav_16k = torchaudio.functional.resample(wav, sampling_rate, 16000) if sampling_rate != 16000 else wav
-        embedding = self.speaker_encoder.embed([wav_16k.to(device)])[0]
+        if self.speaker_encoder is None:
+            embedding = torch.zeros(self.config.flow_config.spk_embed_dim)
+        else:
+            wav_16k = torchaudio.functional.resample(wav, sampling_rate, 16000) if sampling_rate != 16000 else wav
+            embedding = self.speaker_encoder.embed([wav_16k.to(device)])[0]
         return MossSpeechVoicePrompt(
             tokens=codes[:n_tokens].cpu(), mel=mel[: n_tokens * ratio].float().cpu(),
             speaker_embedding=embedding.float().cpu(), metadata={"sampling_rate": sampling_rate},
@@ -301,7 +321,7 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
         Args:
             codes: (B, T) / (B, 1, T) ids with `lengths`, a 1-D tensor, or a list of sequences.
             voice_prompt: One prompt for all rows, one per row, or `None` (no prompt: the release's defaults).
-            generator: Random generator of the vocoder's source phases and noise (the flow is deterministic).
+            generator: Random generator of HiFT's source phases and noise (the flow and Griffin-Lim are deterministic).
         """
         batch, lengths = self._code_batch(codes, lengths)
         device = self.device
@@ -310,8 +330,8 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
             batch.to(device), lengths.to(device), *prompt[:2], *prompt[2:4], prompt[4],
             finalize=True, streaming=False, num_codes=self.config.num_codes,
         )
-        waveforms, wav_len = self.hift(mel.float() if self.dtype == torch.float32 else mel, mel_len,
-                                       generator=generator)
+        waveforms, wav_len = self.vocoder(mel.float() if self.dtype == torch.float32 else mel, mel_len,
+                                          generator=generator)
         return MossSpeechCodecDecodeOutput(waveforms=waveforms.float(), lengths=wav_len,
                                            sampling_rate=self.config.output_sampling_rate)
 
@@ -439,7 +459,7 @@ class MossSpeechStreamDecoder:
         hop = self.hop
         context = 0 if self.mel_history is None else min(self.overlap_frames, self.mel_history.shape[-1])
         mel_in = new_mel if context == 0 else torch.cat([self.mel_history[:, :, -context:], new_mel], dim=-1)
-        wav, _ = self.codec.hift(mel_in.float(), None, generator=self.generator)
+        wav, _ = self.codec.vocoder(mel_in.float(), None, generator=self.generator)
         wav = wav[0]
         self.mel_history = new_mel if self.mel_history is None else torch.cat([self.mel_history, new_mel], dim=-1)
         if self.held is not None and context:

@@ -36,6 +36,18 @@ def _length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     return torch.arange(max_len, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
 
 
+def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """U(0, 1) draws from `generator` (on its own device) moved to `like`'s device and dtype."""
+    device = generator.device if generator is not None else like.device
+    return torch.rand(shape, generator=generator, device=device).to(like)
+
+
+def _normal(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """N(0, 1) draws from `generator` (on its own device) moved to `like`'s device and dtype."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device).to(like)
+
+
 def _chunk_mask(size: int, chunk_size: int, device: torch.device) -> torch.Tensor:
     """(size, size) bool: query i sees every key before the end of its own chunk (all left chunks)."""
     positions = torch.arange(size, device=device)
@@ -504,6 +516,48 @@ class MossSpeechCodecFlowCFM(nn.Module):
                 dt = t_span[step + 1] - t
         return x
 
+    def compute_loss(
+        self,
+        x1: torch.Tensor,
+        mask: torch.Tensor,
+        mu: torch.Tensor,
+        spks: torch.Tensor,
+        cond: torch.Tensor,
+        loss_mask: torch.Tensor | None = None,
+        streaming: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Conditional flow-matching loss (the release's `CausalConditionalCFM.compute_loss`, CosyVoice2 recipe).
+
+        t ~ U(0, 1) warped by the scheduler, z ~ N(0, I), y = (1 − (1 − σ_min)·t)·z + t·x1; the estimator predicts
+        the velocity u = x1 − (1 − σ_min)·z from (y, t | mu, spks, cond), with mu, spks and cond zeroed together for
+        a `training_cfg_rate` share of the rows (what classifier-free guidance needs at inference).
+
+        Args:
+            x1: (B, 80, T) target mel; mask: (B, 1, T) valid frames; mu, cond: (B, 80, T); spks: (B, 80).
+            loss_mask: (B, 1, T) frames that count (default: `mask`; prompt frames given in `cond` are left out).
+            streaming: use the estimator's static chunk attention masks.
+            generator: source of t, z and the guidance dropout (default: the global RNG).
+
+        Returns:
+            The mean squared velocity error over the counted frames and mel bins (a scalar).
+        """
+        batch = mu.size(0)
+        config = self.config
+        t = _uniform((batch, 1, 1), generator, mu)
+        if config.t_scheduler == "cosine":
+            t = 1 - torch.cos(t * 0.5 * torch.pi)
+        z = _normal(x1.shape, generator, x1)
+        y = (1 - (1 - config.sigma_min) * t) * z + t * x1
+        u = x1 - (1 - config.sigma_min) * z
+        if config.training_cfg_rate > 0:
+            keep = (_uniform((batch,), generator, mu) >= config.training_cfg_rate).to(mu.dtype)
+            mu, spks, cond = mu * keep.view(-1, 1, 1), spks * keep.view(-1, 1), cond * keep.view(-1, 1, 1)
+        prediction = self.estimator(y, mask, mu, t.view(batch), spks, cond, streaming=streaming)
+        weight = mask if loss_mask is None else loss_mask
+        error = F.mse_loss(prediction * weight, u * weight, reduction="sum")
+        return error / (weight.sum() * u.size(1)).clamp(min=1.0)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The flow model
@@ -674,6 +728,95 @@ class MossSpeechCodecFlow(nn.Module):
         mel = mel.gather(2, index.unsqueeze(1).expand(-1, config.output_size, -1))
         mel = mel * _length_mask(mel_len, out_frames).unsqueeze(1).to(mel.dtype)
         return mel.float(), mel_len
+
+    def compute_loss(
+        self,
+        token: torch.Tensor,
+        token_len: torch.Tensor,
+        feat: torch.Tensor,
+        feat_len: torch.Tensor | None = None,
+        embedding: torch.Tensor | None = None,
+        prompt_ratio: float = 0.3,
+        prompt_probability: float = 0.5,
+        streaming: bool | None = None,
+        streaming_probability: float = 0.5,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Training loss of the flow (the release's `CausalMaskedDiffWithXvec.forward`, CosyVoice2 recipe).
+
+        Codes → embeddings → conformer encoder → `encoder_proj` = mu at mel rate; with probability
+        `prompt_probability` a row gets a random prefix of its own target mel (up to `prompt_ratio` of it) as `cond`,
+        as a voice prompt's mel is given at inference, and those frames leave the loss (CosyVoice2 kept them in; they
+        are copied, not generated, at inference). The loss itself is [`MossSpeechCodecFlowCFM.compute_loss`].
+        Unified streaming training as the release: each call picks the chunk-masked (streaming) or full-context mode,
+        streaming with probability `streaming_probability` unless `streaming` fixes it, so one checkpoint serves both
+        `decode` (full context) and the streaming decoder (chunk masks). Call `train()` first for dropout.
+
+        Args:
+            token: (B, T) speech codes (right-padded); token_len: (B,) codes per row.
+            feat: (B, ≥ ratio·T, 80) target log-mel (`prompt_mel_spectrogram`), frames first like `prompt_feat`.
+            feat_len: (B,) target frames per row; must equal ratio × token_len (default: that).
+            embedding: (B, spk_embed_dim) speaker x-vectors (None = zeros, as checkpoints without speaker encoder).
+            generator: source of every random choice (prompt lengths, mode, t, noise, guidance dropout).
+
+        Returns:
+            The scalar loss.
+        """
+        config = self.config
+        weight = self.input_embedding.weight
+        if not isinstance(token, torch.Tensor) or token.dim() != 2:
+            raise ValueError(f"token must be a (batch, length) tensor of speech codes, got {type(token).__name__} "
+                             f"{tuple(getattr(token, 'shape', ()))}.")
+        if token.dtype.is_floating_point or token.dtype == torch.bool:
+            raise TypeError(f"token must be an integer tensor, got dtype {token.dtype}.")
+        batch, length = token.shape
+        _check_lengths("token_len", token_len, batch, length, 1)
+        _check_codes("token", token, token_len, config.vocab_size)
+        frames = length * config.token_mel_ratio
+        if not isinstance(feat, torch.Tensor) or feat.dim() != 3 or feat.size(0) != batch \
+                or feat.size(1) < frames or feat.size(2) != config.output_size:
+            shape = tuple(feat.shape) if isinstance(feat, torch.Tensor) else type(feat).__name__
+            raise ValueError(f"feat must be a ({batch}, >= {frames}, {config.output_size}) target mel tensor "
+                             f"({config.token_mel_ratio} frames per code), got {shape}.")
+        if feat_len is None:
+            feat_len = token_len * config.token_mel_ratio
+        _check_lengths("feat_len", feat_len, batch, feat.size(1), 0)
+        if not torch.equal(feat_len.cpu().long(), token_len.cpu().long() * config.token_mel_ratio):
+            raise ValueError(f"feat_len must be {config.token_mel_ratio} × token_len, got {feat_len.tolist()} for "
+                             f"token_len {token_len.tolist()}: trim the mel (or the codes) to match.")
+        if embedding is None:
+            embedding = torch.zeros(batch, config.spk_embed_dim)
+        if not isinstance(embedding, torch.Tensor) or tuple(embedding.shape) != (batch, config.spk_embed_dim):
+            shape = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else type(embedding).__name__
+            raise ValueError(f"embedding must be a ({batch}, {config.spk_embed_dim}) speaker x-vector, got {shape}.")
+        if not 0.0 <= prompt_ratio < 1.0 or not 0.0 <= prompt_probability <= 1.0 \
+                or not 0.0 <= streaming_probability <= 1.0:
+            raise ValueError(f"prompt_ratio must lie in [0, 1) and the probabilities in [0, 1], got {prompt_ratio}, "
+                             f"{prompt_probability}, {streaming_probability}.")
+
+        device, dtype = weight.device, weight.dtype
+        token, token_len = token.to(device).long(), token_len.to(device).long()
+        mel_len = token_len * config.token_mel_ratio
+        if streaming is None:
+            streaming = bool(_uniform((), generator, weight) < streaming_probability)
+        valid = _length_mask(token_len, length)
+        xs = self.input_embedding(token.masked_fill(~valid, 0)) * valid.unsqueeze(-1).to(dtype)
+        h, _ = self.encoder(xs, token_len, streaming=streaming)
+        mu = self.encoder_proj(h).transpose(1, 2)
+        frame_mask = _length_mask(mel_len, frames).unsqueeze(1).to(dtype)
+        x1 = feat[:, :frames].to(device, dtype).transpose(1, 2) * frame_mask
+
+        # Random prompt prefix per row: n ~ U{0 .. ⌊prompt_ratio · frames⌋} when the row draws one.
+        draws = _uniform((batch, 2), generator, weight).cpu()
+        prompt_frames = torch.zeros(batch, dtype=torch.long)
+        for i, row_frames in enumerate(mel_len.tolist()):
+            if draws[i, 0] < prompt_probability:
+                prompt_frames[i] = int(draws[i, 1] * (int(prompt_ratio * row_frames) + 1))
+        in_prompt = _length_mask(prompt_frames.to(device), frames).unsqueeze(1).to(dtype)
+        cond = x1 * in_prompt
+        spks = self.spk_embed_affine_layer(F.normalize(embedding.to(device, dtype), dim=1))
+        return self.decoder.compute_loss(x1, frame_mask, mu, spks, cond, loss_mask=frame_mask * (1 - in_prompt),
+                                         streaming=streaming, generator=generator)
 
     def forward(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Alias of [`inference`]."""
