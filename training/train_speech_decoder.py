@@ -1,0 +1,350 @@
+"""Train the flow-matching speech decoder of a MOSS-Speech codec whose speech tokenizer is already trained.
+
+The second half of the nano codec recipe (after `training/train_speech_tokenizer.py`): the frozen tokenizer turns
+every training utterance into codes, the 24 kHz log-mel of the same audio (`prompt_mel_spectrogram`, the decoder's
+target) is trimmed to 4 frames per code, and the flow is trained with its conditional flow-matching loss
+(`MossSpeechCodecFlow.compute_loss`: random prompt prefixes, unified streaming/full-context training, guidance
+dropout). The saved codec uses the weight-free Griffin-Lim vocoder by default (`--vocoder-type`).
+
+    python training/train_speech_decoder.py --codec outputs/nano/codec_tokenizer --corpus data/nano/corpus \\
+        --config training/configs/nano_codec.json --output outputs/nano/codec --max-minutes 18 --threads 1 \\
+        --save-voices outputs/nano/voices
+
+`--max-minutes` bounds the training loop (the learning rate follows a warmup + cosine schedule over whichever of
+`--max-steps` and `--max-minutes` ends first); reading the corpus, encoding it and the final check come on top and
+are reported separately. Canonical-voice rows (the assistant's voice) are drawn `--canonical-weight` times as often.
+Prints a JSON summary: steps, minutes, final loss, validation loss and, when the codec has a CTC recogniser
+(`codec.transcribe`), a round-trip check on validation utterances: encode → decode (in the canonical voice) →
+16 kHz → transcribe, next to the transcription of the original audio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+from tqdm.auto import tqdm
+
+from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel
+from modeling_moss_speech.modeling_moss_speech_codec import prompt_mel_spectrogram
+
+logger = logging.getLogger("train_speech_decoder")
+
+CONFIG_KEYS = ("flow_config", "vocoder_config", "vocoder_type", "griffin_lim_iters", "speaker_config")
+
+
+@dataclass
+class Utterance:
+    """One corpus row as the decoder sees it."""
+
+    utt_id: str
+    text: str
+    voice: str
+    kind: str
+    canonical: bool
+    waveform: np.ndarray  # 16 kHz mono float32
+
+
+def read_split(corpus: str, split: str, limit: int | None = None, seed: int = 0) -> list[Utterance]:
+    """Rows of a corpus split (`processing/synthesize_espeak.py` layout), audio read with soundfile at 16 kHz."""
+    from datasets import Audio, load_from_disk
+
+    dataset = load_from_disk(corpus)[split].cast_column("audio", Audio(decode=False))
+    if limit is not None and limit < len(dataset):
+        dataset = dataset.shuffle(seed=seed).select(range(limit))
+    rows = []
+    for row in tqdm(dataset, desc=f"read {split}", leave=False):
+        audio = row["audio"]
+        source = io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio["path"]
+        data, rate = sf.read(source, dtype="float32")
+        if rate != 16000:
+            raise ValueError(f"corpus audio must be 16 kHz, got {rate} Hz in {split} row {row.get('utt_id')!r}.")
+        rows.append(Utterance(utt_id=str(row.get("utt_id", len(rows))), text=str(row.get("text", "")),
+                              voice=str(row.get("voice", "")), kind=str(row.get("kind", "")),
+                              canonical=bool(row.get("canonical", False)),
+                              waveform=data if data.ndim == 1 else data.mean(axis=1)))
+    return rows
+
+
+def build_codec(source_dir: str, config_path: str | None, vocoder_type: str, seed: int) -> MossSpeechCodecModel:
+    """The codec to train: the source codec's config with the decoder fields of `config_path` (if any) and the
+    requested vocoder; its tokenizer weights copied, and the flow's too when its shape is unchanged (resuming)."""
+    source = MossSpeechCodecModel.from_pretrained(source_dir)
+    values = source.config.to_dict()
+    if config_path is not None:
+        override = json.loads(Path(config_path).read_text())
+        values.update({key: override[key] for key in CONFIG_KEYS if key in override})
+    values["vocoder_type"] = vocoder_type
+    torch.manual_seed(seed)
+    codec = MossSpeechCodecModel(MossSpeechCodecConfig.from_dict(values))
+    codec.encoder.load_state_dict(source.encoder.state_dict())
+    if codec.config.flow_config.to_dict() == source.config.flow_config.to_dict():
+        codec.flow.load_state_dict(source.flow.state_dict())
+        logger.info("flow: continuing from the weights in %s", source_dir)
+    else:
+        logger.info("flow: freshly initialised (its config differs from %s's)", source_dir)
+    if codec.speaker_encoder is not None and source.speaker_encoder is not None:
+        codec.speaker_encoder.load_state_dict(source.speaker_encoder.state_dict())
+    return codec
+
+
+@torch.no_grad()
+def decoder_targets(codec: MossSpeechCodecModel, rows: list[Utterance], batch_size: int = 64):
+    """Codes (frozen tokenizer) and 24 kHz log-mel targets, trimmed to the same length (4 frames per code)."""
+    codec.eval()
+    ratio = codec.config.flow_config.token_mel_ratio
+    rate, n_mels = codec.config.output_sampling_rate, codec.config.flow_config.output_size
+    codes, mels = [], []
+    for start in tqdm(range(0, len(rows), batch_size), desc="codes + mels", leave=False):
+        chunk = rows[start : start + batch_size]
+        batch_codes = codec.encode([r.waveform for r in chunk], sampling_rate=16000, batch_size=batch_size).codes
+        for row, row_codes in zip(chunk, batch_codes):
+            wav = torchaudio.functional.resample(torch.from_numpy(row.waveform), 16000, rate)
+            mel = prompt_mel_spectrogram(wav, n_mels, rate)
+            # ceil(12.5 Hz) codes vs floor(50 Hz) frames: the last code may lack frames; drop it rather than pad.
+            n = min(row_codes.numel(), mel.shape[0] // ratio)
+            codes.append(row_codes[:n].clone())
+            mels.append(mel[: n * ratio].clone())
+    return codes, mels
+
+
+def make_batches(index: list[int], lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """One epoch of batches: shuffled, then sorted by length within pools of 50 batches (little padding)."""
+    order = index[:]
+    rng.shuffle(order)
+    pool = 50 * batch_size
+    batches = []
+    for start in range(0, len(order), pool):
+        group = sorted(order[start : start + pool], key=lambda i: lengths[i])
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(ids: list[int], codes: list[torch.Tensor], mels: list[torch.Tensor], ratio: int = 4):
+    """Right-padded (B, T) codes, their lengths and (B, ratio·T, mel bins) target mels."""
+    lengths = torch.tensor([codes[i].numel() for i in ids])
+    token = torch.zeros(len(ids), int(lengths.max()), dtype=torch.long)
+    feat = torch.zeros(len(ids), ratio * int(lengths.max()), mels[ids[0]].shape[1])
+    for row, i in enumerate(ids):
+        token[row, : codes[i].numel()] = codes[i]
+        feat[row, : mels[i].shape[0]] = mels[i]
+    return token, lengths, feat
+
+
+@torch.no_grad()
+def validation_loss(codec: MossSpeechCodecModel, codes, mels, batch_size: int) -> float:
+    """Mean flow-matching loss on held-out rows with fixed randomness (comparable across runs)."""
+    was_training = codec.flow.training
+    codec.flow.eval()
+    generator = torch.Generator().manual_seed(1234)
+    losses = []
+    for start in range(0, len(codes), batch_size):
+        ids = list(range(start, min(start + batch_size, len(codes))))
+        token, lengths, feat = collate(ids, codes, mels, codec.config.flow_config.token_mel_ratio)
+        losses.append(float(codec.flow.compute_loss(token, lengths, feat, generator=generator)))
+    codec.flow.train(was_training)
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance between two strings."""
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
+def recognition(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Exact-match accuracy and character error rate of transcriptions."""
+    exact = sum(h.strip() == r.strip() for h, r in zip(hypotheses, references))
+    errors = sum(edit_distance(r.strip(), h.strip()) for h, r in zip(hypotheses, references))
+    chars = sum(len(r.strip()) for r in references)
+    return {"accuracy": round(exact / max(1, len(references)), 4), "cer": round(errors / max(1, chars), 4)}
+
+
+@torch.no_grad()
+def round_trip(codec: MossSpeechCodecModel, rows: list[Utterance], mels: list[torch.Tensor], voice_prompt) -> dict:
+    """encode → decode → 16 kHz → CTC transcription, against the transcription of the original audio; plus the
+    vocoder alone on each utterance's own mel (the ceiling a perfect flow would reach with this vocoder)."""
+    codec.eval()
+    rate = codec.config.output_sampling_rate
+
+    def to_16k(waveforms: torch.Tensor, lengths: torch.Tensor) -> list[np.ndarray]:
+        return [torchaudio.functional.resample(waveforms[i, : int(n)], rate, 16000).numpy()
+                for i, n in enumerate(lengths)]
+
+    waves = [r.waveform for r in rows]
+    codes = codec.encode(waves, sampling_rate=16000).codes
+    speech = codec.decode(codes, voice_prompt=voice_prompt)
+    vocoded = [to_16k(*codec.vocoder(mel.T[None].to(codec.device), None)) for mel in mels if mel.shape[0]]
+    references = [r.text for r in rows]
+    original = codec.transcribe(waves, sampling_rate=16000)
+    roundtrip = codec.transcribe(to_16k(speech.waveforms, speech.lengths), sampling_rate=16000)
+    vocoder_only = codec.transcribe([w[0] for w in vocoded], sampling_rate=16000)
+    kept = [r for r, mel in zip(references, mels) if mel.shape[0]]
+    return {"utterances": len(rows), "original": recognition(original, references),
+            "roundtrip": recognition(roundtrip, references), "vocoder_only": recognition(vocoder_only, kept),
+            "examples": [{"reference": r, "original": o, "roundtrip": d}
+                         for r, o, d in list(zip(references, original, roundtrip))[:5]]}
+
+
+def pick_voice_rows(rows: list[Utterance], max_seconds: float = 4.0) -> dict[str, Utterance]:
+    """One utterance each for the canonical voice, a female and a male training voice (espeak `+f*` / `+m*`
+    variants): the longest row under `max_seconds`, a question if the voice has any (more phonetic variety)."""
+    def best(candidates: list[Utterance]) -> Utterance | None:
+        short = [r for r in candidates if r.waveform.size <= max_seconds * 16000] or candidates
+        questions = [r for r in short if r.kind == "question"]
+        pool = questions or short
+        return max(pool, key=lambda r: r.waveform.size) if pool else None
+
+    picked = {}
+    canonical = [r for r in rows if r.canonical]
+    if canonical:
+        picked["canonical"] = best(canonical)
+    others = sorted({r.voice for r in rows if not r.canonical})
+    for name, marker in (("female", "+f"), ("male", "+m")):
+        voice = next((v for v in others if marker in v), None)
+        if voice is not None:
+            picked[name] = best([r for r in rows if r.voice == voice and not r.canonical])
+    return {name: row for name, row in picked.items() if row is not None}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--codec", required=True, help="codec directory with a trained tokenizer (save_pretrained)")
+    parser.add_argument("--corpus", required=True, help="DatasetDict directory from processing/synthesize_espeak.py")
+    parser.add_argument("--output", required=True, help="where the codec with the trained decoder is saved")
+    parser.add_argument("--config", default=None,
+                        help="JSON whose flow_config / vocoder_config / vocoder_type / griffin_lim_iters / "
+                             "speaker_config replace the codec's (e.g. training/configs/nano_codec.json)")
+    parser.add_argument("--vocoder-type", default="griffin_lim", choices=("griffin_lim", "hift"),
+                        help="vocoder of the saved codec (HiFT is not trained here)")
+    parser.add_argument("--max-steps", type=int, default=100_000)
+    parser.add_argument("--max-minutes", type=float, default=None, help="budget of the training loop")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--canonical-weight", type=int, default=2, help="draws of each canonical-voice row per epoch")
+    parser.add_argument("--max-train-examples", type=int, default=None, help="random subset of train (smoke runs)")
+    parser.add_argument("--eval-examples", type=int, default=20)
+    parser.add_argument("--save-voices", default=None, help="directory for canonical/female/male voice prompts")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=50)
+    args = parser.parse_args(argv)
+    for name in ("max_steps", "batch_size", "canonical_weight", "log_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise ValueError(f"--max-minutes must be positive, got {args.max_minutes}.")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rng = random.Random(args.seed)
+    started = time.monotonic()
+
+    codec = build_codec(args.codec, args.config, args.vocoder_type, args.seed)
+    train_rows = read_split(args.corpus, "train", args.max_train_examples, args.seed)
+    eval_rows = read_split(args.corpus, "validation", args.eval_examples, args.seed)
+    codes, mels = decoder_targets(codec, train_rows)
+    eval_codes, eval_mels = decoder_targets(codec, eval_rows)
+    usable = [i for i, c in enumerate(codes) if c.numel() > 0]
+    index = [i for i in usable for _ in range(args.canonical_weight if train_rows[i].canonical else 1)]
+    if not index:
+        raise ValueError(f"{args.corpus}: no usable training utterance (all shorter than one code).")
+    lengths = [c.numel() for c in codes]
+    prep_minutes = (time.monotonic() - started) / 60
+    logger.info("%d training utterances (%d canonical, drawn x%d), %.1f min of audio; prep %.1f min",
+                len(usable), sum(train_rows[i].canonical for i in usable), args.canonical_weight,
+                sum(lengths[i] for i in usable) / 12.5 / 60, prep_minutes)
+
+    flow = codec.flow.train()
+    params = [p for p in flow.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay, betas=(0.9, 0.98))
+    budget = 60 * args.max_minutes if args.max_minutes else math.inf
+    generator = torch.Generator().manual_seed(args.seed)
+    loop_start = time.monotonic()
+    step, recent, history = 0, [], []
+    progress = tqdm(total=args.max_steps if budget == math.inf else None, desc="flow")
+    done = False
+    while not done:
+        for ids in make_batches(index, lengths, args.batch_size, rng):
+            elapsed = time.monotonic() - loop_start
+            fraction = max(step / args.max_steps, elapsed / budget)
+            if fraction >= 1.0:
+                done = True
+                break
+            # Warmup, then cosine decay over whichever budget (steps or minutes) runs out first.
+            scale = min(1.0, (step + 1) / max(1, args.warmup_steps)) * 0.5 * (1 + math.cos(math.pi * fraction))
+            for group in optimizer.param_groups:
+                group["lr"] = args.learning_rate * scale
+            token, token_len, feat = collate(ids, codes, mels, codec.config.flow_config.token_mel_ratio)
+            loss = flow.compute_loss(token, token_len, feat, generator=generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            step += 1
+            recent = (recent + [loss.item()])[-args.log_every :]
+            progress.update(1)
+            if step % args.log_every == 0:
+                mean = float(np.mean(recent))
+                progress.set_postfix(loss=f"{mean:.3f}", lr=f"{args.learning_rate * scale:.2e}")
+                history.append({"step": step, "loss": round(mean, 4), "minutes": round(elapsed / 60, 2)})
+                logger.info("step %d loss %.4f lr %.2e", step, mean, args.learning_rate * scale)
+    progress.close()
+    train_minutes = (time.monotonic() - loop_start) / 60
+
+    codec.eval()
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    codec.save_pretrained(args.output)
+    voices = pick_voice_rows(train_rows)
+    prompts = {name: codec.voice_prompt(row.waveform, sampling_rate=16000) for name, row in voices.items()}
+    if args.save_voices:
+        Path(args.save_voices).mkdir(parents=True, exist_ok=True)
+        for name, prompt in prompts.items():
+            row = voices[name]
+            prompt.metadata.update({"voice": row.voice, "utt_id": row.utt_id, "text": row.text})
+            prompt.save(str(Path(args.save_voices) / f"{name}.safetensors"))
+    summary = {
+        "steps": step,
+        "minutes": round(train_minutes, 2),
+        "prep_minutes": round(prep_minutes, 2),
+        "final_loss": round(float(np.mean(recent)), 4) if recent else None,
+        "validation_loss": round(validation_loss(codec, eval_codes, eval_mels, args.batch_size), 4),
+        "train_utterances": len(usable),
+        "flow_parameters": sum(p.numel() for p in flow.parameters()),
+        "codec_parameters": sum(p.numel() for p in codec.parameters()),
+        "vocoder_type": codec.config.vocoder_type,
+        "history": history,
+        "output": args.output,
+        "voices": {name: {"voice": row.voice, "utt_id": row.utt_id, "text": row.text} for name, row in voices.items()},
+    }
+    if getattr(codec, "can_transcribe", False) and eval_rows:
+        summary["round_trip"] = round_trip(codec, eval_rows, eval_mels, prompts.get("canonical"))
+        summary["round_trip"]["voice_prompt"] = "canonical" if "canonical" in prompts else None
+    else:
+        summary["round_trip"] = None  # no CTC recogniser in this codec: nothing to transcribe with
+    summary["total_minutes"] = round((time.monotonic() - started) / 60, 2)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
