@@ -1,0 +1,443 @@
+"""Prepare every MOSS-Speech-Nano training set from the nano corpus: codec codes once, then grids and conversations.
+
+    python processing/prepare_nano.py --corpus data/nano/corpus --codec outputs/nano/codec_tokenizer \\
+        --tokenizer outputs/nano/tokenizer --output data/nano
+
+Step 1, codes (cached): every utterance of the corpus' audio splits (`train`, `validation`, `test`, `test_seen`) is
+encoded once with the codec (`codec.encode(waveforms, 16000).codes`, batched by length) into `<output>/codes`, a
+`DatasetDict` with the corpus' columns but `codes` (list of int) instead of `audio`. A rerun reuses it while the
+codec's weights and the corpus are the same (`codes/nano_codes.json` holds their fingerprints; `--reencode` forces).
+
+Step 2, datasets (always rebuilt from the codes; only TRAIN-split utterances of TRAIN facts are ever speech,
+held-out facts appear only as text; the `test` splits are never read here). Pre-training grids: an `input_ids`
+column of `(L, 2)` grids as `[text_id, audio_id]` rows (the layout of `processing/prepare_dataset.py` and the
+processor: a text segment is its tokens with the audio pad, a speech segment is `(sosp, audio_pad)`,
+`(modality_pad, code)` per code, `(modality_pad, eosp)`), plus `form` and `utt_id` columns (not read by training):
+
+- `pretrain/speech`: each train utterance (questions, answers, canonical answers, words) alone (`speech`);
+- `pretrain/interleaved`: each train utterance as its text then its speech (`t2s`) and as its speech then its
+  text (`s2t`): ASR- and TTS-like pairs;
+- `pretrain/spoken_qa`: per train question utterance, its speech then the fact's canonical-voice answer speech
+  (`qa_s2s`) and its speech then the answer text (`qa_s2t`); per train fact `--qa-t2s-repeats` copies of the
+  question text then the canonical answer speech (`qa_t2s`);
+- `pretrain/text` (stage II's text mix, text-only): every fact (train AND held-out) as the T->T chat the processor
+  builds (`training_rows`: user question, default text system turn, assistant answer) (`chat_t2t`), and as the plain
+  line question, answer, `<|endoftext|>` (`plain_t2t`) — the forms the text model was trained on;
+- `pretrain/eval`: the `validation` split (held-out facts, dev voice) as `speech`, `t2s`, `s2t` and `qa_s2t`;
+- `pretrain/text_eval`: the `chat_t2t` grids of the held-out facts.
+
+SFT conversations (`<output>/sft`, a `DatasetDict` with `train` and `validation`), in the column layout of
+`processing/prepare_dataset.py --mode sft` (`messages` of `{"role", "content": {"type", "text", "codes"}}`,
+`output_modality`, `question_text`, `answer_text`) plus `mode`, `fact_id`, `utt_id`:
+
+- `train`: per train question utterance of a train fact `s2s` (question speech -> canonical answer speech) and
+  `s2t` (-> answer text); per train fact `--sft-t2s-repeats` x `t2s` (question text -> canonical answer speech);
+  per fact (all facts) `--sft-t2t-repeats` x `t2t`; shuffled (seeded);
+- `validation`: `s2t` of the `validation` split's questions (held-out facts, dev voice).
+
+`<output>/prepare_nano.json` summarises counts and grid rows per dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_HERE = Path(__file__).resolve().parent
+for _path in (_HERE.parent, _HERE):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import datasets  # noqa: E402
+from build_nano_tokenizer import nano_processor, special_ids  # noqa: E402
+from prepare_dataset import load_audio_value, speech_segment_rows, text_segment_rows  # noqa: E402
+
+from modeling_moss_speech.feature_extraction_moss_speech import prepare_waveforms  # noqa: E402
+from modeling_moss_speech.modeling_moss_speech_codec import MossSpeechCodecModel  # noqa: E402
+
+AUDIO_SPLITS = ("train", "validation", "test", "test_seen")
+ROW_COLUMNS = ("utt_id", "fact_id", "category", "kind", "text", "question", "answer", "voice", "canonical")
+CODES_MANIFEST = "nano_codes.json"
+CODEC_RATE = 16000
+
+CODES_FEATURES = datasets.Features({
+    **{c: datasets.Value("string") for c in ROW_COLUMNS if c != "canonical"},
+    "canonical": datasets.Value("bool"),
+    "codes": datasets.List(datasets.Value("int32")),
+})
+GRID_FEATURES = datasets.Features({
+    "input_ids": datasets.List(datasets.List(datasets.Value("int32"), length=2)),
+    "form": datasets.Value("string"),
+    "utt_id": datasets.Value("string"),
+})
+_CONTENT = {"type": datasets.Value("string"), "text": datasets.Value("string"),
+            "codes": datasets.List(datasets.Value("int32"))}
+SFT_FEATURES = datasets.Features({
+    "messages": datasets.List({"role": datasets.Value("string"), "content": _CONTENT}),
+    "output_modality": datasets.Value("string"),
+    "question_text": datasets.Value("string"),
+    "answer_text": datasets.Value("string"),
+    "mode": datasets.Value("string"),
+    "fact_id": datasets.Value("string"),
+    "utt_id": datasets.Value("string"),
+})
+
+
+# ------------------------------------------------------------------------------------------------ corpus
+
+
+def load_corpus(path: str | os.PathLike) -> datasets.DatasetDict:
+    """The nano corpus with every audio column cast to `Audio(decode=False)` (read with soundfile, no torchcodec)."""
+    if not os.path.isdir(path):
+        raise ValueError(f"--corpus {str(path)!r} is not a directory (expected the DatasetDict written by "
+                         "processing/synthesize_espeak.py).")
+    corpus = datasets.load_from_disk(str(path))
+    if not isinstance(corpus, datasets.DatasetDict):
+        raise ValueError(f"--corpus {str(path)!r} holds a {type(corpus).__name__}, expected a DatasetDict.")
+    missing = [s for s in ("facts", "train", "validation") if s not in corpus]
+    if missing:
+        raise ValueError(f"--corpus {str(path)!r} lacks the splits {missing} (has {list(corpus)}).")
+    for name, split in corpus.items():
+        if name == "facts":
+            needed = {"fact_id", "category", "question", "answer", "fact_split"}
+        else:
+            needed = {*ROW_COLUMNS, "audio"}
+        if not needed <= set(split.column_names):
+            raise ValueError(f"corpus split {name!r} needs the columns {sorted(needed)}, has {split.column_names}.")
+    return datasets.DatasetDict({name: split.cast_column("audio", datasets.Audio(decode=False))
+                                 if "audio" in split.column_names else split for name, split in corpus.items()})
+
+
+def check_speech_only_of_train_facts(corpus: datasets.DatasetDict) -> None:
+    """Raise if a train-split utterance belongs to a held-out (or unknown) fact: held-out facts are text-only."""
+    facts = corpus["facts"]
+    split_of = dict(zip(facts["fact_id"], facts["fact_split"]))
+    for index, (fact_id, utt_id) in enumerate(zip(corpus["train"]["fact_id"], corpus["train"]["utt_id"])):
+        if fact_id and split_of.get(fact_id) != "train":
+            raise ValueError(f"corpus train split row {index} ({utt_id!r}) is speech of fact {fact_id!r}, whose split "
+                             f"is {split_of.get(fact_id)!r}: only train facts may appear as speech in training.")
+
+
+# ------------------------------------------------------------------------------------------------ codes
+
+
+def codec_fingerprint(codec_dir: str | os.PathLike) -> str:
+    """sha256 of the codec directory's config and weight files (what decides its codes)."""
+    digest = hashlib.sha256()
+    names = sorted(n for n in os.listdir(codec_dir) if n.endswith((".json", ".safetensors", ".bin")))
+    if not names:
+        raise ValueError(f"--codec {str(codec_dir)!r} holds no config or weights.")
+    for name in names:
+        digest.update(name.encode())
+        with open(os.path.join(codec_dir, name), "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def corpus_fingerprint(corpus: datasets.DatasetDict) -> dict[str, str]:
+    """The datasets fingerprint of every audio split (changes when the corpus is rebuilt)."""
+    return {name: split._fingerprint for name, split in corpus.items() if name in AUDIO_SPLITS}
+
+
+@torch.inference_mode()
+def encode_split(split: datasets.Dataset, codec: MossSpeechCodecModel, batch_size: int = 64, chunk: int = 1024,
+                 name: str = "split", progress: bool = True) -> list[list[int]]:
+    """Codes of every row's audio, in row order; rows are read `chunk` at a time and encoded sorted by length."""
+    from tqdm.auto import tqdm
+
+    out: list[list[int] | None] = [None] * len(split)
+    bar = tqdm(total=len(split), desc=f"encode {name}", unit="utt", disable=not progress)
+    for start in range(0, len(split), chunk):
+        rows = split.select(range(start, min(start + chunk, len(split))))
+        waveforms = []
+        for offset, value in enumerate(rows["audio"]):
+            waveform, rate = load_audio_value(value, f"{name} row {start + offset}")
+            if rate != CODEC_RATE:
+                (waveform,) = prepare_waveforms(waveform, rate, target_rate=CODEC_RATE)
+            waveforms.append(waveform)
+        order = sorted(range(len(waveforms)), key=lambda i: waveforms[i].numel())
+        for lo in range(0, len(order), batch_size):
+            batch = order[lo : lo + batch_size]
+            codes = codec.encode([waveforms[i] for i in batch], sampling_rate=CODEC_RATE, batch_size=batch_size).codes
+            for i, item in zip(batch, codes):
+                out[start + i] = [int(c) for c in item.tolist()]
+            bar.update(len(batch))
+    bar.close()
+    return out  # type: ignore[return-value]
+
+
+def encode_corpus(corpus: datasets.DatasetDict, codec_dir: str | os.PathLike, output: str | os.PathLike,
+                  batch_size: int = 64, reencode: bool = False, num_codes: int | None = None,
+                  progress: bool = True) -> datasets.DatasetDict:
+    """The codes `DatasetDict` of every audio split (cached in `output`, see the module docstring)."""
+    manifest = {"codec": codec_fingerprint(codec_dir), "corpus": corpus_fingerprint(corpus)}
+    manifest_path = os.path.join(output, CODES_MANIFEST)
+    if not reencode and os.path.isfile(manifest_path):
+        with open(manifest_path, encoding="utf-8") as handle:
+            if json.load(handle) == manifest:
+                print(f"prepare_nano: reusing the codes in {output}", flush=True)
+                return datasets.load_from_disk(str(output))
+    codec = MossSpeechCodecModel.from_pretrained(str(codec_dir)).eval()
+    vocab = codec.config.encoder_config.quantize_vocab_size
+    if num_codes is not None and vocab > num_codes:
+        raise ValueError(f"the codec at {str(codec_dir)!r} has {vocab} codes, more than the {num_codes} the nano "
+                         "model's audio vocabulary holds.")
+    splits = {}
+    for name in AUDIO_SPLITS:
+        if name not in corpus:
+            continue
+        split = corpus[name]
+        codes = encode_split(split, codec, batch_size=batch_size, name=name, progress=progress)
+        columns = {c: split[c] for c in ROW_COLUMNS}
+        splits[name] = datasets.Dataset.from_dict({**columns, "codes": codes}, features=CODES_FEATURES)
+    result = datasets.DatasetDict(splits)
+    tmp = f"{output}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    result.save_to_disk(tmp)
+    with open(os.path.join(tmp, CODES_MANIFEST), "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=2)
+    shutil.rmtree(output, ignore_errors=True)
+    os.rename(tmp, output)
+    return datasets.load_from_disk(str(output))
+
+
+# ------------------------------------------------------------------------------------------------ grids
+
+
+class GridMaker:
+    """Pre-training grids and SFT messages with the processor's special ids and tokenizer."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self._cache: dict[str, list[list[int]]] = {}
+
+    def text(self, text: str) -> list[list[int]]:
+        """Rows of a text segment (tokenized alone, surrounding whitespace stripped)."""
+        text = text.strip()
+        if not text:
+            raise ValueError("a text segment is empty.")
+        if text not in self._cache:
+            ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+            self._cache[text] = text_segment_rows(ids, self.processor)
+        return self._cache[text]
+
+    def speech(self, codes: Sequence[int]) -> list[list[int]]:
+        """Rows of a speech segment."""
+        if len(codes) == 0:
+            raise ValueError("a speech segment has no codes.")
+        return speech_segment_rows(codes, self.processor)
+
+    def eos(self) -> list[list[int]]:
+        """One `(<|endoftext|>, audio_pad)` row."""
+        return [[self.processor.text_pad_token_id, self.processor.audio_pad_token_id]]
+
+    def chat_t2t(self, question: str, answer: str) -> list[list[int]]:
+        """The T->T training conversation exactly as the processor lays it out (`training_rows`)."""
+        (item,) = self.processor.training_rows(
+            [[{"role": "user", "content": question}, {"role": "assistant", "content": answer}]],
+            output_modality="text")
+        return item["input_ids"].tolist()
+
+
+def _grid(rows: list[list[int]], form: str, utt_id: str) -> dict[str, Any]:
+    return {"input_ids": rows, "form": form, "utt_id": utt_id}
+
+
+def _dataset(examples: list[dict[str, Any]], features: datasets.Features) -> datasets.Dataset:
+    if not examples:
+        raise ValueError("a prepared dataset would be empty: the corpus lacks the rows it is made of.")
+    return datasets.Dataset.from_dict({c: [e[c] for e in examples] for c in features}, features=features)
+
+
+def canonical_answers(train: datasets.Dataset) -> dict[str, list[int]]:
+    """fact_id -> codes of its canonical-voice answer (the assistant's voice) in the train split."""
+    out: dict[str, list[int]] = {}
+    for row in train:
+        if row["kind"] == "answer" and row["canonical"] and row["fact_id"] and row["fact_id"] not in out:
+            out[row["fact_id"]] = row["codes"]
+    return out
+
+
+def pretrain_datasets(codes: datasets.DatasetDict, facts: list[dict], maker: GridMaker,
+                      qa_t2s_repeats: int = 3) -> dict[str, datasets.Dataset]:
+    """The pre-training grid datasets (see the module docstring), by name."""
+    train, validation = codes["train"], codes["validation"]
+    canon = canonical_answers(train)
+    by_id = {f["fact_id"]: f for f in facts}
+    speech, interleaved, spoken_qa = [], [], []
+    for row in train:
+        rows = maker.speech(row["codes"])
+        speech.append(_grid(rows, "speech", row["utt_id"]))
+        interleaved.append(_grid(maker.text(row["text"]) + rows, "t2s", row["utt_id"]))
+        interleaved.append(_grid(rows + maker.text(row["text"]), "s2t", row["utt_id"]))
+        if row["kind"] == "question" and row["fact_id"] in canon:
+            spoken_qa.append(_grid(rows + maker.speech(canon[row["fact_id"]]), "qa_s2s", row["utt_id"]))
+            spoken_qa.append(_grid(rows + maker.text(row["answer"]), "qa_s2t", row["utt_id"]))
+    for fact_id, answer_codes in sorted(canon.items()):
+        grid = maker.text(by_id[fact_id]["question"]) + maker.speech(answer_codes)
+        spoken_qa += [_grid(grid, "qa_t2s", fact_id)] * qa_t2s_repeats
+
+    text = []
+    for fact in facts:
+        text.append(_grid(maker.chat_t2t(fact["question"], fact["answer"]), "chat_t2t", fact["fact_id"]))
+        text.append(_grid(maker.text(fact["question"]) + maker.text(fact["answer"]) + maker.eos(), "plain_t2t",
+                          fact["fact_id"]))
+    evaluation = []
+    for row in validation:
+        rows = maker.speech(row["codes"])
+        evaluation.append(_grid(rows, "speech", row["utt_id"]))
+        evaluation.append(_grid(maker.text(row["text"]) + rows, "t2s", row["utt_id"]))
+        evaluation.append(_grid(rows + maker.text(row["text"]), "s2t", row["utt_id"]))
+        if row["kind"] == "question":
+            evaluation.append(_grid(rows + maker.text(row["answer"]), "qa_s2t", row["utt_id"]))
+    text_eval = [_grid(maker.chat_t2t(f["question"], f["answer"]), "chat_t2t", f["fact_id"])
+                 for f in facts if f["fact_split"] == "heldout"]
+    named = {"speech": speech, "interleaved": interleaved, "spoken_qa": spoken_qa, "text": text, "eval": evaluation,
+             "text_eval": text_eval}
+    return {name: _dataset(examples, GRID_FEATURES) for name, examples in named.items()}
+
+
+def _message(role: str, text: str | None = None, codes: list[int] | None = None) -> dict[str, Any]:
+    if codes is not None:
+        return {"role": role, "content": {"type": "audio", "text": None, "codes": list(codes)}}
+    return {"role": role, "content": {"type": "text", "text": text, "codes": None}}
+
+
+def _conversation(mode: str, question: str, answer: str, fact_id: str, utt_id: str,
+                  question_codes: list[int] | None = None, answer_codes: list[int] | None = None) -> dict[str, Any]:
+    user = _message("user", codes=question_codes) if mode[0] == "s" else _message("user", text=question)
+    spoken = mode[-1] == "s"
+    assistant = _message("assistant", codes=answer_codes) if spoken else _message("assistant", text=answer)
+    return {"messages": [user, assistant], "output_modality": "audio" if spoken else "text", "question_text": question,
+            "answer_text": answer, "mode": mode, "fact_id": fact_id, "utt_id": utt_id}
+
+
+def sft_datasets(codes: datasets.DatasetDict, facts: list[dict], t2s_repeats: int = 4, t2t_repeats: int = 4,
+                 seed: int = 0) -> datasets.DatasetDict:
+    """The SFT conversations in the four modes (see the module docstring)."""
+    train_split, validation = codes["train"], codes["validation"]
+    canon = canonical_answers(train_split)
+    by_id = {f["fact_id"]: f for f in facts}
+    train = []
+    for row in train_split:
+        if row["kind"] != "question" or row["fact_id"] not in canon:
+            continue
+        fact = by_id[row["fact_id"]]
+        train.append(_conversation("s2s", fact["question"], fact["answer"], fact["fact_id"], row["utt_id"],
+                                   question_codes=row["codes"], answer_codes=canon[fact["fact_id"]]))
+        train.append(_conversation("s2t", fact["question"], fact["answer"], fact["fact_id"], row["utt_id"],
+                                   question_codes=row["codes"]))
+    for fact in facts:
+        if fact["fact_id"] in canon:
+            train += [_conversation("t2s", fact["question"], fact["answer"], fact["fact_id"], "",
+                                    answer_codes=canon[fact["fact_id"]])] * t2s_repeats
+        train += [_conversation("t2t", fact["question"], fact["answer"], fact["fact_id"], "")] * t2t_repeats
+    random.Random(seed).shuffle(train)
+    valid = [_conversation("s2t", by_id[row["fact_id"]]["question"], by_id[row["fact_id"]]["answer"],
+                           row["fact_id"], row["utt_id"], question_codes=row["codes"])
+             for row in validation if row["kind"] == "question" and row["fact_id"] in by_id]
+    return datasets.DatasetDict({"train": _dataset(train, SFT_FEATURES), "validation": _dataset(valid, SFT_FEATURES)})
+
+
+def _summary(data: datasets.Dataset) -> dict[str, Any]:
+    if "input_ids" in data.column_names:
+        lengths = [len(g) for g in data["input_ids"]]
+        return {"examples": len(data), "rows": sum(lengths), "max_rows": max(lengths),
+                "forms": dict(sorted(Counter(data["form"]).items()))}
+    return {"examples": len(data), "modes": dict(sorted(Counter(data["mode"]).items()))}
+
+
+def _save(data: datasets.Dataset | datasets.DatasetDict, path: str) -> None:
+    tmp = f"{path}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    data.save_to_disk(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.rename(tmp, path)
+
+
+def prepare(corpus: str | os.PathLike, codec: str | os.PathLike, tokenizer: str | os.PathLike | Any,
+            output: str | os.PathLike, batch_size: int = 64, reencode: bool = False, qa_t2s_repeats: int = 3,
+            sft_t2s_repeats: int = 4, sft_t2t_repeats: int = 4, seed: int = 0,
+            progress: bool = True) -> dict[str, Any]:
+    """Run both steps (module docstring); returns the summary also written to `<output>/prepare_nano.json`."""
+    from transformers import AutoTokenizer
+
+    for name, value in (("qa_t2s_repeats", qa_t2s_repeats), ("sft_t2s_repeats", sft_t2s_repeats),
+                        ("sft_t2t_repeats", sft_t2t_repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    processor = nano_processor(tokenizer)
+    start = time.monotonic()
+    data = load_corpus(corpus)
+    check_speech_only_of_train_facts(data)
+    facts = data["facts"].to_list()
+    os.makedirs(output, exist_ok=True)
+    codes = encode_corpus(data, codec, os.path.join(output, "codes"), batch_size=batch_size, reencode=reencode,
+                          num_codes=processor.num_codes, progress=progress)
+    encoded = time.monotonic()
+
+    maker = GridMaker(processor)
+    summary: dict[str, Any] = {"special_ids": special_ids(tokenizer), "datasets": {}}
+    for name, dataset in pretrain_datasets(codes, facts, maker, qa_t2s_repeats).items():
+        path = os.path.join(output, "pretrain", name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _save(dataset, path)
+        summary["datasets"][f"pretrain/{name}"] = _summary(dataset)
+    sft = sft_datasets(codes, facts, sft_t2s_repeats, sft_t2t_repeats, seed)
+    _save(sft, os.path.join(output, "sft"))
+    for split, dataset in sft.items():
+        summary["datasets"][f"sft/{split}"] = _summary(dataset)
+    summary["codes"] = {name: {"utterances": len(split), "codes": sum(len(c) for c in split["codes"])}
+                        for name, split in codes.items()}
+    summary["seconds"] = {"encode": round(encoded - start, 1), "total": round(time.monotonic() - start, 1)}
+    with open(os.path.join(output, "prepare_nano.json"), "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=2)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Command line (see the module docstring); prints and returns the summary."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", default="data/nano/corpus", help="The nano corpus (synthesize_espeak.py).")
+    parser.add_argument("--codec", required=True, help="Codec directory (MossSpeechCodecModel.from_pretrained).")
+    parser.add_argument("--tokenizer", default="outputs/nano/tokenizer", help="The nano tokenizer directory.")
+    parser.add_argument("--output", default="data/nano", help="Output directory (codes/, pretrain/, sft/).")
+    parser.add_argument("--batch-size", type=int, default=64, help="Utterances per codec call.")
+    parser.add_argument("--reencode", action="store_true", help="Encode again even if the cached codes match.")
+    parser.add_argument("--qa-t2s-repeats", type=int, default=3, help="Copies of each question-text -> answer-speech "
+                                                                      "pre-training sequence.")
+    parser.add_argument("--sft-t2s-repeats", type=int, default=4, help="Copies of each T->S conversation.")
+    parser.add_argument("--sft-t2t-repeats", type=int, default=4, help="Copies of each T->T conversation.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the SFT shuffle.")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
+    parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    summary = prepare(args.corpus, args.codec, args.tokenizer, args.output, batch_size=args.batch_size,
+                      reencode=args.reencode, qa_t2s_repeats=args.qa_t2s_repeats,
+                      sft_t2s_repeats=args.sft_t2s_repeats, sft_t2t_repeats=args.sft_t2t_repeats, seed=args.seed,
+                      progress=not args.no_progress)
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""The MOSS-Speech-Nano LLM pipeline on a tiny synthetic world: tokenizer, text model, prepare_nano, and the data
+it writes driving training/pretrain.py (stage I frozen, stage II with text mix) and training/sft.py.
+
+Random audio and a tiny random codec stand in for espeak-ng and the trained nano codec: the formats are checked,
+not what the models learn.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+from test_codec import tiny_codec_config
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from modeling_moss_speech import MossSpeechCodecModel, MossSpeechForCausalLM, MossSpeechProcessor
+
+ROOT = Path(__file__).resolve().parents[1]
+for _path in (ROOT / "processing", ROOT / "training"):
+    sys.path.insert(0, str(_path))
+import assemble_nano  # noqa: E402
+import build_nano_tokenizer  # noqa: E402
+import prepare_nano  # noqa: E402
+import pretrain  # noqa: E402
+import train_text_model  # noqa: E402
+
+FACTS = [
+    ("addition-000", "addition", "what is one plus one", "two", "train"),
+    ("addition-001", "addition", "what is one plus two", "three", "heldout"),
+    ("addition-002", "addition", "what is two plus two", "four", "train"),
+    ("capital-000", "capital", "what is the capital of france", "paris", "train"),
+    ("capital-001", "capital", "what is the capital of italy", "rome", "heldout"),
+    ("colour-000", "colour", "what colour is the sky", "blue", "train"),
+]
+VOICES = ("en-us+f1", "en-us+m3")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _flac(seconds: float, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    sf.write(buffer, (0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32), 16000, format="FLAC")
+    return buffer.getvalue()
+
+
+def tiny_corpus(path: Path) -> str:
+    """A corpus in synthesize_espeak.py's layout: facts, train (train facts + words), validation (held-out)."""
+    facts = [dict(zip(("fact_id", "category", "question", "answer", "fact_split"), f)) for f in FACTS]
+    rows: dict[str, list[dict]] = {"train": [], "validation": []}
+
+    def row(split: str, fact: dict | None, kind: str, voice: str, word: str = "", canonical: bool = False) -> None:
+        text = word if kind == "word" else fact[kind]
+        index = len(rows["train"]) + len(rows["validation"])
+        rows[split].append({
+            "utt_id": f"{fact['fact_id'] if fact else 'word/' + word}/{kind}/{voice}",
+            "fact_id": fact["fact_id"] if fact else "", "category": fact["category"] if fact else "", "kind": kind,
+            "text": text, "question": fact["question"] if fact else "", "answer": fact["answer"] if fact else "",
+            "voice": voice, "speed": 160, "pitch": 50, "canonical": canonical,
+            "audio": {"bytes": _flac(0.2 + 0.05 * len(text.split()), index), "path": None}})
+
+    for fact in facts:
+        if fact["fact_split"] == "train":
+            for voice in VOICES:
+                row("train", fact, "question", voice)
+                row("train", fact, "answer", voice)
+            row("train", fact, "answer", "en-us", canonical=True)
+        else:
+            row("validation", fact, "question", "en+m2")
+    for word in ("one", "two", "rome", "italy"):
+        row("train", None, "word", VOICES[0], word=word)
+    splits = {"facts": datasets.Dataset.from_list(facts)}
+    for name, items in rows.items():
+        splits[name] = datasets.Dataset.from_list(items).cast_column("audio", datasets.Audio(sampling_rate=16000))
+    datasets.DatasetDict(splits).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, str]:
+    """Corpus, tokenizer (+ processor files), a random codec and prepare_nano's output, built once."""
+    root = tmp_path_factory.mktemp("nano")
+    corpus = tiny_corpus(root / "corpus")
+    build_nano_tokenizer.build(corpus, root / "tokenizer")
+    torch.manual_seed(0)
+    MossSpeechCodecModel(tiny_codec_config()).save_pretrained(root / "codec")
+    summary = prepare_nano.prepare(corpus, root / "codec", root / "tokenizer", root / "data", batch_size=4,
+                                   progress=False)
+    return {"root": str(root), "corpus": corpus, "tokenizer": str(root / "tokenizer"), "codec": str(root / "codec"),
+            "data": str(root / "data"), "summary": summary}
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def test_tokenizer_roles_ids_and_roundtrip(world):
+    tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
+    ids = build_nano_tokenizer.special_ids(tokenizer)
+    assert [ids[k] for k in ("pad_token_id", "im_start_token_id", "im_end_token_id", "sosp_token_id",
+                             "modality_pad_token_id")] == [0, 1, 2, 3, 4]
+    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.eos_token == "<|im_end|>"
+    assert 256 < len(tokenizer) <= build_nano_tokenizer.DEFAULT_VOCAB_SIZE
+    for _, _, question, answer, _ in FACTS:
+        for text in (question, answer):
+            assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    # a segment's first word and a later word are single tokens in both forms (the world's words are merged whole)
+    assert len(tokenizer("paris", add_special_tokens=False)["input_ids"]) == 1
+    assert len(tokenizer("the capital", add_special_tokens=False)["input_ids"]) == 2
+    # bytes outside the world still encode (byte-level BPE)
+    assert tokenizer.decode(tokenizer("Zürich?", add_special_tokens=False)["input_ids"]) == "Zürich?"
+
+    processor = MossSpeechProcessor.from_pretrained(world["tokenizer"])
+    assert (processor.sosp_token_id, processor.modality_pad_token_id, processor.text_pad_token_id,
+            processor.eosp_token_id, processor.audio_pad_token_id, processor.num_codes) == (3, 4, 0, 512, 513, 512)
+    grid = processor([{"role": "user", "content": {"type": "audio", "codes": [5, 6]}}], output_modality="audio")
+    rows = grid["input_ids"][0].tolist()
+    assert rows[-1] == [3, 513] and [4, 5] in rows and [4, 512] in rows
+
+
+def test_tokenizer_rejects_bad_input():
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_nano_tokenizer.train_tokenizer(["a b"], vocab_size=100)
+    with pytest.raises(ValueError, match="non-empty"):
+        build_nano_tokenizer.world_texts(["what"], [""])
+
+
+# ------------------------------------------------------------------------------------------------ prepare_nano
+
+
+def test_prepare_nano_formats(world):
+    data = Path(world["data"])
+    summary = world["summary"]
+    codes = datasets.load_from_disk(str(data / "codes"))
+    assert set(codes) == {"train", "validation"} and "codes" in codes["train"].column_names
+    processor = MossSpeechProcessor.from_pretrained(world["tokenizer"])
+    heldout = {f[0] for f in FACTS if f[4] == "heldout"}
+
+    speech = datasets.load_from_disk(str(data / "pretrain" / "speech"))
+    assert len(speech) == len(codes["train"])
+    first = speech[0]["input_ids"]
+    assert first[0] == [3, 513] and first[-1] == [4, 512] and all(r[0] == 4 for r in first[1:])
+    interleaved = datasets.load_from_disk(str(data / "pretrain" / "interleaved"))
+    assert sorted(set(interleaved["form"])) == ["s2t", "t2s"] and len(interleaved) == 2 * len(codes["train"])
+    spoken = datasets.load_from_disk(str(data / "pretrain" / "spoken_qa"))
+    # 4 train facts x 2 voices; question text -> canonical answer speech 3 times per train fact
+    assert summary["datasets"]["pretrain/spoken_qa"]["forms"] == {"qa_s2s": 8, "qa_s2t": 8, "qa_t2s": 12}
+    s2s = spoken[spoken["form"].index("qa_s2s")]["input_ids"]
+    assert sum(r == [3, 513] for r in s2s) == 2 and s2s[-1] == [4, 512]
+    # only train facts are ever speech; held-out facts are text only (text mix, T->T conversations)
+    for name in ("speech", "interleaved", "spoken_qa"):
+        utts = datasets.load_from_disk(str(data / "pretrain" / name))["utt_id"]
+        assert not any(u.split("/")[0] in heldout for u in utts), name
+    text = datasets.load_from_disk(str(data / "pretrain" / "text"))
+    assert len(text) == 2 * len(FACTS)
+    assert not any(r[0] == 4 for g in text["input_ids"] for r in g)  # text-only: no speech row
+
+    # the chat T->T grid is exactly the processor's training layout
+    chat = [g for g, f, u in zip(text["input_ids"], text["form"], text["utt_id"]) if f == "chat_t2t"
+            and u == "capital-001"][0]
+    (expected,) = processor.training_rows([[{"role": "user", "content": "what is the capital of italy"},
+                                            {"role": "assistant", "content": "rome"}]])
+    assert chat == expected["input_ids"].tolist()
+
+    sft = datasets.load_from_disk(str(data / "sft"))
+    modes = summary["datasets"]["sft/train"]["modes"]
+    assert modes == {"s2s": 8, "s2t": 8, "t2s": 16, "t2t": 24}
+    for example in sft["train"]:
+        if example["mode"][0] == "s" or example["mode"][-1] == "s":
+            assert example["fact_id"] not in heldout
+    assert set(sft["validation"]["mode"]) == {"s2t"} and set(sft["validation"]["fact_id"]) == heldout
+    s2s = next(e for e in sft["train"] if e["mode"] == "s2s")
+    assert s2s["output_modality"] == "audio" and s2s["messages"][1]["content"]["codes"]
+    # the SFT collator reads the conversations as they are
+    from modeling_moss_speech.training_utils import MossSpeechDataCollator
+    batch = MossSpeechDataCollator(processor)(list(sft["train"].select(range(4))))
+    assert batch["input_ids"].shape[0] == 4 and (batch["labels"] != -100).any()
+
+
+def test_prepare_nano_reuses_the_codes_and_rejects_speech_of_heldout_facts(world, tmp_path, capsys):
+    codes_dir = Path(world["data"]) / "codes"
+    before = (codes_dir / "nano_codes.json").stat().st_mtime_ns
+    prepare_nano.prepare(world["corpus"], world["codec"], world["tokenizer"], world["data"], progress=False)
+    assert "reusing the codes" in capsys.readouterr().out
+    assert (codes_dir / "nano_codes.json").stat().st_mtime_ns == before
+
+    corpus = datasets.load_from_disk(world["corpus"])
+    leaked = corpus["validation"].select([0])
+    bad = datasets.DatasetDict({**corpus, "train": datasets.concatenate_datasets([corpus["train"], leaked])})
+    bad.save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="only train facts may appear as speech"):
+        prepare_nano.prepare(tmp_path / "bad", world["codec"], world["tokenizer"], tmp_path / "out", progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def load_sft_script():
+    spec = importlib.util.spec_from_file_location("moss_speech_sft_script_nano", ROOT / "training" / "sft.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_text_model_then_stage1_stage2_and_sft_run_on_the_prepared_data(world, tmp_path):
+    text_dir = tmp_path / "text_model"
+    result = train_text_model.main([
+        "--corpus", world["corpus"], "--tokenizer", world["tokenizer"], "--output", str(text_dir),
+        "--max-steps", "3", "--eval-every", "0", "--log-every", "1", "--batch-size", "4", "--hidden-size", "32",
+        "--num-layers", "2", "--num-heads", "2", "--num-kv-heads", "1", "--head-dim", "16",
+        "--intermediate-size", "64", "--max-minutes", "1"])
+    assert result["step"] == 3 and result["total"] == len(FACTS) and 0.0 <= result["accuracy"] <= 1.0
+    assert set(result["by_split"]) == {"train", "heldout"}
+    assert (text_dir / "model.safetensors").is_file() and (text_dir / "text_eval.json").is_file()
+    text_model = AutoModelForCausalLM.from_pretrained(text_dir)
+    assert text_model.config.model_type == "qwen3" and not text_model.config.tie_word_embeddings
+    assert AutoTokenizer.from_pretrained(text_dir).pad_token_id == 0
+
+    # the recipe yamls, with paths and sizes pointed at the tiny world
+    data = Path(world["data"])
+    stage1 = yaml.safe_load((ROOT / "training" / "configs" / "nano.yaml").read_text())
+    ids = build_nano_tokenizer.special_ids(AutoTokenizer.from_pretrained(world["tokenizer"]))
+    assert {k: stage1["config_overrides"][k] for k in stage1["config_overrides"]} == {
+        k: ids[k] for k in ("sosp_token_id", "modality_pad_token_id", "pad_token_id", "eosp_token_id",
+                            "audio_pad_token_id")}
+    assert stage1["audio_vocab_size"] == ids["audio_vocab_size"] and stage1["stage"] == "stage1"
+    common = ["--max_steps", "2", "--per_device_batch_size", "2", "--max_length", "64", "--log_every", "1",
+              "--eval_every", "0", "--save_every", "0", "--progress_bar", "false", "--warmup_steps", "0"]
+
+    def paths(recipe: dict) -> list[str]:
+        out = []
+        for key in ("datasets", "eval_datasets"):
+            entries = []
+            for entry in recipe[key]:
+                if isinstance(entry, dict):
+                    entries.append({**entry, "path": str(data / Path(entry["path"]).relative_to("data/nano"))})
+                else:
+                    entries.append(str(data / Path(entry).relative_to("data/nano")))
+            out += [f"--{key}", json.dumps(entries)]
+        return out
+
+    s1 = pretrain.main(["--config", str(ROOT / "training" / "configs" / "nano.yaml"), *paths(stage1), *common,
+                        "--init_from_text_model", str(text_dir), "--num_shared_layers", "1",
+                        "--output_dir", str(tmp_path / "stage1")])
+    assert s1["step"] == 2 and s1["eval"]
+    model = MossSpeechForCausalLM.from_pretrained(tmp_path / "stage1")
+    assert model.config.sosp_token_id == 3 and model.config.audio_vocab_size == 520
+    # stage I froze the text backbone
+    assert torch.equal(model.model.embed_tokens.weight, text_model.model.embed_tokens.weight)
+
+    stage2 = yaml.safe_load((ROOT / "training" / "configs" / "nano_stage2.yaml").read_text())
+    assert stage2["stage"] == "stage2" and stage2["text_mix_ratio"] > 0
+    s2 = pretrain.main(["--config", str(ROOT / "training" / "configs" / "nano_stage2.yaml"), *paths(stage2),
+                        *common, "--model", str(tmp_path / "stage1"), "--output_dir", str(tmp_path / "stage2")])
+    assert s2["step"] == 2 and s2["history"][-1]["text_only_sequences"] >= 0
+
+    ablation = yaml.safe_load((ROOT / "training" / "configs" / "nano_ablation.yaml").read_text())
+    assert ablation["stage"] == "stage2" and ablation["init_from_text_model"] == stage1["init_from_text_model"]
+    assert {k: v for k, v in ablation.items() if k not in ("stage", "output_dir")} == \
+        {k: v for k, v in stage1.items() if k not in ("stage", "output_dir")}
+
+    script = load_sft_script()
+    argv = ["--config", str(ROOT / "training" / "configs" / "nano_sft.yaml"),
+            "--model_name_or_path", str(tmp_path / "stage2"), "--processor_name_or_path", world["tokenizer"],
+            "--dataset_name", str(data / "sft"), "--output_dir", str(tmp_path / "sft"), "--max_steps", "2",
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--logging_steps", "1",
+            "--save_strategy", "no", "--disable_tqdm", "true", "--use_cpu", "true", "--warmup_steps", "0"]
+    trainer = script.main(*script.make_parser().parse_args_and_config(argv))
+    assert trainer.state.global_step == 2
+    assert MossSpeechForCausalLM.from_pretrained(tmp_path / "sft").config.eosp_token_id == 512
+
+    # the shipped layout: LLM + processor + codec/ + voices/, loadable through the Auto classes
+    final = tmp_path / "final"
+    info = assemble_nano.assemble(tmp_path / "sft", world["tokenizer"], world["codec"], final, world["corpus"],
+                                  world["data"], voices=["en-us", VOICES[0]], voice_seconds=0.5, max_mb=None)
+    assert set(info["voices"]) == {"en-us", VOICES[0]} and (final / "codec" / "config.json").is_file()
+    from transformers import AutoProcessor
+
+    from modeling_moss_speech import MossSpeechVoicePrompt
+    processor = AutoProcessor.from_pretrained(final)
+    assert processor.codec is not None and processor.sosp_token_id == 3
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert model.generation_config.do_sample is False
+    assert MossSpeechVoicePrompt.load(str(final / "voices" / "en-us.safetensors")).tokens.numel() > 0
+    inputs = processor([{"role": "user", "content": "what is two plus two"}], output_modality="audio")
+    out = model.generate(**inputs, max_new_tokens=3)
+    assert processor.batch_decode(out, decode_audio=False)[0].codes.numel() <= 3
+    with pytest.raises(ValueError, match="not the codec the training data"):
+        other = tmp_path / "other_codec"
+        torch.manual_seed(1)
+        MossSpeechCodecModel(tiny_codec_config()).save_pretrained(other)
+        assemble_nano.assemble(tmp_path / "sft", world["tokenizer"], other, tmp_path / "bad", world["corpus"],
+                               world["data"], max_mb=None)
