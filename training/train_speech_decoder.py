@@ -79,7 +79,8 @@ def read_split(corpus: str, split: str, limit: int | None = None, seed: int = 0)
 
 def build_codec(source_dir: str, config_path: str | None, vocoder_type: str, seed: int) -> MossSpeechCodecModel:
     """The codec to train: the source codec's config with the decoder fields of `config_path` (if any) and the
-    requested vocoder; its tokenizer weights copied, and the flow's too when its shape is unchanged (resuming)."""
+    requested vocoder; its tokenizer (and any HiFT / speaker encoder) weights copied, and the flow's too when its
+    config is unchanged (continuing a training)."""
     source = MossSpeechCodecModel.from_pretrained(source_dir)
     values = source.config.to_dict()
     if config_path is not None:
@@ -94,8 +95,11 @@ def build_codec(source_dir: str, config_path: str | None, vocoder_type: str, see
         logger.info("flow: continuing from the weights in %s", source_dir)
     else:
         logger.info("flow: freshly initialised (its config differs from %s's)", source_dir)
-    if codec.speaker_encoder is not None and source.speaker_encoder is not None:
-        codec.speaker_encoder.load_state_dict(source.speaker_encoder.state_dict())
+    for name, key in (("speaker_encoder", "speaker_config"), ("hift", "vocoder_config")):
+        # Kept as they were when both codecs have them with the same config.
+        if getattr(codec, name) is not None and getattr(source, name) is not None \
+                and getattr(codec.config, key).to_dict() == getattr(source.config, key).to_dict():
+            getattr(codec, name).load_state_dict(getattr(source, name).state_dict())
     return codec
 
 
