@@ -9,6 +9,7 @@ moss-speech info DIR [--json]                                         # what a c
 moss-speech eval --corpus data/nano/corpus --split test -o results.json  # spoken-QA accuracy of a checkpoint
 moss-speech convert --model RELEASE --codec RELEASE_CODEC -o OUT      # the original release → this layout
 moss-speech push OUT org/MOSS-Speech                                  # upload with remote code and a model card
+moss-speech demo [--model DIR] [--port 7860]                          # talk to a checkpoint in the browser
 ```
 
 Errors are reported as one line on stderr (`moss-speech: error: ...`) with exit code 2; `--debug` adds the
@@ -154,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "decode codes.json --codec MOSS-Speech-Codec --voice speaker.wav -o speech/",
                          "info MOSS-Speech",
                          "convert --model MOSS-Speech --codec MOSS-Speech-Codec -o moss-speech-hf",
-                         "push moss-speech-hf your-name/MOSS-Speech")
+                         "push moss-speech-hf your-name/MOSS-Speech",
+                         "demo --model MOSS-Speech --codec MOSS-Speech-Codec")
         + "\n\nRun 'moss-speech COMMAND --help' for the options of a command.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
                         help="print the package version and exit")
@@ -333,6 +335,31 @@ def build_parser() -> argparse.ArgumentParser:
         "three?' --output-png layers.png")
     add_analyze_layers_arguments(analyze)
     analyze.set_defaults(func=_cmd_analyze_layers)
+
+    demo = command(
+        "demo", "talk to a checkpoint in the browser: a local web page with streamed spoken answers (Gradio)",
+        "Serve a web page to talk to a checkpoint: ask with the microphone, an audio file or text, get spoken answers "
+        "(played while they are generated) or written ones, in a shipped or uploaded voice, with sampling settings, "
+        "a multi-turn chat and a Stop button. Binds to this machine only unless --host says otherwise, and makes no "
+        "public link unless --share. Needs the [demo] extra (pip install 'moss-speech[demo]'), and ffmpeg to "
+        "stream speech to the browser.",
+        "demo                                 (the shipped MOSS-Speech-Nano checkpoint on http://127.0.0.1:7860)",
+        "demo --model MOSS-Speech --codec MOSS-Speech-Codec --device cuda --port 8000",
+        "demo --host 0.0.0.0 --share")
+    group = demo.add_argument_group("checkpoints")
+    group.add_argument("--model", metavar="DIR",
+                       help="language-model checkpoint directory with its processor (default: the shipped "
+                            "MOSS-Speech-Nano checkpoint); the voice prompts of its voices/ folder are offered")
+    group.add_argument("--codec", metavar="DIR", help=f"{codec_help}, overriding the codec the processor names")
+    group = demo.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", metavar="ADDR",
+                       help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every interface)")
+    group.add_argument("--port", type=_number(int, 1, 65535), default=7860, metavar="N",
+                       help="port to listen on (default: 7860)")
+    group.add_argument("--share", action="store_true",
+                       help="also open a temporary public link through Gradio's share service (off by default)")
+    _add_device_options(demo, lm=True)
+    demo.set_defaults(func=_cmd_demo)
 
     evaluate = command(
         "eval", "spoken-QA accuracy (S->T, S->S, T->S, T->T), text retention and codec round trip on a corpus split",
@@ -845,6 +872,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(format_table(results), flush=True)
     where = f"; results in {output}" if output is not None else ""
     _note(f"evaluated in {time.perf_counter() - start:.1f} s{where}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """`moss-speech demo`: load a checkpoint and serve the web demo until interrupted."""
+    from . import demo as web_demo  # Gradio is optional: imported only here
+
+    try:
+        web_demo.require_gradio()
+    except ImportError as error:
+        raise CLIError(str(error)) from error
+    model_dir = _model_dir(args.model)
+    if not (model_dir / PROCESSOR_FILE).is_file():
+        raise CLIError(f"--model: {str(model_dir)!r} has no {PROCESSOR_FILE}; the demo needs the checkpoint's "
+                       "processor beside it")
+    codec_dir = _check_checkpoint(args.codec, "--codec", CODEC_MODEL_TYPE) if args.codec is not None else None
+    device = _resolve_device(args.device)
+    start = time.perf_counter()
+    model, processor = web_demo.load_checkpoint(model_dir, codec_dir, device=device,
+                                                dtype=_resolve_dtype(args.dtype, device))
+    page = web_demo.build_demo(model, processor, voices=pretrained.shipped_voices(model_dir))
+    _note(f"loaded {model_dir} in {time.perf_counter() - start:.1f} s; serving the demo on "
+          f"http://{args.host}:{args.port} (Ctrl+C to stop)")
+    web_demo.launch_demo(page, host=args.host, port=args.port, share=args.share)
     return 0
 
 
