@@ -286,12 +286,17 @@ def test_text_model_then_stage1_stage2_and_sft_run_on_the_prepared_data(world, t
 
     # the shipped layout: LLM + processor + codec/ + voices/, loadable through the Auto classes
     final = tmp_path / "final"
-    info = assemble_nano.assemble(tmp_path / "sft", world["tokenizer"], world["codec"], final, world["corpus"],
-                                  world["data"], voices=["en-us", VOICES[0]], voice_seconds=0.5, max_mb=None)
-    assert set(info["voices"]) == {"en-us", VOICES[0]} and (final / "codec" / "config.json").is_file()
     from transformers import AutoProcessor
 
     from modeling_moss_speech import MossSpeechVoicePrompt
+    codec = MossSpeechCodecModel.from_pretrained(world["codec"])
+    (tmp_path / "voices").mkdir()
+    prompt = codec.voice_prompt(np.full(8000, 0.01, np.float32), 16000)
+    prompt.save(str(tmp_path / "voices" / "canonical.safetensors"))
+    info = assemble_nano.assemble(tmp_path / "sft", world["tokenizer"], world["codec"], final, world["corpus"],
+                                  world["data"], voices=["en-us", VOICES[0]], voice_seconds=0.5,
+                                  voices_dir=tmp_path / "voices", max_mb=None)
+    assert set(info["voices"]) == {"en-us", VOICES[0], "canonical"} and (final / "codec" / "config.json").is_file()
     processor = AutoProcessor.from_pretrained(final)
     assert processor.codec is not None and processor.sosp_token_id == 3
     model = AutoModelForCausalLM.from_pretrained(final)

@@ -6,9 +6,10 @@
 The result is the shipped layout (`modeling_moss_speech/pretrained/moss-speech-nano/`): `config.json`,
 `model.safetensors`, `generation_config.json` (greedy decoding, stop at `<|endoftext|>` / `<|im_end|>`), the
 tokenizer and `processor_config.json` (the nano special ids), the codec in `codec/` (the processor's
-CODEC_SUBFOLDER, loaded with the processor), and `voices/<voice>.safetensors` voice prompts
-(`MossSpeechVoicePrompt`) made from training-split utterances of each `--voices` voice (default: the canonical
-assistant voice `en-us`). With `--data`, the codec must be the one `processing/prepare_nano.py` encoded the
+CODEC_SUBFOLDER, loaded with the processor), and `voices/<name>.safetensors` voice prompts
+(`MossSpeechVoicePrompt`): copies of those in `--voices-dir` (e.g. `training/train_speech_decoder.py
+--save-voices`), and prompts made here from training-split utterances of each `--voices` corpus voice (default: the
+canonical assistant voice `en-us`). With `--data`, the codec must be the one `processing/prepare_nano.py` encoded the
 training data with (same fingerprint): the LLM only knows that codec's codes. `nano_info.json` lists the sources
 and the sizes; a total over `--max-mb` is an error.
 """
@@ -39,6 +40,7 @@ from modeling_moss_speech import (  # noqa: E402
     MossSpeechCodecModel,
     MossSpeechForCausalLM,
     MossSpeechProcessor,
+    MossSpeechVoicePrompt,
 )
 from modeling_moss_speech.generation_moss_speech import MossSpeechGenerationConfig  # noqa: E402
 
@@ -73,7 +75,7 @@ def _size_mb(path: Path) -> float:
 def assemble(model: str | os.PathLike, processor: str | os.PathLike, codec: str | os.PathLike,
              output: str | os.PathLike, corpus: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
              voices: Sequence[str] = (CANONICAL_VOICE,), voice_seconds: float = 3.0,
-             max_mb: float | None = 30.0) -> dict[str, Any]:
+             voices_dir: str | os.PathLike | None = None, max_mb: float | None = 30.0) -> dict[str, Any]:
     """Write the checkpoint directory (module docstring); returns the `nano_info.json` content."""
     output = Path(output)
     if data is not None:
@@ -108,9 +110,20 @@ def assemble(model: str | os.PathLike, processor: str | os.PathLike, codec: str 
     nano_processor.save_pretrained(str(output))  # writes the codec to codec/
 
     written = {}
+    (output / "voices").mkdir()
+    if voices_dir is not None:  # prompts made elsewhere (training/train_speech_decoder.py --save-voices)
+        found = sorted(Path(voices_dir).glob("*.safetensors"))
+        if not found:
+            raise ValueError(f"--voices-dir {str(voices_dir)!r} holds no .safetensors voice prompt.")
+        codebook = codec_model.config.encoder_config.quantize_vocab_size
+        for path in found:
+            prompt = MossSpeechVoicePrompt.load(str(path))
+            if prompt.tokens.numel() and int(prompt.tokens.max()) >= codebook:
+                raise ValueError(f"voice prompt {str(path)!r} holds codes outside this codec's codebook.")
+            shutil.copyfile(path, output / "voices" / path.name)
+            written[path.stem] = f"voices/{path.name}"
     if voices:
         data_corpus = load_corpus(corpus)
-        (output / "voices").mkdir()
         for voice in voices:
             waveform, rate = voice_audio(data_corpus, voice, voice_seconds)
             prompt = codec_model.voice_prompt(waveform, sampling_rate=rate)
@@ -140,12 +153,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--corpus", default="data/nano/corpus", help="Corpus the voice prompts are cut from.")
     parser.add_argument("--data", default=None, help="prepare_nano.py's output: check the codec is the one it used.")
     parser.add_argument("--output", required=True, help="Checkpoint directory to write (replaced if it exists).")
-    parser.add_argument("--voices", nargs="*", default=[CANONICAL_VOICE], help="Voices to ship as prompts.")
+    parser.add_argument("--voices", nargs="*", default=[CANONICAL_VOICE],
+                        help="Corpus voices to make prompts of (none: `--voices` alone).")
+    parser.add_argument("--voices-dir", default=None, help="Also ship every .safetensors voice prompt of this folder "
+                                                           "(made with the same codec).")
     parser.add_argument("--voice-seconds", type=float, default=3.0, help="Length of each voice prompt's audio.")
     parser.add_argument("--max-mb", type=float, default=30.0, help="Largest allowed total size (MB).")
     args = parser.parse_args(argv)
     info = assemble(args.model, args.processor, args.codec, args.output, args.corpus, args.data, args.voices,
-                    args.voice_seconds, args.max_mb)
+                    args.voice_seconds, args.voices_dir, args.max_mb)
     print(json.dumps(info), flush=True)
     return info
 

@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# MOSS-Speech-Nano end to end on CPU, one command from the repository root:
+#
+#   bash training/recipes/nano.sh
+#
+# corpus (espeak-ng) -> speech tokenizer (encoder + VQ + CTC) -> speech decoder (flow, Griffin-Lim) -> text tokenizer
+# -> text model (every fact as text) -> codes and training data -> stage I (frozen text backbone) -> stage II (joint,
+# text mixed in) -> SFT (TRL, four modes) -> checkpoint outputs/nano/final; then the ablation (the same recipe with
+# stage I unfrozen) -> outputs/nano/ablation_final; then `moss-speech eval` of both on the held-out test split.
+#
+# Knobs (environment variables, defaults in brackets):
+#   NANO_DATA [data/nano]     generated data: corpus/, codes/, pretrain/, sft/
+#   NANO_OUT [outputs/nano]   models, logs/ (one log per step + timings.txt), eval/ (JSON results)
+#   THREADS [2]               CPU threads of every step (torch/OpenMP; espeak-ng workers)
+#   PYTHON [.venv/bin/python if present, else python]  interpreter with the package installed (pip install -e .[dev])
+#   NANO_RESUME [1]           1: skip steps already completed (markers in $NANO_OUT/.done) and resume an interrupted
+#                             pre-training from its last checkpoint; 0: run every step from scratch
+#   NANO_STEPS [all]          run only these steps (space-separated names, as printed), e.g. "stage1 stage2"
+#   NANO_DRY_RUN [0]          1: print each step's command without running anything
+#   Budgets: CODEC_TOKENIZER_MINUTES [20] CODEC_DECODER_MINUTES [18] TEXT_MINUTES [5] STAGE1_STEPS [1200]
+#            STAGE2_STEPS [750] SFT_STEPS [1000] (steps measured at ~0.8 s (stage I/II) and ~0.55 s (SFT) per step on
+#            a busy 2-core machine: <= 15, 10 and 10 minutes), EVAL_SPLITS ["test"] (add test_seen for the seen-fact, unseen-voice questions)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; fi
+PY=${PYTHON:-python}
+NANO_DATA=${NANO_DATA:-data/nano}
+NANO_OUT=${NANO_OUT:-outputs/nano}
+THREADS=${THREADS:-2}
+NANO_RESUME=${NANO_RESUME:-1}
+NANO_STEPS=${NANO_STEPS:-}
+CODEC_TOKENIZER_MINUTES=${CODEC_TOKENIZER_MINUTES:-20}
+CODEC_DECODER_MINUTES=${CODEC_DECODER_MINUTES:-18}
+TEXT_MINUTES=${TEXT_MINUTES:-5}
+STAGE1_STEPS=${STAGE1_STEPS:-1200}
+STAGE2_STEPS=${STAGE2_STEPS:-750}
+SFT_STEPS=${SFT_STEPS:-1000}
+EVAL_SPLITS=${EVAL_SPLITS:-test}
+NANO_DRY_RUN=${NANO_DRY_RUN:-0}
+
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+LOGS=$NANO_OUT/logs
+DONE=$NANO_OUT/.done
+mkdir -p "$LOGS" "$DONE" "$NANO_OUT/eval" "$NANO_DATA"
+TOTAL_START=$SECONDS
+
+# wanted NAME: whether step NAME runs now (in NANO_STEPS, and not completed before when resuming); says why not.
+wanted() {
+  if [[ -n "$NANO_STEPS" && " $NANO_STEPS " != *" $1 "* ]]; then
+    echo "== $1: not in NANO_STEPS, skipped"
+    return 1
+  fi
+  if [[ "$NANO_RESUME" == 1 && -f "$DONE/$1" ]]; then
+    echo "== $1: completed before, skipped (rm $DONE/$1 to rerun it)"
+    return 1
+  fi
+}
+
+# run_step NAME COMMAND...: runs the command (output to the terminal and $LOGS/NAME.log), prints its time.
+run_step() {
+  local name=$1
+  shift
+  wanted "$name" || return 0
+  echo "== $name: $*"
+  [[ "$NANO_DRY_RUN" == 1 ]] && return 0
+  rm -f "$DONE/$name"
+  local start=$SECONDS
+  "$@" 2>&1 | tee "$LOGS/$name.log"
+  local took=$((SECONDS - start))
+  printf '%-24s %6d s  (%d min)\n' "$name" "$took" "$((took / 60))" | tee -a "$LOGS/timings.txt"
+  touch "$DONE/$name"
+}
+
+# pretrain NAME OUTPUT_DIR ARGS...: training/pretrain.py into OUTPUT_DIR; with NANO_RESUME=1 an interrupted run
+# continues from its last checkpoint, otherwise OUTPUT_DIR starts empty.
+pretrain() {
+  local name=$1 out=$2
+  shift 2
+  wanted "$name" || return 0
+  local resume=()
+  if [[ "$NANO_RESUME" == 1 ]] && compgen -G "$out/checkpoint-*" > /dev/null; then
+    resume=(--resume_from latest)
+  elif [[ "$NANO_DRY_RUN" != 1 ]]; then
+    rm -rf "$out"
+  fi
+  run_step "$name" "$PY" training/pretrain.py "$@" --output_dir "$out" ${resume[@]+"${resume[@]}"}
+}
+
+P=$NANO_DATA/pretrain
+SPEECH_DATA="[$P/speech, $P/interleaved, $P/spoken_qa]"
+MIXED_DATA="[$P/speech, $P/interleaved, $P/spoken_qa, {path: $P/text, kind: text}]"
+EVAL_DATA="[$P/eval]"
+MIXED_EVAL_DATA="[$P/eval, {path: $P/text_eval, kind: text}]"
+
+# ---------------------------------------------------------------------------------------------- data and codec
+run_step corpus "$PY" processing/synthesize_espeak.py --output "$NANO_DATA/corpus" --num-workers "$THREADS" \
+  --overwrite --no-progress
+run_step codec_tokenizer "$PY" training/train_speech_tokenizer.py --corpus "$NANO_DATA/corpus" \
+  --config training/configs/nano_codec.json --output "$NANO_OUT/codec_tokenizer" --max-steps 4000 \
+  --max-minutes "$CODEC_TOKENIZER_MINUTES" --batch-size 32 --eval-every 500 --threads "$THREADS"
+run_step codec_decoder "$PY" training/train_speech_decoder.py --codec "$NANO_OUT/codec_tokenizer" \
+  --corpus "$NANO_DATA/corpus" --config training/configs/nano_codec.json --output "$NANO_OUT/codec" \
+  --max-minutes "$CODEC_DECODER_MINUTES" --threads "$THREADS" --save-voices "$NANO_OUT/voices"
+
+# ---------------------------------------------------------------------------------------------- text LLM
+run_step tokenizer "$PY" processing/build_nano_tokenizer.py --corpus "$NANO_DATA/corpus" \
+  --output "$NANO_OUT/tokenizer"
+run_step text_model "$PY" training/train_text_model.py --corpus "$NANO_DATA/corpus" \
+  --tokenizer "$NANO_OUT/tokenizer" --output "$NANO_OUT/text_model" --max-minutes "$TEXT_MINUTES" \
+  --threads "$THREADS"
+# codes of every utterance with the shipped codec (cached in $NANO_DATA/codes), then grids and conversations
+run_step prepare "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/corpus" --codec "$NANO_OUT/codec" \
+  --tokenizer "$NANO_OUT/tokenizer" --output "$NANO_DATA" --threads "$THREADS" --no-progress
+
+# ---------------------------------------------------------------------------------------------- speech LLM
+# main run: stage I frozen, stage II joint, SFT; ablation: stage I unfrozen (nano_ablation.yaml), same afterwards
+for run in main ablation; do
+  if [[ $run == main ]]; then
+    root=$NANO_OUT prefix="" stage1_config=training/configs/nano.yaml final=$NANO_OUT/final
+  else
+    root=$NANO_OUT/ablation prefix=ablation_ stage1_config=training/configs/nano_ablation.yaml
+    final=$NANO_OUT/ablation_final
+  fi
+  pretrain "${prefix}stage1" "$root/stage1" --config "$stage1_config" \
+    --init_from_text_model "$NANO_OUT/text_model" --datasets "$SPEECH_DATA" --eval_datasets "$EVAL_DATA" \
+    --max_steps "$STAGE1_STEPS"
+  pretrain "${prefix}stage2" "$root/stage2" --config training/configs/nano_stage2.yaml --model "$root/stage1" \
+    --datasets "$MIXED_DATA" --eval_datasets "$MIXED_EVAL_DATA" --max_steps "$STAGE2_STEPS"
+  run_step "${prefix}sft" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
+    --model_name_or_path "$root/stage2" --processor_name_or_path "$NANO_OUT/tokenizer" \
+    --dataset_name "$NANO_DATA/sft" --output_dir "$root/sft" --max_steps "$SFT_STEPS"
+  # the shipped layout: LLM + processor + codec/ + voices/ (the decoder step's canonical/female/male prompts)
+  run_step "${prefix}assemble" "$PY" training/assemble_nano.py --model "$root/sft" \
+    --processor "$NANO_OUT/tokenizer" --codec "$NANO_OUT/codec" --corpus "$NANO_DATA/corpus" --data "$NANO_DATA" \
+    --voices-dir "$NANO_OUT/voices" --voices --output "$final"
+done
+
+# ---------------------------------------------------------------------------------------------- evaluation
+for split in $EVAL_SPLITS; do
+  for name in final ablation_final; do
+    run_step "eval_${name}_$split" "$PY" -m modeling_moss_speech.cli eval --model "$NANO_OUT/$name" \
+      --corpus "$NANO_DATA/corpus" --split "$split" --baseline-text-model "$NANO_OUT/text_model" \
+      --voice canonical -o "$NANO_OUT/eval/${name}_$split.json"
+  done
+done
+
+echo "== nano recipe finished in $(((SECONDS - TOTAL_START) / 60)) min; step times in $LOGS/timings.txt"
+echo "   checkpoints: $NANO_OUT/final (frozen stage I), $NANO_OUT/ablation_final (no freezing); results: $NANO_OUT/eval/"
