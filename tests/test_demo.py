@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import sys
 import threading
@@ -367,6 +368,16 @@ def test_cli_demo_help(capsys):
     for option in ("--model", "--codec", "--host", "--port", "--share", "--device", "--dtype"):
         assert option in out
     assert "examples:" in out
+
+
+def test_space_app_snippet_builds_the_demo(assets, monkeypatch):
+    card = (Path(__file__).resolve().parents[1] / "model_cards" / "space_app.md").read_text()
+    (app_py,) = re.findall(r"^### app.py\n\n```python\n(.*?)^```", card, flags=re.S | re.M)
+    monkeypatch.setenv("MOSS_SPEECH_MODEL", str(assets["lm"]))
+    namespace = {"__name__": "space_app"}  # not __main__: build the page, do not serve it
+    exec(compile(app_py, "space_app.md", "exec"), namespace)  # noqa: S102 - the snippet is the test
+    assert isinstance(namespace["demo"], gr.Blocks)
+    assert namespace["demo"].moss_speech.voice_choices() == [NO_VOICE, "speaker"]
 
 
 def test_session_copies_are_independent():
