@@ -53,6 +53,12 @@ class MossSpeechCodecEncoderConfig(PretrainedConfig):
     encoder_causal_attention: bool = True
     encoder_causal_convolution: bool = True
     initializer_range: float = 0.02
+    # Optional CTC recogniser on the codes (nano checkpoints; the release has none): `ctc_alphabet` lists the output
+    # characters (CTC blank = index 0, character i -> i + 1), `ctc_layers` bidirectional layers over the code
+    # vectors, `ctc_upsample` CTC frames per code (12.5 Hz codes are too slow for one character per frame).
+    ctc_alphabet: str | None = None
+    ctc_layers: int = 1
+    ctc_upsample: int = 4
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -74,6 +80,12 @@ class MossSpeechCodecEncoderConfig(PretrainedConfig):
                              f"({self.encoder_layers}).")
         if self.max_source_positions % self.pooling_kernel_size:
             raise ValueError(f"{owner}: max_source_positions must be a multiple of pooling_kernel_size.")
+        if self.ctc_alphabet is not None:
+            if not isinstance(self.ctc_alphabet, str) or not self.ctc_alphabet:
+                raise ValueError(f"{owner}.ctc_alphabet must be a non-empty string or None, got {self.ctc_alphabet!r}.")
+            if len(set(self.ctc_alphabet)) != len(self.ctc_alphabet):
+                raise ValueError(f"{owner}.ctc_alphabet has repeated characters: {self.ctc_alphabet!r}.")
+            _positive(owner, ctc_layers=self.ctc_layers, ctc_upsample=self.ctc_upsample)
 
     @property
     def num_layers_built(self) -> int:

@@ -222,6 +222,41 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
         lengths = torch.tensor([c.numel() for c in codes], dtype=torch.long)
         return MossSpeechCodecEncodeOutput(codes=codes, lengths=lengths)
 
+    # ------------------------------------------------------------- recognition
+    @property
+    def can_transcribe(self) -> bool:
+        """Whether this codec carries a CTC recogniser (nano checkpoints do; the release's codec does not)."""
+        return self.encoder.ctc_head is not None
+
+    def _require_ctc(self) -> None:
+        if self.encoder.ctc_head is None:
+            raise ValueError("this codec has no CTC recogniser (encoder_config.ctc_alphabet is None); transcription "
+                             "needs a checkpoint trained with one, such as MOSS-Speech-Nano's codec.")
+
+    @torch.no_grad()
+    def transcribe_codes(self, codes, lengths: torch.Tensor | Sequence[int] | None = None) -> list[str]:
+        """Text of speech codes by greedy CTC decoding: (B, T) ids with `lengths`, a 1-D tensor or a list."""
+        self._require_ctc()
+        batch, lengths = self._code_batch(codes, lengths)
+        batch, lengths = batch.to(self.device), lengths.to(self.device)
+        mask = torch.arange(batch.shape[1], device=self.device)[None] < lengths[:, None]
+        head = self.encoder.ctc_head
+        log_probs = head(self.encoder.code_vectors(batch), mask)
+        return head.greedy_decode(log_probs, lengths * self.config.encoder_config.ctc_upsample)
+
+    @torch.no_grad()
+    def transcribe(self, audio, sampling_rate: int | None = None, batch_size: int = 32) -> list[str]:
+        """Text of one waveform or a list (any rate): its codes, recognised by the codec's CTC head."""
+        self._require_ctc()
+        codes = self.encode(audio, sampling_rate=sampling_rate, batch_size=batch_size).codes
+        texts = [""] * len(codes)
+        nonempty = [i for i, c in enumerate(codes) if c.numel()]
+        for start in range(0, len(nonempty), batch_size):
+            rows = nonempty[start : start + batch_size]
+            for i, text in zip(rows, self.transcribe_codes([codes[i] for i in rows])):
+                texts[i] = text
+        return texts
+
     # ------------------------------------------------------------ voice prompt
     @torch.no_grad()
     def voice_prompt(self, audio, sampling_rate: int) -> MossSpeechVoicePrompt:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel
 
-WARMUP_STEPS_WITHOUT_VQ = 300
+VQ_START_FRACTION = 0.15
 
 
 def _read_split(corpus: str, split: str, limit: int | None = None) -> tuple[list[np.ndarray], list[str]]:
@@ -123,7 +123,11 @@ class EMACodebook:
     def kmeans_init(self, vectors: torch.Tensor, iterations: int = 15, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
         k = self.codebook.num_embeddings
-        centers = vectors[torch.randperm(vectors.shape[0], generator=g)[:k]].clone()
+        if vectors.shape[0] >= k:
+            centers = vectors[torch.randperm(vectors.shape[0], generator=g)[:k]].clone()
+        else:  # too few states yet (tiny runs): jittered copies
+            picks = torch.randint(0, vectors.shape[0], (k,), generator=g)
+            centers = vectors[picks] + 0.01 * vectors.std() * torch.randn(k, vectors.shape[1], generator=g)
         for _ in range(iterations):
             assign = torch.cdist(vectors, centers).argmin(1)
             counts = torch.bincount(assign, minlength=k).float()
@@ -190,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--corpus", required=True, help="DatasetDict directory from processing/synthesize_espeak.py")
     parser.add_argument("--config", required=True, help="JSON of MossSpeechCodecConfig fields (with ctc_alphabet)")
     parser.add_argument("--output", required=True, help="where the codec is saved")
+    parser.add_argument("--init-from", default=None, help="continue from this codec (its codebook is kept)")
     parser.add_argument("--max-steps", type=int, default=3000)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop early after this long")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -215,6 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not alphabet:
         raise ValueError(f"{args.config}: encoder_config.ctc_alphabet must be set to train with CTC.")
     codec = MossSpeechCodecModel(config).train()
+    if args.init_from:
+        codec = MossSpeechCodecModel.from_pretrained(args.init_from).train()
+        config = codec.config
 
     train_waves, train_texts = _read_split(args.corpus, "train", args.max_train_examples)
     eval_waves, eval_texts = _read_split(args.corpus, "validation", args.eval_examples)
@@ -231,25 +239,34 @@ def main(argv: list[str] | None = None) -> dict:
     params = [p for p in codec.encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.01)
 
+    def progress_fraction(step: int) -> float:
+        # Whichever budget runs out first drives the schedule, so a time-capped run still anneals fully.
+        fraction = step / args.max_steps
+        if args.max_minutes:
+            fraction = max(fraction, (time.monotonic() - started) / (60 * args.max_minutes))
+        return min(1.0, fraction)
+
+    warmup = min(100, max(1, args.max_steps // 10))
+
     def schedule(step: int) -> float:
-        warmup = min(200, args.max_steps // 10)
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, args.max_steps - warmup))))
+        return 0.5 * (1 + math.cos(math.pi * progress_fraction(step)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    warmup_vq = min(WARMUP_STEPS_WITHOUT_VQ, args.max_steps // 5)
-    history, pool, step = [], [], 0
+    history, pool, step, codebook_ready = [], [], 0, bool(args.init_from)
     progress = tqdm(total=args.max_steps, desc="tokenizer")
     while step < args.max_steps:
         rng.shuffle(buckets)
         for ids in buckets:
             if step >= args.max_steps:
                 break
-            if args.max_minutes and time.monotonic() - started > 60 * args.max_minutes:
+            fraction = progress_fraction(step)
+            if fraction >= 1.0:
                 args.max_steps = step
                 break
-            quantize = step >= warmup_vq
+            # The first part trains without quantization; the codebook is then initialised by k-means on those states.
+            quantize = codebook_ready
             feats, mask = _batch(features, ids, augment=True, rng=rng)
             log_probs, code_mask, hidden, codes, commit = _ctc_forward(codec, feats, mask, quantize)
             frame_lengths = code_mask.sum(1) * config.encoder_config.ctc_upsample
@@ -265,9 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
             valid = hidden.detach()[code_mask]
             if not quantize:
                 pool.append(valid)
-                if step + 1 == warmup_vq:
+                if progress_fraction(step + 1) >= VQ_START_FRACTION:
                     ema.kmeans_init(torch.cat(pool)[-20000:], seed=args.seed)
-                    pool = []
+                    pool, codebook_ready = [], True
             else:
                 ema.update(valid, codes[code_mask])
                 if step % 100 == 0:
