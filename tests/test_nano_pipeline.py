@@ -279,9 +279,12 @@ def test_text_model_then_stage1_stage2_and_sft_run_on_the_prepared_data(world, t
             "--model_name_or_path", str(tmp_path / "stage2"), "--processor_name_or_path", world["tokenizer"],
             "--dataset_name", str(data / "sft"), "--output_dir", str(tmp_path / "sft"), "--max_steps", "2",
             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--logging_steps", "1",
-            "--save_strategy", "no", "--disable_tqdm", "true", "--use_cpu", "true", "--warmup_steps", "0"]
+            "--save_strategy", "no", "--disable_tqdm", "true", "--use_cpu", "true", "--warmup_steps", "0",
+            "--eval_steps", "2"]
     trainer = script.main(*script.make_parser().parse_args_and_config(argv))
     assert trainer.state.global_step == 2
+    # the validation split (S->T of held-out facts) is evaluated
+    assert any("eval_text_loss" in entry for entry in trainer.state.log_history)
     assert MossSpeechForCausalLM.from_pretrained(tmp_path / "sft").config.eosp_token_id == 512
 
     # the shipped layout: LLM + processor + codec/ + voices/, loadable through the Auto classes
