@@ -17,7 +17,7 @@
 #                             pre-training from its last checkpoint; 0: run every step from scratch
 #   NANO_STEPS [all]          run only these steps (space-separated names, as printed), e.g. "stage1 stage2"
 #   NANO_DRY_RUN [0]          1: print each step's command without running anything
-#   Budgets: CODEC_TOKENIZER_MINUTES [20] CODEC_DECODER_MINUTES [18] TEXT_MINUTES [5] STAGE1_STEPS [1200]
+#   Budgets: CODEC_TOKENIZER_MINUTES [20] CODEC_DECODER_MINUTES [18] TEXT_MINUTES [5] STAGE1_STEPS [1100]
 #            STAGE2_STEPS [750] SFT_STEPS [1000] (steps measured at ~0.8 s (stage I/II) and ~0.55 s (SFT) per step on
 #            a busy 2-core machine: <= 15, 10 and 10 minutes), EVAL_SPLITS ["test"] (add test_seen for the seen-fact, unseen-voice questions)
 set -euo pipefail
@@ -33,7 +33,7 @@ NANO_STEPS=${NANO_STEPS:-}
 CODEC_TOKENIZER_MINUTES=${CODEC_TOKENIZER_MINUTES:-20}
 CODEC_DECODER_MINUTES=${CODEC_DECODER_MINUTES:-18}
 TEXT_MINUTES=${TEXT_MINUTES:-5}
-STAGE1_STEPS=${STAGE1_STEPS:-1200}
+STAGE1_STEPS=${STAGE1_STEPS:-1100}
 STAGE2_STEPS=${STAGE2_STEPS:-750}
 SFT_STEPS=${SFT_STEPS:-1000}
 EVAL_SPLITS=${EVAL_SPLITS:-test}
