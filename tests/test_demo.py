@@ -215,6 +215,17 @@ def test_transcripts_shown_when_the_codec_can_recognise_speech(app, assets, monk
     assert answer["content"] == [ANSWER_WORD]
 
 
+def test_transcript_of_a_real_ctc_codec(app):
+    torch.manual_seed(0)
+    config = tiny_codec_config()
+    config.encoder_config.ctc_alphabet = "abcdefghijklmnopqrstuvwxyz '"
+    codec = MossSpeechCodecModel(config).eval()
+    processor = MossSpeechProcessor.from_model_config(app.model.config, tiny_tokenizer(), codec=codec)
+    demo = MossSpeechDemo(app.model, processor)
+    codes = torch.arange(20) % 64
+    assert codec.can_transcribe and demo._transcript(codes) == codec.transcribe_codes([codes])[0].strip()
+
+
 # ----------------------------------------------------------------------------------------------- errors
 
 
