@@ -22,6 +22,7 @@ import soundfile as sf
 import torch
 from conftest import EOSP, IM_END, MODALITY_PAD, PAD, SOSP, tiny_config
 from test_codec import tiny_codec_config, tone
+from test_codec_ctc import ctc_config
 from test_processor import ForceAt
 from tokenizers_for_tests import tiny_tokenizer
 from transformers import LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
@@ -40,6 +41,7 @@ from modeling_moss_speech.evaluation import (
     normalize_answer,
     score_answers,
 )
+from modeling_moss_speech.feature_extraction_moss_speech import prepare_waveforms
 from modeling_moss_speech.processing_moss_speech import MossSpeechProcessor
 
 FACTS = {  # fact_id: (category, question, answer)
@@ -380,6 +382,39 @@ def test_evaluate_selected_tasks_and_input_checks(tiny, corpus, monkeypatch):
     codec_less = MossSpeechProcessor.from_model_config(model.config, tiny_tokenizer())
     with pytest.raises(ValueError, match="need a speech codec"):
         evaluate(model, codec_less, data, tasks=["s2t"])
+
+
+def _without_times(value):
+    if isinstance(value, dict):
+        return {k: _without_times(v) for k, v in value.items() if k not in ("seconds", "timing")}
+    if isinstance(value, list):
+        return [_without_times(v) for v in value]
+    return value
+
+
+def test_evaluate_with_the_codecs_own_recogniser_is_deterministic(corpus):
+    """The real path: a nano-like codec (CTC head, Griffin-Lim, no speaker encoder) and free greedy answers."""
+    torch.manual_seed(0)
+    encoder = ctc_config().encoder_config.to_dict()
+    codec = MossSpeechCodecModel(tiny_codec_config(encoder_config=encoder, vocoder_type="griffin_lim",
+                                                   griffin_lim_iters=4, speaker_config=None)).eval()
+    assert codec.can_transcribe
+    model = MossSpeechForCausalLM(tiny_config()).eval()
+    processor = MossSpeechProcessor.from_model_config(model.config, tiny_tokenizer(), MossSpeechFeatureExtractor(),
+                                                      codec=codec)
+    data = load_eval_split(corpus, "test", max_examples=2)
+    runs = [evaluate(model, processor, data, tasks=["s2s", "codec"], batch_size=2, max_new_tokens=6)
+            for _ in range(2)]
+    assert _without_times(runs[0]) == _without_times(runs[1])
+    results = runs[0]
+    assert results["modes"]["s2s"]["total"] == 2
+    for record in results["modes"]["s2s"]["examples"]:
+        assert isinstance(record["prediction"], str) and 0 <= record["num_codes"] <= 6
+    roundtrip = results["codec_roundtrip"]
+    waves = [prepare_waveforms(q.waveform, q.sampling_rate, target_rate=16000)[0] for q in data.questions]
+    assert [e["original"] for e in roundtrip["examples"]] == codec.transcribe(waves, sampling_rate=16000)
+    assert 0 <= roundtrip["original"]["accuracy"] <= 1 and roundtrip["roundtrip"]["cer"] >= 0
+    json.dumps(results)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
