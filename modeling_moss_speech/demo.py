@@ -256,7 +256,6 @@ class MossSpeechDemo:
         self._voice_cache: dict[tuple[str, int], MossSpeechVoicePrompt] = {}
         self._generate_lock = threading.Lock()  # one answer at a time per model, whatever the web server does
         self._files = tempfile.TemporaryDirectory(prefix="moss-speech-demo-")  # answers' wav files
-        self._counter = 0
         config = model.config
         self._skip_text = {config.modality_pad_token_id, config.sosp_token_id, processor.text_pad_token_id}
 
@@ -392,8 +391,9 @@ class MossSpeechDemo:
             turn.stop.set()  # the page went away (generator closed) or the answer is complete: end the thread
             if turn.thread is not None:
                 turn.thread.join(timeout=60)
+            if not turn.running():
+                self._finish(session, turn)  # also when this handler failed or was closed: the session stays whole
 
-        self._finish(session, turn)
         if turn.error is not None:
             error = turn.error
             yield _shown(session), skip, session, skip, skip
@@ -443,10 +443,10 @@ class MossSpeechDemo:
         codes = reply.codes
         shown: list[Any] = []
         if reply.audio is not None and reply.audio.numel() > 0:
-            self._counter += 1
-            path = Path(self._files.name) / f"answer-{self._counter:04d}.wav"
-            sf.write(str(path), reply.audio.float().cpu().numpy(), reply.sampling_rate, subtype="PCM_16")
-            shown.append({"path": str(path), "mime_type": "audio/wav"})
+            handle, path = tempfile.mkstemp(prefix="answer-", suffix=".wav", dir=self._files.name)
+            os.close(handle)
+            sf.write(path, reply.audio.float().cpu().numpy(), reply.sampling_rate, subtype="PCM_16")
+            shown.append({"path": path, "mime_type": "audio/wav"})
         transcript = self._transcript(codes) if codes.numel() else ""
         if text:
             shown.append(text)

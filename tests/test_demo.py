@@ -190,6 +190,18 @@ def test_stop_ends_generation_and_keeps_the_partial_answer(app, monkeypatch):
     assert len(session.conversation) == 2
 
 
+def test_a_page_closed_mid_answer_leaves_a_whole_session(app, monkeypatch):
+    monkeypatch.setattr(app.model.generation_config, "min_new_tokens", 400)
+    session = DemoSession()
+    updates = app.respond(session, None, "tell me a story", "audio", NO_VOICE, None,
+                          *{**SETTINGS, "max_new_tokens": 400}.values())
+    next(update for update in updates if isinstance(update[1], bytes))
+    updates.close()  # what Gradio does when the tab goes away: generation stops, the answer so far is kept
+    assert session.turn is None and len(session.conversation) == 2
+    assert len(session.conversation[1]["content"]["codes"]) < 400
+    assert isinstance(session.messages[-1]["content"], list)
+
+
 def test_voices_shipped_uploaded_and_cached(app, assets):
     assert app.voice_choices() == [NO_VOICE, "speaker", "clip"] and app.default_voice == "speaker"
     gr_ = demo_module.require_gradio()
