@@ -669,8 +669,13 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         response = chat.reply(conversation, output_modality=args.output_modality, **sampling)
     generated = time.perf_counter()
 
-    print(response.text, flush=True)
     audio, codes = response.audio, response.codes.numel()
+    text = response.text
+    if not text.strip() and audio is not None and audio.numel() > 0 and codec is not None and codec.can_transcribe:
+        # A spoken answer has no text channel; a codec with a recogniser (MOSS-Speech-Nano's) says what it heard.
+        text = codec.transcribe(audio.float().cpu(), sampling_rate=response.sampling_rate)[0]
+        _note("the answer is speech; its text below is the codec's transcription of it")
+    print(text, flush=True)
     if audio is not None and audio.numel() > 0:
         if not args.stream:  # streamed speech is already in the file
             sf.write(str(out), audio.float().cpu().numpy(), response.sampling_rate, subtype="PCM_16")

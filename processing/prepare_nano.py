@@ -134,16 +134,23 @@ def check_speech_only_of_train_facts(corpus: datasets.DatasetDict) -> None:
 
 
 def codec_fingerprint(codec_dir: str | os.PathLike) -> str:
-    """sha256 of the codec directory's config and weight files (what decides its codes)."""
+    """sha256 of what decides a codec's codes: its `encoder.*` weights (names, values).
+
+    The speech decoder is trained after the data is encoded and keeps the encoder unchanged, so the tokenizer-only
+    codec and the final codec share a fingerprint.
+    """
+    from safetensors import safe_open
+
+    config_file = os.path.join(codec_dir, "config.json")
+    weights = sorted(n for n in os.listdir(codec_dir) if n.endswith(".safetensors")) if os.path.isdir(codec_dir) else []
+    if not os.path.isfile(config_file) or not weights:
+        raise ValueError(f"--codec {str(codec_dir)!r} holds no config.json or safetensors weights.")
     digest = hashlib.sha256()
-    names = sorted(n for n in os.listdir(codec_dir) if n.endswith((".json", ".safetensors", ".bin")))
-    if not names:
-        raise ValueError(f"--codec {str(codec_dir)!r} holds no config or weights.")
-    for name in names:
-        digest.update(name.encode())
-        with open(os.path.join(codec_dir, name), "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+    for name in weights:
+        with safe_open(os.path.join(codec_dir, name), framework="pt") as handle:
+            for key in sorted(k for k in handle.keys() if k.startswith("encoder.")):
+                digest.update(key.encode())
+                digest.update(handle.get_tensor(key).contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

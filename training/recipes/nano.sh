@@ -17,7 +17,7 @@
 #                             pre-training from its last checkpoint; 0: run every step from scratch
 #   NANO_STEPS [all]          run only these steps (space-separated names, as printed), e.g. "stage1 stage2"
 #   NANO_DRY_RUN [0]          1: print each step's command without running anything
-#   Budgets: CODEC_TOKENIZER_MINUTES [20] CODEC_DECODER_MINUTES [18] TEXT_MINUTES [5] STAGE1_STEPS [1100]
+#   Budgets: CODEC_TOKENIZER_MINUTES [20] CODEC_DECODER_MINUTES [18] TEXT_MINUTES [6] STAGE1_STEPS [1100]
 #            STAGE2_STEPS [750] SFT_STEPS [1000] (steps measured at ~0.8 s (stage I/II) and ~0.55 s (SFT) per step on
 #            a busy 2-core machine: <= 15, 10 and 10 minutes), EVAL_SPLITS ["test"] (add test_seen for the seen-fact, unseen-voice questions)
 set -euo pipefail
@@ -32,7 +32,7 @@ NANO_RESUME=${NANO_RESUME:-1}
 NANO_STEPS=${NANO_STEPS:-}
 CODEC_TOKENIZER_MINUTES=${CODEC_TOKENIZER_MINUTES:-20}
 CODEC_DECODER_MINUTES=${CODEC_DECODER_MINUTES:-18}
-TEXT_MINUTES=${TEXT_MINUTES:-5}
+TEXT_MINUTES=${TEXT_MINUTES:-6}
 STAGE1_STEPS=${STAGE1_STEPS:-1100}
 STAGE2_STEPS=${STAGE2_STEPS:-750}
 SFT_STEPS=${SFT_STEPS:-1000}
@@ -98,9 +98,14 @@ MIXED_EVAL_DATA="[$P/eval, {path: $P/text_eval, kind: text}]"
 # ---------------------------------------------------------------------------------------------- data and codec
 run_step corpus "$PY" processing/synthesize_espeak.py --output "$NANO_DATA/corpus" --num-workers "$THREADS" \
   --overwrite --no-progress
+# two phases (the second restarts the schedule at half the learning rate from the first's weights and codebook)
 run_step codec_tokenizer "$PY" training/train_speech_tokenizer.py --corpus "$NANO_DATA/corpus" \
-  --config training/configs/nano_codec.json --output "$NANO_OUT/codec_tokenizer" --max-steps 4000 \
-  --max-minutes "$CODEC_TOKENIZER_MINUTES" --batch-size 32 --eval-every 500 --threads "$THREADS"
+  --config training/configs/nano_codec.json --output "$NANO_OUT/codec_tokenizer_a" --max-steps 3000 \
+  --max-minutes "$CODEC_TOKENIZER_MINUTES" --batch-size 16 --learning-rate 2e-3 --eval-every 400 --threads "$THREADS"
+run_step codec_tokenizer_b "$PY" training/train_speech_tokenizer.py --corpus "$NANO_DATA/corpus" \
+  --config training/configs/nano_codec.json --init-from "$NANO_OUT/codec_tokenizer_a" \
+  --output "$NANO_OUT/codec_tokenizer" --max-steps 2500 --max-minutes "$CODEC_TOKENIZER_MINUTES" --batch-size 16 \
+  --learning-rate 1e-3 --eval-every 500 --threads "$THREADS"
 run_step codec_decoder "$PY" training/train_speech_decoder.py --codec "$NANO_OUT/codec_tokenizer" \
   --corpus "$NANO_DATA/corpus" --config training/configs/nano_codec.json --output "$NANO_OUT/codec" \
   --max-minutes "$CODEC_DECODER_MINUTES" --threads "$THREADS" --save-voices "$NANO_OUT/voices"
@@ -111,8 +116,9 @@ run_step tokenizer "$PY" processing/build_nano_tokenizer.py --corpus "$NANO_DATA
 run_step text_model "$PY" training/train_text_model.py --corpus "$NANO_DATA/corpus" \
   --tokenizer "$NANO_OUT/tokenizer" --output "$NANO_OUT/text_model" --max-minutes "$TEXT_MINUTES" \
   --threads "$THREADS"
-# codes of every utterance with the shipped codec (cached in $NANO_DATA/codes), then grids and conversations
-run_step prepare "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/corpus" --codec "$NANO_OUT/codec" \
+# codes of every utterance (cached in $NANO_DATA/codes; the decoder step leaves the encoder as is, so these are the
+# shipped codec's codes), then grids and conversations
+run_step prepare "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/corpus" --codec "$NANO_OUT/codec_tokenizer" \
   --tokenizer "$NANO_OUT/tokenizer" --output "$NANO_DATA" --threads "$THREADS" --no-progress
 
 # ---------------------------------------------------------------------------------------------- speech LLM
