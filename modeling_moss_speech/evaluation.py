@@ -594,6 +594,41 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown_comparison(runs: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table comparing [`evaluate`] results side by side, one column per named run (e.g. the frozen
+    recipe and its no-freezing ablation): accuracy per mode, text retention and the codec round trip."""
+    if not runs:
+        raise ValueError("runs is empty: pass at least one named result of evaluate().")
+    names = list(runs)
+    header = "| measure | " + " | ".join(names) + " |"
+    lines = [header, "|---|" + "---|" * len(names)]
+
+    def cell(result: dict[str, Any], mode: str) -> str:
+        row = result["modes"].get(mode)
+        return "n/a" if row is None else f"{_percent(row['accuracy'])} ({row['correct']}/{row['total']})"
+
+    for mode in MODES:
+        if any(mode in r["modes"] for r in runs.values()):
+            label = next(r["modes"][mode]["label"] for r in runs.values() if mode in r["modes"])
+            lines.append(f"| {label} | " + " | ".join(cell(runs[n], mode) for n in names) + " |")
+    if any(r.get("text_retention") for r in runs.values()):
+        values = []
+        for n in names:
+            retention = runs[n].get("text_retention")
+            values.append("n/a" if not retention else
+                          f"{_percent(retention['retention'])} (baseline {_percent(retention['baseline_accuracy'])})")
+        lines.append("| text retention (T->T / text-only model) | " + " | ".join(values) + " |")
+    if any(r.get("codec_roundtrip") for r in runs.values()):
+        values = []
+        for n in names:
+            trip = runs[n].get("codec_roundtrip")
+            values.append("n/a" if not trip else
+                          f"{_percent(trip['original']['accuracy'])} -> {_percent(trip['roundtrip']['accuracy'])} "
+                          f"(CER {_percent(trip['original']['cer'])} -> {_percent(trip['roundtrip']['cer'])})")
+        lines.append("| codec: CTC exact match, original -> encode/decode | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 
@@ -706,6 +741,7 @@ def run_evaluation(
 
 __all__ = [
     "EvalSplit",
+    "markdown_comparison",
     "Fact",
     "LABELS",
     "MODES",

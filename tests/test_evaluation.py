@@ -505,3 +505,22 @@ def test_cli_eval_help_documents_every_option(capsys):
         for option in action.option_strings:
             assert option in out
     assert all(task in out for task in TASKS)
+
+
+def test_markdown_comparison_puts_runs_side_by_side():
+    from modeling_moss_speech.evaluation import markdown_comparison
+
+    def result(s2t_correct: int, retention: float) -> dict:
+        return {"modes": {"s2t": {"label": "S->T (speech in, text out)", "correct": s2t_correct, "total": 4,
+                                  "accuracy": s2t_correct / 4}},
+                "text_retention": {"retention": retention, "baseline_accuracy": 1.0},
+                "codec_roundtrip": {"original": {"accuracy": 0.5, "cer": 0.1},
+                                    "roundtrip": {"accuracy": 0.25, "cer": 0.2}}}
+
+    table = markdown_comparison({"frozen": result(3, 1.0), "no freezing": result(1, 0.5)}).splitlines()
+    assert table[0] == "| measure | frozen | no freezing |"
+    assert table[2] == "| S->T (speech in, text out) | 75.0 % (3/4) | 25.0 % (1/4) |"
+    assert "100.0 % (baseline 100.0 %)" in table[3] and "50.0 %" in table[3]
+    assert table[4].endswith("| 50.0 % -> 25.0 % (CER 10.0 % -> 20.0 %) | 50.0 % -> 25.0 % (CER 10.0 % -> 20.0 %) |")
+    with pytest.raises(ValueError, match="empty"):
+        markdown_comparison({})
