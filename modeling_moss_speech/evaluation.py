@@ -486,9 +486,16 @@ def evaluate(
         if target == "speech":
             transcripts = speak_and_transcribe(codec, [r.codes for r in responses], batch_size, voice_prompt,
                                                generator, desc=f"{LABELS[mode]} speech", progress=progress)
-            for (key, category, question, answer), response, transcript in zip(items, responses, transcripts):
+            # The recogniser also reads the answer's codes directly: what the LLM said, apart from the vocoder.
+            spoken = [i for i, r in enumerate(responses) if r.codes.numel()]
+            from_codes = [""] * len(responses)
+            for batch in _batches(spoken, batch_size):
+                for index, text in zip(batch, codec.transcribe_codes([responses[i].codes for i in batch])):
+                    from_codes[index] = text
+            for (key, category, question, answer), response, transcript, read in zip(
+                    items, responses, transcripts, from_codes):
                 records.append({"id": key, "category": category, "question": question, "reference": answer,
-                                "prediction": transcript, "text": response.text,
+                                "prediction": transcript, "codes_transcript": read, "text": response.text,
                                 "num_codes": int(response.codes.numel())})
         else:
             for (key, category, question, answer), response in zip(items, responses):
@@ -497,6 +504,11 @@ def evaluate(
         seconds = time.perf_counter() - begin
         modes[mode] = {"label": LABELS[mode], "input": source, "output": target,
                        **score_answers(records, num_examples), "seconds": seconds}
+        if target == "speech":
+            correct = sum(normalize_answer(r["codes_transcript"]) == normalize_answer(r["reference"])
+                          for r in records)
+            modes[mode]["from_codes"] = {"correct": correct, "total": len(records),
+                                         "accuracy": _accuracy(correct, len(records))}
         timing[f"{mode}_seconds"] = seconds
 
     retention = None
@@ -579,6 +591,10 @@ def format_table(results: dict[str, Any]) -> str:
         rows.append(retention["baseline"])
     for row in rows:
         lines.append(f"{row['label']:<34}{row['correct']:>8}{row['total']:>8}{_percent(row['accuracy']):>11}")
+        if "from_codes" in row:
+            part = row["from_codes"]
+            lines.append(f"{'  answer codes read by the CTC':<34}{part['correct']:>8}{part['total']:>8}"
+                         f"{_percent(part['accuracy']):>11}")
     if retention is not None:
         lines.append(f"{'text retention (T->T / baseline)':<50}{_percent(retention['retention']):>11}")
     roundtrip = results.get("codec_roundtrip")
@@ -611,6 +627,14 @@ def markdown_comparison(runs: dict[str, dict[str, Any]]) -> str:
         if any(mode in r["modes"] for r in runs.values()):
             label = next(r["modes"][mode]["label"] for r in runs.values() if mode in r["modes"])
             lines.append(f"| {label} | " + " | ".join(cell(runs[n], mode) for n in names) + " |")
+            if any("from_codes" in r["modes"].get(mode, {}) for r in runs.values()):
+                values = []
+                for n in names:
+                    part = runs[n]["modes"].get(mode, {}).get("from_codes")
+                    values.append("n/a" if part is None else
+                                  f"{_percent(part['accuracy'])} ({part['correct']}/{part['total']})")
+                lines.append(f"| {label}: answer codes read by the CTC head (no vocoder) | " + " | ".join(values)
+                             + " |")
     if any(r.get("text_retention") for r in runs.values()):
         values = []
         for n in names:

@@ -261,7 +261,11 @@ def oracle(monkeypatch, calls: list) -> None:
 
     monkeypatch.setattr(MossSpeechForCausalLM, "generate", generate)
     monkeypatch.setattr(Qwen3ForCausalLM, "generate", baseline_generate)
+    def transcribe_codes(self, codes, lengths=None):
+        return [HEARD.get(len(c), "") for c in codes]
+
     monkeypatch.setattr(MossSpeechCodecModel, "transcribe", transcribe, raising=False)
+    monkeypatch.setattr(MossSpeechCodecModel, "transcribe_codes", transcribe_codes, raising=False)
     monkeypatch.setattr(MossSpeechCodecModel, "can_transcribe", property(lambda self: True), raising=False)
 
 
@@ -302,6 +306,10 @@ def check_results(results: dict, tasks: tuple[str, ...] = TASKS) -> None:
     # Records are in corpus order whatever the batching, and carry what was asked and answered.
     assert [r["id"] for r in s2t["examples"]] == ["q0", "q1", "q2", "q3", "q4"][:len(s2t["examples"])]
     assert [(r["id"], r["prediction"]) for r in s2t["errors"]] == [("q2", "the sea"), ("q4", "three")]
+    # The answer codes read directly by the recogniser (no vocoder) are scored beside the decoded speech.
+    assert results["modes"]["s2s"]["from_codes"] == {"correct": 4, "total": 5, "accuracy": 0.8}
+    assert results["modes"]["t2s"]["from_codes"] == {"correct": 2, "total": 4, "accuracy": 0.5}
+    assert "from_codes" not in results["modes"]["s2t"]
     s2s_errors = results["modes"]["s2s"]["errors"]
     assert [(r["id"], r["prediction"], r["num_codes"]) for r in s2s_errors] == [("q1", "no", 1)]
     t2s = {r["id"]: r for r in results["modes"]["t2s"]["examples"]}
@@ -452,8 +460,9 @@ def test_cli_eval_prints_the_table_and_writes_json(checkpoint, corpus, monkeypat
     assert results["baseline_text_model"] == str(checkpoint["text"]) and results["settings"]["batch_size"] == 3
     assert results["timing"]["total_seconds"] > 0 and results["timing"]["load_seconds"] > 0
     assert out == format_table(results) + "\n"
-    assert [line.split()[:3] for line in out.splitlines()[2:6]] == [
-        ["S->T", "3", "5"], ["T->S", "2", "4"], ["T->T", "3", "4"], ["T->T", "text-only", "baseline"]]
+    assert [line.split()[:3] for line in out.splitlines()[2:7]] == [
+        ["S->T", "3", "5"], ["T->S", "2", "4"], ["answer", "codes", "read"], ["T->T", "3", "4"],
+        ["T->T", "text-only", "baseline"]]
     assert f"results in {output}" in err
 
 
