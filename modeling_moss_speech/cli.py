@@ -671,10 +671,10 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     audio, codes = response.audio, response.codes.numel()
     text = response.text
-    if not text.strip() and audio is not None and audio.numel() > 0 and codec is not None and codec.can_transcribe:
-        # A spoken answer has no text channel; a codec with a recogniser (MOSS-Speech-Nano's) says what it heard.
-        text = codec.transcribe(audio.float().cpu(), sampling_rate=response.sampling_rate)[0]
-        _note("the answer is speech; its text below is the codec's transcription of it")
+    if not text.strip() and codes > 0 and codec is not None and codec.can_transcribe:
+        # A spoken answer has no text channel; a codec with a recogniser (MOSS-Speech-Nano's) reads its codes.
+        text = codec.transcribe_codes([response.codes.cpu()])[0]
+        _note("the answer is speech; the text below is what the codec's recogniser reads in its codes")
     print(text, flush=True)
     if audio is not None and audio.numel() > 0:
         if not args.stream:  # streamed speech is already in the file

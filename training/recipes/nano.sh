@@ -19,7 +19,7 @@
 #   NANO_DRY_RUN [0]          1: print each step's command without running anything
 #   Budgets: CODEC_TOKENIZER_MINUTES [20] CODEC_DECODER_MINUTES [18] TEXT_MINUTES [6] STAGE1_STEPS [1100]
 #            STAGE2_STEPS [750] SFT_STEPS [1000] (steps measured at ~0.8 s (stage I/II) and ~0.55 s (SFT) per step on
-#            a busy 2-core machine: <= 15, 10 and 10 minutes), EVAL_SPLITS ["test"] (add test_seen for the seen-fact, unseen-voice questions)
+#            a busy 2-core machine: <= 15, 10 and 10 minutes), EVAL_SPLITS ["test test_seen"] (held-out facts; trained facts), both in the unseen test voice
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -36,7 +36,7 @@ TEXT_MINUTES=${TEXT_MINUTES:-6}
 STAGE1_STEPS=${STAGE1_STEPS:-1100}
 STAGE2_STEPS=${STAGE2_STEPS:-750}
 SFT_STEPS=${SFT_STEPS:-1000}
-EVAL_SPLITS=${EVAL_SPLITS:-test}
+EVAL_SPLITS=${EVAL_SPLITS:-test test_seen}
 NANO_DRY_RUN=${NANO_DRY_RUN:-0}
 
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -152,6 +152,21 @@ for split in $EVAL_SPLITS; do
       --voice canonical -o "$NANO_OUT/eval/${name}_$split.json"
   done
 done
+
+# text knowledge right after stage I, frozen vs not (the stage-I checkpoints with the nano processor and codec)
+for name in stage1 ablation_stage1; do
+  src=$NANO_OUT/${name/ablation_/ablation/}
+  run_step "eval_${name}_t2t" bash -c "rm -rf '$NANO_OUT/eval_$name' && mkdir -p '$NANO_OUT/eval_$name' && \
+    cp '$src/config.json' '$src/model.safetensors' '$NANO_OUT/tokenizer/'* '$NANO_OUT/eval_$name/' && \
+    cp -r '$NANO_OUT/codec' '$NANO_OUT/eval_$name/codec' && '$PY' -m modeling_moss_speech.cli eval \
+    --model '$NANO_OUT/eval_$name' --corpus '$NANO_DATA/corpus' --split test --tasks t2t \
+    --baseline-text-model '$NANO_OUT/text_model' -o '$NANO_OUT/eval/${name}_test_t2t.json'"
+done
+# ship: the frozen recipe's checkpoint becomes the package's default model, with its results and model card
+SHIP=modeling_moss_speech/pretrained/moss-speech-nano
+run_step ship bash -c "rm -rf '$SHIP' && cp -r '$NANO_OUT/final' '$SHIP' && chmod -R a+r '$SHIP' && \
+  mkdir -p '$SHIP/eval' && cp '$NANO_OUT/eval/'*.json '$SHIP/eval/' && cp '$LOGS/timings.txt' '$SHIP/eval/training_times.txt' && \
+  '$PY' training/nano_report.py --eval '$SHIP/eval' --checkpoint '$SHIP'"
 
 echo "== nano recipe finished in $(((SECONDS - TOTAL_START) / 60)) min; step times in $LOGS/timings.txt"
 echo "   checkpoints: $NANO_OUT/final (frozen stage I), $NANO_OUT/ablation_final (no freezing); results: $NANO_OUT/eval/"

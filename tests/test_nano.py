@@ -1,0 +1,73 @@
+"""The shipped MOSS-Speech-Nano checkpoint answers spoken questions: the README's first command, as tests.
+
+The example question (`examples/colour_of_banana.wav`) is a fact trained as speech, asked in the held-out test voice.
+Decoding is greedy, so answers are deterministic. Spoken answers are checked by the codec's own CTC recogniser,
+reading the answer's speech codes (the Griffin-Lim-vocoded waveform is not intelligible to it; see the README).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+from modeling_moss_speech import MossSpeechChat, pretrained
+from modeling_moss_speech.evaluation import greedy_kwargs, normalize_answer
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = {"colour_of_banana.wav": "yellow"}
+
+
+@pytest.fixture(scope="module")
+def nano():
+    try:
+        path = pretrained.nano_path()
+    except FileNotFoundError as error:
+        pytest.fail(f"the shipped checkpoint is missing: {error}")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    return model, processor
+
+
+def _ask(model, processor, wav: Path, output_modality: str):
+    conversation = [{"role": "user", "content": {"type": "audio", "path": str(wav)}}]
+    chat = MossSpeechChat(model, processor)
+    return chat.reply(conversation, output_modality=output_modality, **greedy_kwargs(40))
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_spoken_question_gets_the_right_spoken_answer(nano, example):
+    model, processor = nano
+    first = _ask(model, processor, ROOT / "examples" / example, "audio")
+    assert first.audio is not None and first.codes.numel() > 0, "no spoken answer"
+    heard = processor.codec.transcribe_codes([first.codes])[0]
+    assert normalize_answer(heard) == EXAMPLES[example], (heard, first.codes.tolist())
+    assert first.sampling_rate == 24000 and first.audio.numel() == 1920 * first.codes.numel()
+    again = _ask(model, processor, ROOT / "examples" / example, "audio")
+    assert torch.equal(first.codes, again.codes)  # greedy decoding: the same answer every time
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_spoken_question_gets_the_right_text_answer(nano, example):
+    model, processor = nano
+    answer = _ask(model, processor, ROOT / "examples" / example, "text")
+    assert normalize_answer(answer.text) == EXAMPLES[example]
+
+
+def test_readme_first_command_answers_with_speech_and_text(tmp_path):
+    out = tmp_path / "answer.wav"
+    result = subprocess.run(
+        [sys.executable, "-m", "modeling_moss_speech.cli", "chat", "--wav", str(ROOT / "examples" /
+         "colour_of_banana.wav"), "--out", str(out)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert normalize_answer(result.stdout) == "yellow"
+    speech, rate = sf.read(str(out))
+    assert rate == 24000 and len(speech) > 0.2 * rate

@@ -1,0 +1,65 @@
+"""Tables of the MOSS-Speech-Nano evaluation, and the shipped checkpoint's model card with them.
+
+    python training/nano_report.py --eval outputs/nano/eval \
+        --checkpoint modeling_moss_speech/pretrained/moss-speech-nano
+
+Reads the `moss-speech eval` JSON files of the recipe (`final_*.json`, `ablation_final_*.json` and the stage-I
+text checks `stage1_test_t2t.json` / `ablation_stage1_test_t2t.json`), prints the Markdown tables (frozen recipe
+vs. no-freezing ablation, per split) and writes `README.md` (the nano model card) into `--checkpoint`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from modeling_moss_speech.evaluation import markdown_comparison
+from modeling_moss_speech.hub import render_model_card
+
+SPLITS = {"test": "held-out facts (seen only as text), held-out voice — the transfer test",
+          "test_seen": "facts trained as speech, held-out voice"}
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def report(eval_dir: Path) -> str:
+    """Markdown: one comparison table per split found, plus text retention right after stage I."""
+    parts = []
+    for split, meaning in SPLITS.items():
+        runs = {name: _load(eval_dir / f"{stem}_{split}.json")
+                for name, stem in (("frozen stage I (shipped)", "final"), ("no freezing (ablation)", "ablation_final"))}
+        runs = {k: v for k, v in runs.items() if v is not None}
+        if runs:
+            count = next(iter(runs.values()))["counts"]["spoken_questions"]
+            parts.append(f"Split `{split}` ({meaning}; {count} spoken questions, greedy decoding):\n\n"
+                         + markdown_comparison(runs))
+    stage1 = {name: _load(eval_dir / f"{stem}_test_t2t.json")
+              for name, stem in (("frozen stage I", "stage1"), ("no freezing", "ablation_stage1"))}
+    stage1 = {k: v for k, v in stage1.items() if v is not None}
+    if stage1:
+        parts.append("Text knowledge right after stage I (T->T on the `test` facts):\n\n" + markdown_comparison(stage1))
+    if not parts:
+        raise ValueError(f"no evaluation results in {str(eval_dir)!r}.")
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--eval", default="outputs/nano/eval", help="directory of the recipe's eval JSON files")
+    parser.add_argument("--checkpoint", default=None, help="write the model card (README.md) into this checkpoint")
+    parser.add_argument("--repo-id", default="moss-speech/MOSS-Speech-Nano")
+    args = parser.parse_args(argv)
+    tables = report(Path(args.eval))
+    print(tables)
+    if args.checkpoint:
+        card = render_model_card(args.checkpoint, card="nano", repo_id=args.repo_id, codec_location="codec",
+                                 values={"evaluation": tables})
+        (Path(args.checkpoint) / "README.md").write_text(card)
+    return tables
+
+
+if __name__ == "__main__":
+    main()
