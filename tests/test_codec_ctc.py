@@ -96,7 +96,7 @@ def test_train_speech_tokenizer_learns_and_saves_a_transcribing_codec(tmp_path):
     summary = train_speech_tokenizer.main([
         "--corpus", str(tmp_path / "corpus"), "--config", str(tmp_path / "codec.json"),
         "--output", str(tmp_path / "out"), "--max-steps", "600", "--batch-size", "5", "--eval-every", "1000",
-        "--learning-rate", "5e-3", "--threads", "1",
+        "--learning-rate", "5e-3",
     ])
     assert summary["steps"] == 600
     codec = MossSpeechCodecModel.from_pretrained(tmp_path / "out").eval()
