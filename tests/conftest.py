@@ -97,3 +97,13 @@ def espeak(text: str, voice: str = "en-us", speed: int = 160, pitch: int = 50):
                        check=True, capture_output=True)
         wav, rate = sf.read(handle.name, dtype="float32")
     return torch.from_numpy(wav), rate
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread (on a busy machine more threads mostly wait on each other); the
+    process's thread count is restored afterwards, so later tests compute exactly as before."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

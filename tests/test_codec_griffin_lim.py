@@ -16,14 +16,7 @@ from modeling_moss_speech.configuration_moss_speech_codec import MossSpeechCodec
 from modeling_moss_speech.modeling_moss_speech_codec import prompt_mel_spectrogram
 from modeling_moss_speech.modeling_moss_speech_codec_griffin_lim import MossSpeechCodecGriffinLim
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy machine more threads mostly wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 @pytest.fixture(scope="module")

@@ -44,12 +44,7 @@ FACTS = [
 VOICES = ("en-us+f1", "en-us+m3")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 def _flac(seconds: float, seed: int) -> bytes:

@@ -47,13 +47,7 @@ def text_only(seed: int, n: int) -> list[list[int]]:
     return text_rows(torch.randint(0, 250, (n,), generator=g).tolist())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train faster on one thread than on shared cores (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
 
 
 @pytest.fixture
