@@ -107,3 +107,22 @@ def test_train_speech_tokenizer_learns_and_saves_a_transcribing_codec(tmp_path):
     scores = train_speech_tokenizer.recognition_scores(heard, texts)
     assert scores["cer"] < 0.3, (heard, scores)  # an untrained encoder scores ~1.0
     assert summary["codes_used"] > 1
+
+
+def test_train_speech_recognizer_changes_only_the_ctc_head(tmp_path):
+    import train_speech_recognizer
+
+    _tiny_corpus(tmp_path / "corpus")
+    torch.manual_seed(0)
+    config = ctc_config(vocoder_type="griffin_lim", griffin_lim_iters=4, speaker_config=None)
+    MossSpeechCodecModel(config).save_pretrained(tmp_path / "codec")
+    summary = train_speech_recognizer.main([
+        "--codec", str(tmp_path / "codec"), "--corpus", str(tmp_path / "corpus"), "--output", str(tmp_path / "out"),
+        "--max-train-examples", "6", "--eval-examples", "2", "--max-steps", "5", "--batch-size", "4",
+    ])
+    assert summary["examples"] > 0 and set(summary["validation_after"]) == {"original", "roundtrip"}
+    before = MossSpeechCodecModel.from_pretrained(tmp_path / "codec").state_dict()
+    after = MossSpeechCodecModel.from_pretrained(tmp_path / "out").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # The codes the LLM was trained on stay exactly the same: only the recogniser head moves.
+    assert changed and all(k.startswith("encoder.ctc_head.") for k in changed)

@@ -3,7 +3,8 @@
 #
 #   bash training/recipes/nano.sh
 #
-# corpus (espeak-ng) -> speech tokenizer (encoder + VQ + CTC) -> speech decoder (flow, Griffin-Lim) -> text tokenizer
+# corpus (espeak-ng) -> speech tokenizer (encoder + VQ + CTC) -> speech decoder (flow, Griffin-Lim) -> recogniser
+# head on decoded speech -> text tokenizer
 # -> text model (every fact as text) -> codes and training data -> stage I (frozen text backbone) -> stage II (joint,
 # text mixed in) -> SFT (TRL, four modes) -> checkpoint outputs/nano/final; then the ablation (the same recipe with
 # stage I unfrozen) -> outputs/nano/ablation_final; then `moss-speech eval` of both on the held-out test split.
@@ -110,6 +111,11 @@ run_step codec_decoder "$PY" training/train_speech_decoder.py --codec "$NANO_OUT
   --corpus "$NANO_DATA/corpus" --config training/configs/nano_codec.json --output "$NANO_OUT/codec" \
   --max-minutes "$CODEC_DECODER_MINUTES" --threads "$THREADS" --save-voices "$NANO_OUT/voices"
 
+# the recogniser (CTC head only) also learns the codec's own decoded speech; encoder and codes are unchanged
+run_step codec_recognizer "$PY" training/train_speech_recognizer.py --codec "$NANO_OUT/codec" \
+  --corpus "$NANO_DATA/corpus" --voice "$NANO_OUT/voices/canonical.safetensors" --output "$NANO_OUT/codec_asr" \
+  --max-train-examples 4000 --max-steps 2000 --threads "$THREADS"
+
 # ---------------------------------------------------------------------------------------------- text LLM
 run_step tokenizer "$PY" processing/build_nano_tokenizer.py --corpus "$NANO_DATA/corpus" \
   --output "$NANO_OUT/tokenizer"
@@ -140,7 +146,7 @@ for run in main ablation; do
     --dataset_name "$NANO_DATA/sft" --output_dir "$root/sft" --max_steps "$SFT_STEPS"
   # the shipped layout: LLM + processor + codec/ + voices/ (the decoder step's canonical/female/male prompts)
   run_step "${prefix}assemble" "$PY" training/assemble_nano.py --model "$root/sft" \
-    --processor "$NANO_OUT/tokenizer" --codec "$NANO_OUT/codec" --corpus "$NANO_DATA/corpus" --data "$NANO_DATA" \
+    --processor "$NANO_OUT/tokenizer" --codec "$NANO_OUT/codec_asr" --corpus "$NANO_DATA/corpus" --data "$NANO_DATA" \
     --voices-dir "$NANO_OUT/voices" --voices --output "$final"
 done
 
@@ -158,7 +164,7 @@ for name in stage1 ablation_stage1; do
   src=$NANO_OUT/${name/ablation_/ablation/}
   run_step "eval_${name}_t2t" bash -c "rm -rf '$NANO_OUT/eval_$name' && mkdir -p '$NANO_OUT/eval_$name' && \
     cp '$src/config.json' '$src/model.safetensors' '$NANO_OUT/tokenizer/'* '$NANO_OUT/eval_$name/' && \
-    cp -r '$NANO_OUT/codec' '$NANO_OUT/eval_$name/codec' && '$PY' -m modeling_moss_speech.cli eval \
+    cp -r '$NANO_OUT/codec_asr' '$NANO_OUT/eval_$name/codec' && '$PY' -m modeling_moss_speech.cli eval \
     --model '$NANO_OUT/eval_$name' --corpus '$NANO_DATA/corpus' --split test --tasks t2t \
     --baseline-text-model '$NANO_OUT/text_model' -o '$NANO_OUT/eval/${name}_test_t2t.json'"
 done

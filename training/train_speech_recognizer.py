@@ -1,0 +1,134 @@
+"""Make the codec's CTC recogniser robust to decoded speech: train its head on the codes of clean AND vocoded audio.
+
+The recogniser is `encoder → codes → ctc_head`. Trained on clean espeak-ng audio only, it cannot read the codec's own
+decoded speech (the Griffin-Lim vocoder's artefacts change the codes the encoder hears), so spoken answers could not
+be checked by ear. This step decodes training utterances with the codec (flow + vocoder, with and without a voice
+prompt), encodes the result again, and trains ONLY the CTC head on both code streams. The encoder and codebook are
+untouched, so the codes (what the LLM was trained on) stay exactly the same.
+
+    python training/train_speech_recognizer.py --codec outputs/nano/codec --corpus data/nano/corpus \\
+        --voice outputs/nano/voices/canonical.safetensors --output outputs/nano/codec_asr
+
+Prints JSON: validation CER / exact match of the original audio and of its encode→decode round trip, before and
+after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_speech_tokenizer import _read_split, _targets, recognition_scores  # noqa: E402
+
+from modeling_moss_speech import MossSpeechCodecModel, MossSpeechVoicePrompt  # noqa: E402
+
+
+@torch.no_grad()
+def vocoded_codes(codec: MossSpeechCodecModel, codes: list[torch.Tensor], prompts: list, batch_size: int,
+                  desc: str) -> list[torch.Tensor]:
+    """Codes of the codec's own speech for `codes`: decode (flow + vocoder) → 16 kHz → encode."""
+    out: list[torch.Tensor] = []
+    rate = codec.config.output_sampling_rate
+    for start in tqdm(range(0, len(codes), batch_size), desc=desc, leave=False):
+        batch = codes[start : start + batch_size]
+        speech = codec.decode(batch, voice_prompt=prompts[start : start + batch_size])
+        waves = [torchaudio.functional.resample(speech.waveforms[i, : int(speech.lengths[i])], rate, 16000)
+                 for i in range(len(batch))]
+        out.extend(codec.encode(waves, sampling_rate=16000).codes)
+    return out
+
+
+@torch.no_grad()
+def scores(codec: MossSpeechCodecModel, waves, texts, voice) -> dict[str, dict[str, float]]:
+    codes = codec.encode(waves, sampling_rate=16000).codes
+    heard = codec.transcribe_codes(codes)
+    again = codec.transcribe_codes(vocoded_codes(codec, codes, [voice] * len(codes), 16, "round trip"))
+    return {"original": recognition_scores(heard, texts), "roundtrip": recognition_scores(again, texts)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--codec", required=True, help="the trained codec (tokenizer with CTC head + decoder)")
+    parser.add_argument("--corpus", required=True, help="DatasetDict of processing/synthesize_espeak.py")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--voice", default=None, help="a saved voice prompt used for half of the decoded speech")
+    parser.add_argument("--max-train-examples", type=int, default=3000)
+    parser.add_argument("--eval-examples", type=int, default=50)
+    parser.add_argument("--max-steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    started = time.monotonic()
+
+    codec = MossSpeechCodecModel.from_pretrained(args.codec).eval()
+    codec._require_ctc()
+    alphabet = codec.config.encoder_config.ctc_alphabet
+    voice = MossSpeechVoicePrompt.load(args.voice) if args.voice else None
+    waves, texts = _read_split(args.corpus, "train", args.max_train_examples)
+    eval_waves, eval_texts = _read_split(args.corpus, "validation", args.eval_examples)
+    before = scores(codec, eval_waves, eval_texts, voice)
+
+    clean = codec.encode(waves, sampling_rate=16000).codes
+    prompts = [voice if i % 2 else None for i in range(len(clean))]
+    decoded = vocoded_codes(codec, clean, prompts, 16, "vocoded training speech")
+    targets = _targets(texts, alphabet)
+    upsample = codec.config.encoder_config.ctc_upsample
+    # Both streams, each usable only where CTC can align it (enough frames for the characters).
+    examples = [(c, t) for stream in (clean, decoded) for c, t in zip(stream, targets)
+                if c.numel() * upsample >= t.numel()]
+
+    head = codec.encoder.ctc_head
+    codec.requires_grad_(False)
+    head.requires_grad_(True)
+    head.train()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=args.learning_rate, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / args.max_steps)))
+    progress = tqdm(range(args.max_steps), desc="recogniser head")
+    for step in progress:
+        batch = rng.sample(examples, min(args.batch_size, len(examples)))
+        lengths = torch.tensor([c.numel() for c, _ in batch])
+        codes = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long)
+        for row, (c, _) in enumerate(batch):
+            codes[row, : c.numel()] = c
+        mask = torch.arange(codes.shape[1])[None] < lengths[:, None]
+        log_probs = head(codec.encoder.code_vectors(codes), mask)
+        loss = F.ctc_loss(log_probs.transpose(0, 1), torch.cat([t for _, t in batch]), lengths * upsample,
+                          torch.tensor([t.numel() for _, t in batch]), blank=0, zero_infinity=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        if step % 50 == 0:
+            progress.set_postfix(ctc=f"{loss.item():.3f}")
+    head.eval()
+    after = scores(codec, eval_waves, eval_texts, voice)
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    codec.save_pretrained(args.output)
+    summary = {"steps": args.max_steps, "minutes": round((time.monotonic() - started) / 60, 2),
+               "examples": len(examples), "validation_before": before, "validation_after": after,
+               "output": args.output}
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
