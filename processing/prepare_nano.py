@@ -134,7 +134,7 @@ def check_speech_only_of_train_facts(corpus: datasets.DatasetDict) -> None:
 
 
 def codec_fingerprint(codec_dir: str | os.PathLike) -> str:
-    """sha256 of what decides a codec's codes: its `encoder.*` weights (names, values).
+    """sha256 of what decides a codec's codes: its `encoder.*` weights except the CTC head (names, values).
 
     The speech decoder is trained after the data is encoded and keeps the encoder unchanged, so the tokenizer-only
     codec and the final codec share a fingerprint.
@@ -148,7 +148,9 @@ def codec_fingerprint(codec_dir: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     for name in weights:
         with safe_open(os.path.join(codec_dir, name), framework="pt") as handle:
-            for key in sorted(k for k in handle.keys() if k.startswith("encoder.")):
+            # The CTC head reads codes but does not make them (it can be retrained on decoded speech later).
+            for key in sorted(k for k in handle.keys()
+                              if k.startswith("encoder.") and not k.startswith("encoder.ctc_head.")):
                 digest.update(key.encode())
                 digest.update(handle.get_tensor(key).contiguous().numpy().tobytes())
     return digest.hexdigest()
