@@ -104,7 +104,11 @@ class MossSpeechCodecEncoder(nn.Module):
 
     def code_vectors(self, codes: torch.LongTensor) -> torch.Tensor:
         """Codebook vectors of `codes` (B, T') plus the 12.5 Hz position table: the CTC head's input."""
-        return self.codebook(codes) + self.embed_positions2.weight[: codes.shape[1]]
+        return self.with_code_positions(self.codebook(codes))
+
+    def with_code_positions(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(B, T', d_model) 12.5 Hz vectors plus the position table (training feeds straight-through vectors)."""
+        return vectors + self.embed_positions2.weight[: vectors.shape[1]]
 
     @property
     def max_input_frames(self) -> int:

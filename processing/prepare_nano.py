@@ -61,6 +61,7 @@ for _path in (_HERE.parent, _HERE):
         sys.path.insert(0, str(_path))
 
 import datasets  # noqa: E402
+import prepare_dataset  # noqa: E402
 from build_nano_tokenizer import nano_processor, special_ids  # noqa: E402
 from prepare_dataset import load_audio_value, speech_segment_rows, text_segment_rows  # noqa: E402
 
@@ -77,18 +78,14 @@ CODES_FEATURES = datasets.Features({
     "canonical": datasets.Value("bool"),
     "codes": datasets.List(datasets.Value("int32")),
 })
+# prepare_dataset's schemas (what pretrain.py / sft.py read) plus the nano bookkeeping columns.
 GRID_FEATURES = datasets.Features({
-    "input_ids": datasets.List(datasets.List(datasets.Value("int32"), length=2)),
+    **prepare_dataset.GRID_FEATURES,
     "form": datasets.Value("string"),
     "utt_id": datasets.Value("string"),
 })
-_CONTENT = {"type": datasets.Value("string"), "text": datasets.Value("string"),
-            "codes": datasets.List(datasets.Value("int32"))}
 SFT_FEATURES = datasets.Features({
-    "messages": datasets.List({"role": datasets.Value("string"), "content": _CONTENT}),
-    "output_modality": datasets.Value("string"),
-    "question_text": datasets.Value("string"),
-    "answer_text": datasets.Value("string"),
+    **prepare_dataset.SFT_FEATURES,
     "mode": datasets.Value("string"),
     "fact_id": datasets.Value("string"),
     "utt_id": datasets.Value("string"),

@@ -37,6 +37,7 @@ import torchaudio
 from tqdm.auto import tqdm
 
 from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel
+from modeling_moss_speech.evaluation import edit_distance
 from modeling_moss_speech.modeling_moss_speech_codec import prompt_mel_spectrogram
 
 logger = logging.getLogger("train_speech_decoder")
@@ -160,17 +161,6 @@ def validation_loss(codec: MossSpeechCodecModel, codes, mels, batch_size: int) -
         losses.append(float(codec.flow.compute_loss(token, lengths, feat, generator=generator)))
     codec.flow.train(was_training)
     return float(np.mean(losses)) if losses else float("nan")
-
-
-def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance between two strings."""
-    previous = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        current = [i]
-        for j, y in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
-        previous = current
-    return previous[-1]
 
 
 def recognition(hypotheses: list[str], references: list[str]) -> dict[str, float]:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel
+from modeling_moss_speech.evaluation import edit_distance
 
 VQ_START_FRACTION = 0.15
 
@@ -106,8 +107,7 @@ def _ctc_forward(codec, feats, mask, quantize: bool):
         commit = ((hidden - chosen) ** 2).mean(-1)[code_mask].mean()
     else:
         vectors, commit = hidden, hidden.new_zeros(())
-    vectors = vectors + encoder.embed_positions2.weight[: vectors.shape[1]]
-    log_probs = encoder.ctc_head(vectors, code_mask)
+    log_probs = encoder.ctc_head(encoder.with_code_positions(vectors), code_mask)
     return log_probs, code_mask, hidden, out.codes, commit
 
 
@@ -163,18 +163,9 @@ class EMACodebook:
         return int(dead.numel())
 
 
-def _edit_distance(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
-
-
 def recognition_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
     """Character error rate and whole-utterance exact match of transcripts."""
-    errors = sum(_edit_distance(h, r) for h, r in zip(hypotheses, references))
+    errors = sum(edit_distance(r, h) for h, r in zip(hypotheses, references))
     chars = max(1, sum(len(r) for r in references))
     exact = sum(h == r for h, r in zip(hypotheses, references))
     return {"cer": errors / chars, "exact_match": exact / max(1, len(references))}
