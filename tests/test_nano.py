@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
+import torchaudio
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 from modeling_moss_speech import MossSpeechChat, pretrained
@@ -71,3 +72,18 @@ def test_readme_first_command_answers_with_speech_and_text(tmp_path):
     assert normalize_answer(result.stdout) == "yellow"
     speech, rate = sf.read(str(out))
     assert rate == 24000 and len(speech) > 0.2 * rate
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_same_question_at_any_rate_gets_the_same_answer(nano, channels, tmp_path):
+    """A user's recording may come at any common rate, mono or stereo: the answer must not depend on it."""
+    model, processor = nano
+    wav, rate = sf.read(str(ROOT / "examples" / "colour_of_banana.wav"), dtype="float32")
+    answers = {}
+    for target in (16000, 22050, 44100, 48000):
+        audio = torchaudio.functional.resample(torch.from_numpy(wav), rate, target)
+        audio = audio if channels == 1 else torch.stack([audio, audio * 0.8]).T  # frames × channels, as files store
+        path = tmp_path / f"q_{target}_{channels}.wav"
+        sf.write(str(path), audio.numpy(), target)
+        answers[target] = normalize_answer(_ask(model, processor, path, "text").text)
+    assert set(answers.values()) == {"yellow"}, answers
