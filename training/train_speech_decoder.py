@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--canonical-weight", type=int, default=2, help="draws of each canonical-voice row per epoch")
+    parser.add_argument("--canonical-only", action="store_true",
+                        help="train on the assistant's (canonical) voice only: the voice every spoken answer uses")
     parser.add_argument("--max-train-examples", type=int, default=None, help="random subset of train (smoke runs)")
     parser.add_argument("--eval-examples", type=int, default=20)
     parser.add_argument("--save-voices", default=None, help="directory for canonical/female/male voice prompts")
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     eval_rows = read_split(args.corpus, "validation", args.eval_examples, args.seed)
     codes, mels = decoder_targets(codec, train_rows)
     eval_codes, eval_mels = decoder_targets(codec, eval_rows)
-    usable = [i for i, c in enumerate(codes) if c.numel() > 0]
+    usable = [i for i, c in enumerate(codes) if c.numel() > 0 and (train_rows[i].canonical or not args.canonical_only)]
     index = [i for i in usable for _ in range(args.canonical_weight if train_rows[i].canonical else 1)]
     if not index:
         raise ValueError(f"{args.corpus}: no usable training utterance (all shorter than one code).")
