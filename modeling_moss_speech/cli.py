@@ -365,10 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", "spoken-QA accuracy (S->T, S->S, T->S, T->T), text retention and codec round trip on a corpus split",
         "Evaluate a checkpoint on a split of a spoken-QA corpus (processing/synthesize_espeak.py): exact match of "
         "the normalised answer (lowercase, letters only) for speech and text questions answered in text and in "
-        "speech (spoken answers are decoded by the codec and transcribed by its CTC recogniser), text retention "
-        "(T->T accuracy divided by that of a text-only baseline model) and the codec round trip (CTC transcription "
-        "of the question audio before and after encode -> decode). Greedy decoding, batched. Prints a table on "
-        "stdout and writes every number, some example answers and timings as JSON to --output.",
+        "speech, text retention (T->T accuracy divided by that of a text-only baseline model) and the codec round "
+        "trip (the question audio before and after encode -> decode). Spoken answers are decoded by the codec and "
+        "scored first by an independent recogniser (PocketSphinx with a grammar of the corpus' answers; the round "
+        "trip: of its questions; needs pip install 'moss-speech[eval]'), then, as secondary columns, by the codec's "
+        "own CTC head if it has one. Greedy decoding, batched. Prints a table on stdout and writes every number, "
+        "some example answers and timings as JSON to --output.",
         "eval --corpus data/nano/corpus --split test -o results.json",
         "eval --model outputs/nano/sft --corpus data/nano/corpus --baseline-text-model outputs/nano/text "
         "-o results.json",
@@ -376,8 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = evaluate.add_argument_group("checkpoints")
     group.add_argument("--model", metavar="DIR", help="MOSS-Speech checkpoint directory with its processor "
                                                       "(default: the shipped MOSS-Speech-Nano checkpoint)")
-    group.add_argument("--codec", metavar="DIR", help=f"{codec_help} with a CTC recogniser (default: the "
-                                                      "processor's codec, else the model directory's codec/ folder)")
+    group.add_argument("--codec", metavar="DIR", help=f"{codec_help}; its CTC head, if any, gives the secondary "
+                                                      "columns (default: the processor's codec, else the model "
+                                                      "directory's codec/ folder)")
     group.add_argument("--baseline-text-model", metavar="DIR",
                        help="text-only causal LM (e.g. the Qwen3 model before the speech split) with the same "
                             "tokenizer: its T->T accuracy is the denominator of text retention")
