@@ -16,6 +16,7 @@ from pathlib import Path
 
 from modeling_moss_speech.evaluation import markdown_comparison
 from modeling_moss_speech.hub import render_model_card
+from modeling_moss_speech.threads import add_threads_argument, set_threads
 
 SPLITS = {"test": "held-out facts (seen only as text), held-out voice — the transfer test",
           "test_seen": "facts trained as speech, held-out voice"}
@@ -51,7 +52,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--eval", default="outputs/nano/eval", help="directory of the recipe's eval JSON files")
     parser.add_argument("--checkpoint", default=None, help="write the model card (README.md) into this checkpoint")
     parser.add_argument("--repo-id", default="moss-speech/MOSS-Speech-Nano")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     tables = report(Path(args.eval))
     print(tables)
     if args.checkpoint:
