@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_moss_speech_codec import MossSpeechCodecConfig
 from .feature_extraction_moss_speech import MossSpeechFeatureExtractor, prepare_waveforms
-from .modeling_moss_speech_codec_encoder import MossSpeechCodecEncoder, encode_waveforms
+from .modeling_moss_speech_codec_encoder import MAX_BATCH_SECONDS, MossSpeechCodecEncoder, encode_waveforms
 from .modeling_moss_speech_codec_flow import MossSpeechCodecFlow, MossSpeechCodecFlowCFM
 from .modeling_moss_speech_codec_griffin_lim import MossSpeechCodecGriffinLim
 from .modeling_moss_speech_codec_speaker import MossSpeechCodecSpeakerEncoder
@@ -212,13 +212,17 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
     # ------------------------------------------------------------------ encode
     @torch.no_grad()
     def encode(
-        self, audio, sampling_rate: int | None = None, batch_size: int = 32
+        self, audio, sampling_rate: int | None = None, batch_size: int = 32,
+        max_batch_seconds: float = MAX_BATCH_SECONDS,
     ) -> MossSpeechCodecEncodeOutput:
         """Codes of one waveform or a list: ceil(seconds × 12.5) codes each, long audio in 30 s chunks.
 
-        `audio`: numpy array or tensor, (samples,) or (channels, samples), float; or a list of them (batched).
+        `audio`: numpy array or tensor, (samples,) or (channels, samples), float in [-1, 1] (beyond is clipped, with
+        a warning); or a list of them (batched). Each encoder call takes at most `batch_size` chunks and
+        `max_batch_seconds` of audio, so peak memory stays bounded for hours of audio (see `encode_waveforms`).
         """
-        codes = encode_waveforms(self.encoder, self.feature_extractor, audio, sampling_rate, batch_size=batch_size)
+        codes = encode_waveforms(self.encoder, self.feature_extractor, audio, sampling_rate, batch_size=batch_size,
+                                 max_batch_seconds=max_batch_seconds)
         lengths = torch.tensor([c.numel() for c in codes], dtype=torch.long)
         return MossSpeechCodecEncodeOutput(codes=codes, lengths=lengths)
 
