@@ -550,7 +550,13 @@ def _check_voice(value: str | None) -> MossSpeechVoicePrompt | tuple[np.ndarray,
 def _voice_prompt(voice: MossSpeechVoicePrompt | tuple[np.ndarray, int] | None,
                   codec: MossSpeechCodecModel) -> MossSpeechVoicePrompt | None:
     """The prompt of `_check_voice`'s result: as is, or computed by the codec from the audio samples."""
-    if voice is None or isinstance(voice, MossSpeechVoicePrompt):
+    if voice is None:
+        return voice
+    if isinstance(voice, MossSpeechVoicePrompt):
+        try:
+            codec.check_voice_prompt(voice, "--voice")
+        except ValueError as error:
+            raise CLIError(str(error)) from error
         return voice
     wave, rate = voice
     return codec.voice_prompt(wave, sampling_rate=rate)
