@@ -14,7 +14,8 @@ moss-speech demo [--model DIR] [--port 7860]                          # talk to 
 
 Errors are reported as one line on stderr (`moss-speech: error: ...`) with exit code 2; `--debug` adds the
 traceback. Progress (tqdm bars, streamed-chunk lines, transformers' loading bars) goes to stderr; `--quiet`
-silences it. Answers go to stdout, one-line summaries to stderr.
+silences it. Answers go to stdout, one-line summaries to stderr. `--threads N` sets torch's CPU threads (default:
+`$OMP_NUM_THREADS` if set, else half the usable CPUs; see `threads.py`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from .hub import CARD_TEMPLATES, publish, stage_upload
 from .modeling_moss_speech import MossSpeechForCausalLM
 from .modeling_moss_speech_codec import MossSpeechCodecModel, MossSpeechVoicePrompt
 from .processing_moss_speech import CODEC_SUBFOLDER, MossSpeechProcessor
+from .threads import add_threads_argument, set_threads
 
 PROG = "moss-speech"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,7 +117,7 @@ _positive_float, _probability = _number(float, 0, open_low=True), _number(float,
 
 
 def _global_options(top_level: bool) -> argparse.ArgumentParser:
-    """`--debug` and `--quiet`, accepted before or after the sub-command."""
+    """`--debug`, `--quiet` and `--threads`, accepted before or after the sub-command."""
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("global options")
     # Sub-commands leave the flags unset unless given, so `moss-speech --debug chat ...` keeps the top-level value.
@@ -124,6 +126,7 @@ def _global_options(top_level: bool) -> argparse.ArgumentParser:
                        help="on errors, print the full Python traceback (otherwise: one line, exit code 2)")
     group.add_argument("-q", "--quiet", action="store_true", default=default,
                        help="no progress output (progress bars, per-chunk lines) and only error-level library logs")
+    add_threads_argument(group, default=None if top_level else argparse.SUPPRESS)
     return parser
 
 
@@ -550,7 +553,13 @@ def _check_voice(value: str | None) -> MossSpeechVoicePrompt | tuple[np.ndarray,
 def _voice_prompt(voice: MossSpeechVoicePrompt | tuple[np.ndarray, int] | None,
                   codec: MossSpeechCodecModel) -> MossSpeechVoicePrompt | None:
     """The prompt of `_check_voice`'s result: as is, or computed by the codec from the audio samples."""
-    if voice is None or isinstance(voice, MossSpeechVoicePrompt):
+    if voice is None:
+        return voice
+    if isinstance(voice, MossSpeechVoicePrompt):
+        try:
+            codec.check_voice_prompt(voice, "--voice")
+        except ValueError as error:
+            raise CLIError(str(error)) from error
         return voice
     wave, rate = voice
     return codec.voice_prompt(wave, sampling_rate=rate)
@@ -968,8 +977,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exit_:  # --help, --version
             return exit_.code if isinstance(exit_.code, int) else 0
         debug, handler = args.debug, args.func
-        with _output_settings(args.quiet):
-            return handler(args)
+        threads = set_threads(args.threads)
+        try:
+            with _output_settings(args.quiet):
+                return handler(args)
+        finally:  # main() may run inside a larger program (tests, notebooks): leave its thread count as it was
+            set_threads(threads)
     except KeyboardInterrupt:
         _note("interrupted")
         return 130

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from modeling_moss_speech.evaluation import markdown_comparison
 from modeling_moss_speech.hub import render_model_card
+from modeling_moss_speech.threads import add_threads_argument, set_threads
 
 # How spoken answers are scored: first by a recogniser independent of the codec, then by the codec's own CTC head.
 SCORING = ("S->S and T->S: the spoken answer, decoded by the codec in the canonical voice, is heard first by an "
@@ -58,7 +59,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--eval", default="outputs/nano/eval", help="directory of the recipe's eval JSON files")
     parser.add_argument("--checkpoint", default=None, help="write the model card (README.md) into this checkpoint")
     parser.add_argument("--repo-id", default="moss-speech/MOSS-Speech-Nano")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     tables = report(Path(args.eval))
     print(tables)
     if args.checkpoint:

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel
 from modeling_moss_speech.evaluation import edit_distance
 from modeling_moss_speech.modeling_moss_speech_codec import prompt_mel_spectrogram
+from modeling_moss_speech.threads import add_threads_argument, set_threads
 
 logger = logging.getLogger("train_speech_decoder")
 
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-train-examples", type=int, default=None, help="random subset of train (smoke runs)")
     parser.add_argument("--eval-examples", type=int, default=20)
     parser.add_argument("--save-voices", default=None, help="directory for canonical/female/male voice prompts")
-    parser.add_argument("--threads", type=int, default=None)
+    add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=50)
     args = parser.parse_args(argv)
@@ -259,8 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise ValueError(f"--max-minutes must be positive, got {args.max_minutes}.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     rng = random.Random(args.seed)
     started = time.monotonic()
 
