@@ -37,6 +37,7 @@ buckets) would buy little and cost one graph per bucket.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -190,6 +191,12 @@ class MossSpeechGenerationConfig(GenerationConfig):
         return settings
 
 
+@functools.cache
+def _standard_fields() -> tuple[str, ...]:
+    """The public fields of a fresh `GenerationConfig` of the installed transformers (built once)."""
+    return tuple(field for field in vars(GenerationConfig()) if not field.startswith("_"))
+
+
 def unsupported_generation_fields(config: GenerationConfig) -> dict[str, str]:
     """Standard `GenerationConfig` fields set to a value MOSS-Speech's generate() cannot honour → why.
 
@@ -197,8 +204,8 @@ def unsupported_generation_fields(config: GenerationConfig) -> dict[str, str]:
     a later release is refused until it is supported here, rather than silently ignored.
     """
     problems = {}
-    for field in vars(GenerationConfig()):
-        if field.startswith("_") or field in SUPPORTED_FIELDS:
+    for field in _standard_fields():
+        if field in SUPPORTED_FIELDS:
             continue
         value = getattr(config, field, None)
         if value is None or value in NEUTRAL_VALUES.get(field, ()):
@@ -328,7 +335,7 @@ def channel_histories(grid: torch.LongTensor, mask: torch.Tensor, modality_pad_t
 
 
 def _apply_channel_processors(
-    scores: torch.Tensor, processors: list, histories: list[list[int]], rows: torch.BoolTensor
+    scores: torch.Tensor, processors: list, histories: list[list[int]] | None, rows: torch.BoolTensor
 ) -> torch.Tensor:
     """Run `processors` element by element on the `rows` being sampled, each on its own unpadded history."""
     if not processors:
@@ -454,7 +461,8 @@ class MossSpeechGenerationMixin(GenerationMixin):
             "text": _channel_processors("text", text_settings, config.vocab_size, eos_list),
             "audio": _channel_processors("audio", audio_settings, config.audio_vocab_size, []),
         }
-        histories = channel_histories(input_ids, attention_mask, config.modality_pad_token_id)
+        uses_history = bool(channel_processors["text"] or channel_processors["audio"])
+        histories = channel_histories(input_ids, attention_mask, config.modality_pad_token_id) if uses_history else {}
         pad_id = next((i for i in (gen.pad_token_id, config.pad_token_id, *eos_list) if i is not None), None)
         if pad_id is None:
             if stopping_criteria:
@@ -516,7 +524,7 @@ class MossSpeechGenerationMixin(GenerationMixin):
             step_scores = {"text": None, "audio": None}
             if "text" in logits and bool((unfinished & ~is_audio).any()):
                 scores = _penalize(logits["text"].float(), seen["text"], text_settings["repetition_penalty"])
-                scores = _apply_channel_processors(scores, channel_processors["text"], histories["text"],
+                scores = _apply_channel_processors(scores, channel_processors["text"], histories.get("text"),
                                                    unfinished & ~is_audio)
                 scores = self._process("text", scores, grid[..., 0], extra, warpers)
                 text_tok = torch.where(is_audio, text_tok, _choose(scores, text_settings["do_sample"], generator))
@@ -527,7 +535,7 @@ class MossSpeechGenerationMixin(GenerationMixin):
                 if step <= min_new:
                     scores[:, config.eosp_token_id] = float("-inf")
                 scores = _penalize(scores, seen["audio"], audio_settings["repetition_penalty"])
-                scores = _apply_channel_processors(scores, channel_processors["audio"], histories["audio"],
+                scores = _apply_channel_processors(scores, channel_processors["audio"], histories.get("audio"),
                                                    unfinished & is_audio)
                 scores = self._process("audio", scores, grid[..., 1], extra, warpers)
                 audio_tok = torch.where(is_audio, _choose(scores, audio_settings["do_sample"], generator), audio_tok)
@@ -543,7 +551,7 @@ class MossSpeechGenerationMixin(GenerationMixin):
             lengths += unfinished.long()
             for channel, modality in enumerate(MODALITIES):
                 seen[modality][unfinished, row[unfinished, channel]] = True
-            if channel_processors["text"] or channel_processors["audio"]:
+            if uses_history:
                 speech_row = row[:, 0] == config.modality_pad_token_id
                 for index in unfinished.nonzero().flatten().tolist():
                     speech = bool(speech_row[index])

@@ -64,6 +64,7 @@ def test_missing_tensor_is_an_error_naming_it(saved, tmp_path):
     # The documented opt-out: transformers' own behaviour (the missing tensor freshly initialised, reported).
     model, info = auto_class.from_pretrained(broken, strict=False, output_loading_info=True)
     assert isinstance(model, model_class) and info["missing_keys"] == {key}
+    assert "strict" not in model.config.to_dict()  # a loading option, not a config field
 
 
 def test_unexpected_tensor_is_an_error_naming_it(saved, tmp_path):
