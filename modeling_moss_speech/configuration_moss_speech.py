@@ -11,6 +11,15 @@ logger = logging.get_logger(__name__)
 
 MODALITIES = ("text", "audio")
 
+# The release's special ids. They are tokenizer ids of Qwen3's vocabulary (text) and ids next to the release codec's
+# 16384 codes (audio), so they are filled in only for vocabularies at least the release's size; a smaller vocabulary
+# gets ids derived from its own top rows instead (see `MossSpeechConfig`).
+RELEASE_VOCAB_SIZE = 151680
+RELEASE_AUDIO_VOCAB_SIZE = 16512
+RELEASE_TEXT_IDS = {"pad_token_id": 151643, "eos_token_id": [151643, 151645], "sosp_token_id": 151646,
+                    "modality_pad_token_id": 151667}
+RELEASE_AUDIO_IDS = {"eosp_token_id": 16384, "audio_pad_token_id": 512}
+
 
 @strict
 class MossSpeechConfig(Qwen3Config):
@@ -21,11 +30,21 @@ class MossSpeechConfig(Qwen3Config):
     `num_modality_layers` exist twice, once as the text tail and once as the audio tail. Defaults are
     the values of the released MOSS-Speech (Qwen3-8B based) checkpoint.
 
+    Special ids left unset (`None`) are filled in per vocabulary. A text vocabulary of at least the release's
+    151680 rows (Qwen3's tokenizer) gets the release's ids: `pad_token_id=151643`, `eos_token_id=[151643, 151645]`,
+    `sosp_token_id=151646`, `modality_pad_token_id=151667`; an audio vocabulary of at least 16512 rows gets
+    `eosp_token_id=16384`, `audio_pad_token_id=512`. So the release's `config.json`, which does not store all of
+    them, loads with the release's values. A smaller vocabulary gets no ids it does not have: `pad_token_id` and
+    `eos_token_id` stay `None`, and the ids the model needs are its top free rows (text: `modality_pad_token_id`
+    then `sosp_token_id`; audio: `audio_pad_token_id` then `eosp_token_id`, so the codes are the ids below
+    end-of-speech, as in the release).
+
     Args:
         audio_vocab_size: Rows of the speech-token embedding and of the audio head.
         num_shared_layers: Decoder layers in the shared trunk.
         num_modality_layers: Decoder layers in each tail (`num_shared_layers + num_modality_layers`
             must equal `num_hidden_layers`, as in the release).
+        pad_token_id / eos_token_id: Text padding and the ids that end a turn (see above when unset).
         sosp_token_id: Text-channel id that opens a speech segment ("start of speech").
         eosp_token_id: Audio-channel id that closes a speech segment ("end of speech").
         modality_pad_token_id: Text-channel placeholder on speech rows; a row whose text id equals it is
@@ -82,15 +101,16 @@ class MossSpeechConfig(Qwen3Config):
     sliding_window: int | None = None
     max_window_layers: int | None = None
     attention_dropout: float | int = 0.0
-    pad_token_id: int | None = 151643
+    pad_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
 
     audio_vocab_size: int = 16512
     num_shared_layers: int = 32
     num_modality_layers: int = 4
-    sosp_token_id: int = 151646
-    eosp_token_id: int = 16384
-    modality_pad_token_id: int = 151667
-    audio_pad_token_id: int = 512
+    sosp_token_id: int | None = None
+    eosp_token_id: int | None = None
+    modality_pad_token_id: int | None = None
+    audio_pad_token_id: int | None = None
     channels: int = 2
 
     def __post_init__(self, **kwargs):
@@ -99,7 +119,42 @@ class MossSpeechConfig(Qwen3Config):
         if self.layer_types is None and not self.use_sliding_window:
             self.layer_types = ["full_attention"] * self.num_hidden_layers
         super().__post_init__(**kwargs)
+        self._fill_special_ids()
         self._check_consistency()
+
+    def _fill_special_ids(self) -> None:
+        """Fill unset special ids: the release's for release-sized vocabularies, else the top free rows."""
+        channels = (
+            ("vocab_size", RELEASE_VOCAB_SIZE, RELEASE_TEXT_IDS, ("modality_pad_token_id", "sosp_token_id")),
+            ("audio_vocab_size", RELEASE_AUDIO_VOCAB_SIZE, RELEASE_AUDIO_IDS, ("audio_pad_token_id", "eosp_token_id")),
+        )
+        for size_name, release_size, release_ids, derived in channels:
+            size = getattr(self, size_name)
+            if not isinstance(size, int) or isinstance(size, bool):
+                continue  # _check_consistency names the bad size
+            if size >= release_size:
+                for name, value in release_ids.items():
+                    if getattr(self, name) is None:
+                        setattr(self, name, list(value) if isinstance(value, list) else value)
+                continue
+            # Never hand out an id the user already gave one of this vocabulary's special tokens.
+            taken = set()
+            for name in release_ids:
+                value = getattr(self, name)
+                taken |= set(value) if isinstance(value, list) else {value}
+            candidate = size - 1
+            for name in derived:
+                if getattr(self, name) is not None:
+                    continue
+                while candidate in taken:
+                    candidate -= 1
+                if candidate < 0:
+                    raise ValueError(
+                        f"MossSpeechConfig.{size_name}={size} is too small to derive {name}: pass "
+                        f"{' and '.join(derived)} explicitly."
+                    )
+                setattr(self, name, candidate)
+                taken.add(candidate)
 
     def _check_consistency(self) -> None:
         """Raise a `ValueError` naming the first inconsistent field (the release only asserted the split)."""
@@ -128,12 +183,16 @@ class MossSpeechConfig(Qwen3Config):
         if self.pad_token_id is not None:
             text_ids["pad_token_id"] = self.pad_token_id
         for name, value in text_ids.items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"MossSpeechConfig.{name} must be an integer id, got {value!r}.")
             if not 0 <= value < self.vocab_size:
                 raise ValueError(
                     f"MossSpeechConfig.{name}={value} is outside the text vocabulary [0, {self.vocab_size})."
                 )
         for name in ("eosp_token_id", "audio_pad_token_id"):
             value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"MossSpeechConfig.{name} must be an integer id, got {value!r}.")
             if not 0 <= value < self.audio_vocab_size:
                 raise ValueError(
                     f"MossSpeechConfig.{name}={value} is outside the audio vocabulary [0, {self.audio_vocab_size})."

@@ -26,6 +26,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_moss_speech import MODALITIES, MossSpeechConfig
 from .generation_moss_speech import MossSpeechGenerationConfig, MossSpeechGenerationMixin
+from .loading import checked_from_pretrained
 
 logger = logging.get_logger(__name__)
 
@@ -246,6 +247,11 @@ class MossSpeechPreTrainedModel(PreTrainedModel):
 
         transformers places modules that no entry names on "cpu" without a word and only warns about entries that
         name nothing; here either is a `ValueError` naming the entry, raised before any weight is read.
+
+        Loading is checked (see `loading.checked_from_pretrained`): a tensor missing from or unexpected in the
+        checkpoint is a `CheckpointError` naming the keys unless `strict=False` is passed; a corrupt or truncated
+        safetensors file is a `CheckpointError` naming the file; pickled weights (`pytorch_model.bin`, `.pt`) are
+        never opened, and a checkpoint that has only those is refused with a pointer to the converter.
         """
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict):
@@ -256,7 +262,8 @@ class MossSpeechPreTrainedModel(PreTrainedModel):
             with torch.device("meta"), init.no_init_weights():
                 skeleton = cls(config)
             check_device_map(skeleton, device_map)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        return checked_from_pretrained(super().from_pretrained, cls, pretrained_model_name_or_path, model_args, kwargs,
+                                       "language model")
 
     def runtime_cache_config(self) -> Qwen3Config:
         """A config whose `layer_types` cover every runtime layer; see [`runtime_cache_config`]."""

@@ -22,6 +22,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_moss_speech_codec import MossSpeechCodecConfig
 from .feature_extraction_moss_speech import MossSpeechFeatureExtractor, prepare_waveforms
+from .loading import checked_from_pretrained
 from .modeling_moss_speech_codec_encoder import MAX_BATCH_SECONDS, MossSpeechCodecEncoder, encode_waveforms
 from .modeling_moss_speech_codec_flow import MossSpeechCodecFlow, MossSpeechCodecFlowCFM
 from .modeling_moss_speech_codec_griffin_lim import MossSpeechCodecGriffinLim
@@ -163,7 +164,10 @@ class MossSpeechCodecPreTrainedModel(PreTrainedModel):
         pipeline would come back in bf16); the codec stays float32 unless `dtype` (or `torch_dtype`) is passed.
         A `device_map` may name `""` or whole components (`encoder`, `flow`, `hift`, `speaker_encoder`) on devices;
         offloading (`"disk"`, or `"cpu"` next to accelerators) is refused: the codec runs its components through
-        methods that accelerate's offload hooks do not cover.
+        methods that accelerate's offload hooks do not cover. Loading is checked as for the language model: a missing
+        or unexpected tensor is a `CheckpointError` naming the keys unless `strict=False`, a corrupt safetensors file
+        is one naming the file, and pickled weights are never opened (convert the release's with
+        `moss-speech convert --codec`).
         """
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
             kwargs["dtype"] = torch.float32
@@ -176,9 +180,11 @@ class MossSpeechCodecPreTrainedModel(PreTrainedModel):
                         f"{list(cls._components)} (each runs on one device)."
                     )
             cls._check_no_offload(device_map.values())
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        loaded = checked_from_pretrained(super().from_pretrained, cls, pretrained_model_name_or_path, model_args,
+                                         kwargs, "codec")
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info=True
         cls._check_no_offload(getattr(model, "hf_device_map", {}).values())
-        return model
+        return loaded
 
     @staticmethod
     def _check_no_offload(devices) -> None:
