@@ -8,6 +8,9 @@ import os
 # on a busy machine more threads than idle cores make the same work many times slower (issue 16). Set before torch
 # starts its thread pool; tests that need more threads set them explicitly.
 os.environ["OMP_NUM_THREADS"] = "1"
+# Tests never download: the Hub client reads this once, at import, so it is set before anything imports it (a test
+# that sets it later with monkeypatch would not take effect).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
