@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from huggingface_hub.dataclasses import strict
 from transformers import Qwen3Config
@@ -193,22 +191,21 @@ class MossSpeechConfig(Qwen3Config):
                 )
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> MossSpeechConfig:
-        """`self`, except for `decoder=True`: then a copy whose layer fields describe every runtime layer.
+        """`self`, except for `decoder=True`: then a live view of `self` whose layer fields count every runtime layer.
 
         transformers sizes caches from `get_text_config(decoder=True)` (`DynamicCache(config=...)`,
         `StaticCache(config=..., max_cache_len=n)`, generation's cache set-up), reading `num_hidden_layers` and
         `layer_types`. Those fields count the trunk plus one tail, as the release's config.json does, while the
-        model runs the trunk and both tails: the copy has `num_hidden_layers = num_runtime_layers` and the matching
-        `layer_types` (see [`runtime_layer_types`]), so such caches get one slot per runtime layer. The copy is made
-        per call and never saved; `self` (and its config.json) keeps the release's fields.
+        model runs the trunk and both tails. The view reports `num_hidden_layers = num_runtime_layers` and the
+        matching `layer_types` ([`runtime_layer_types`]), so such caches get one slot per runtime layer; every other
+        field is `self`'s, read and written through (the view shares `self`'s attributes), and nothing of it is saved:
+        `self` and its config.json keep the release's fields.
         """
         if decoder is not True or encoder is True:
             return super().get_text_config(decoder=decoder, encoder=encoder)
-        runtime = copy.copy(self)
-        # A shallow copy shares the `layer_types` list: give the copy its own.
-        runtime.layer_types = runtime_layer_types(self)
-        runtime.num_hidden_layers = len(runtime.layer_types)
-        return runtime
+        view = object.__new__(_RuntimeLayersView)
+        object.__setattr__(view, "__dict__", self.__dict__)  # same attributes, not a copy
+        return view
 
     @property
     def num_runtime_layers(self) -> int:
@@ -236,8 +233,39 @@ def runtime_layer_types(config: MossSpeechConfig) -> list[str]:
     """Attention type of every runtime layer / cache slot: trunk, then text tail, then audio tail (each tail reads
     the first `num_modality_layers` entries of `config.layer_types`, as its layers are built with block-local
     indices)."""
-    tail = list(config.layer_types[: config.num_modality_layers])
-    return list(config.layer_types[: config.num_shared_layers]) + tail + tail
+    layer_types = config.__dict__["layer_types"]  # the stored field, also when `config` is the runtime view
+    tail = list(layer_types[: config.num_modality_layers])
+    return list(layer_types[: config.num_shared_layers]) + tail + tail
+
+
+class _RuntimeLayersView(MossSpeechConfig):
+    """`MossSpeechConfig.get_text_config(decoder=True)`: the config's own attributes (shared, not copied), with
+    `num_hidden_layers` and `layer_types` counting every runtime layer. Never constructed through `__init__`."""
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.num_runtime_layers
+
+    @num_hidden_layers.setter
+    def num_hidden_layers(self, value: int) -> None:
+        raise AttributeError(
+            "num_hidden_layers of the runtime-layer view (get_text_config(decoder=True)) is derived: set "
+            "num_shared_layers / num_modality_layers / num_hidden_layers on the model config itself."
+        )
+
+    @property
+    def layer_types(self) -> list[str]:
+        return runtime_layer_types(self)
+
+    @layer_types.setter
+    def layer_types(self, value: list[str]) -> None:
+        raise AttributeError(
+            "layer_types of the runtime-layer view (get_text_config(decoder=True)) is derived: set layer_types on "
+            "the model config itself."
+        )
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> MossSpeechConfig:
+        return self
 
 
 __all__ = ["MossSpeechConfig", "MODALITIES"]

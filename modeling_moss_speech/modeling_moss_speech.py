@@ -5,8 +5,6 @@ The module tree and parameter names are the release's, so its safetensors load w
 `{text,audio}_lm_head`. Every decoder layer is transformers' own `Qwen3DecoderLayer`.
 """
 
-from __future__ import annotations
-
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3RMSNorm,
     Qwen3RotaryEmbedding,
 )
+from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
@@ -482,7 +481,7 @@ class MossSpeechModel(MossSpeechPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         modalities: Sequence[str] = MODALITIES,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MossSpeechModelOutputWithPast:
         """Embed the grid, run the trunk, then the requested tails.
 
@@ -623,7 +622,7 @@ class MossSpeechForCausalLM(MossSpeechPreTrainedModel, MossSpeechGenerationMixin
         self.post_init()
 
     @classmethod
-    def from_text_model(cls, text_model, num_shared_layers: int, **kwargs) -> MossSpeechForCausalLM:
+    def from_text_model(cls, text_model, num_shared_layers: int, **kwargs) -> "MossSpeechForCausalLM":
         """Split a pretrained Qwen3 causal LM into MOSS-Speech; see `training_utils.from_text_model`."""
         from .training_utils import from_text_model
 
@@ -734,7 +733,7 @@ class MossSpeechForCausalLM(MossSpeechPreTrainedModel, MossSpeechGenerationMixin
         num_items_in_batch: torch.Tensor | int | None = None,
         shift_labels: torch.LongTensor | None = None,
         ignore_index: int = -100,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MossSpeechCausalLMOutputWithPast:
         """Two-channel forward; see [`MossSpeechModel.forward`] for the inputs and the other keyword arguments.
 

@@ -478,3 +478,29 @@ def test_forward_exports_and_compiles_as_one_graph(model):
     torch.testing.assert_close(out.audio_logits, reference.audio_logits)
     torch.testing.assert_close(out.loss, reference.loss)
     assert MossSpeechForCausalLM._can_compile_fullgraph
+
+
+def test_inputs_embeds_of_the_grid(model):
+    grid = make_prompt(41, 9).unsqueeze(0)
+    embeds = model.model.embed_grid(grid)
+    from_ids, from_embeds = model(grid), model(inputs_embeds=embeds)
+    torch.testing.assert_close(from_embeds.text_logits, from_ids.text_logits)
+    torch.testing.assert_close(from_embeds.audio_logits, from_ids.audio_logits)
+
+
+@pytest.mark.parametrize("scaling", ["linear", "dynamic", "yarn"])
+def test_rope_scaling_from_config(scaling):
+    grids = {"short": make_prompt(42, 9).unsqueeze(0), "long": make_prompt(43, 1200).unsqueeze(0)}
+    outputs = {}
+    for name, rope in (("plain", {"rope_type": "default", "rope_theta": 10_000.0}),
+                       ("scaled", {"rope_type": scaling, "factor": 10.0, "rope_theta": 10_000.0})):
+        torch.manual_seed(0)
+        model = MossSpeechForCausalLM(tiny_config(max_position_embeddings=1024, rope_parameters=rope)).eval()
+        with torch.no_grad():
+            outputs[name] = {k: model.model(g).audio_last_hidden_state for k, g in grids.items()}
+    plain, scaled = outputs["plain"], outputs["scaled"]
+    if scaling == "dynamic":  # unchanged until the input outgrows max_position_embeddings
+        torch.testing.assert_close(plain["short"], scaled["short"])
+    else:
+        assert not torch.allclose(plain["short"], scaled["short"], atol=1e-5)
+    assert not torch.allclose(plain["long"], scaled["long"], atol=1e-5)
