@@ -51,8 +51,6 @@ def runtime_cache_config(config: MossSpeechConfig) -> MossSpeechConfig:
 # Keyword arguments a forward accepts besides its named ones: what transformers passes through models to the attention
 # implementations (flash-attention varlen metadata, `is_causal`, the output-recording flags, ...).
 _PASS_THROUGH_KWARGS = frozenset(TransformersKwargs.__annotations__) | frozenset(FlashAttentionKwargs.__annotations__)
-# The loss kwargs of transformers' causal-LM contract, consumed by `MossSpeechForCausalLM`'s loss.
-_LOSS_KWARGS = frozenset({"shift_labels", "ignore_index"})
 
 
 def check_kwargs(kwargs: dict, allowed: frozenset[str], where: str) -> None:
@@ -145,7 +143,10 @@ _HIDDEN_STATES_DOC = """hidden_states: With `output_hidden_states`, the input of
             norm (the normalised outputs are `{text,audio}_last_hidden_state`). With both tails, entry `1 + i` belongs
             to the layer owning cache slot `i`, so there are `1 + num_runtime_layers` entries; a forward that runs
             one tail (`modalities=("audio",)`) returns `1 + num_shared_layers + num_modality_layers`. Indices passed
-            as `output_hidden_states=[...]` count in the both-tails order.
+            as `output_hidden_states=[...]` count in the both-tails order. A cached step records its new rows
+            only. `generate` runs the tails lazily (only the tail of the current modality per step, the other one
+            catching up later on the rows it missed) through `run_block`/`run_tail`, outside `forward`, so nothing
+            is recorded there; run a forward over the generated grid to read its hidden states.
         attentions: With `output_attentions` (and an attention implementation that returns weights, e.g. "eager"):
             (B, heads, L, past + L) per decoder layer that ran, in the same order as `hidden_states` (without the
             leading embedding entry)."""
