@@ -212,7 +212,12 @@ class MossSpeechConfig(Qwen3Config):
         self._check_consistency()
 
     def check_grid(self, input_ids: torch.Tensor, name: str = "input_ids") -> None:
-        """Raise `TypeError`/`ValueError` unless `input_ids` is an integer (B, L, 2) grid inside both vocabularies."""
+        """Raise `TypeError`/`ValueError` unless `input_ids` is an integer (B, L, 2) grid inside both vocabularies.
+
+        Type and shape are checked always; the id range needs the values (one device-to-host sync), so it is skipped
+        while `torch.compile` or `torch.export` traces the call and for meta tensors. `generate` and the processor
+        check their grids once up front, so a traced forward still sees validated ids.
+        """
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(
                 f"{name} must be a torch.Tensor of shape (batch, length, 2), got {type(input_ids).__name__}."
@@ -224,9 +229,15 @@ class MossSpeechConfig(Qwen3Config):
                 f"{name} must have shape (batch, length, {self.channels}) with column 0 the text channel and "
                 f"column 1 the audio channel, got shape {tuple(input_ids.shape)}."
             )
-        if input_ids.shape[1] == 0:
-            raise ValueError(f"{name} is empty: got shape {tuple(input_ids.shape)}, expected at least one row.")
-        if input_ids.device.type == "meta":
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(
+                f"{name} is empty: got shape {tuple(input_ids.shape)}, expected at least one sequence of one row."
+            )
+        if input_ids.device.type == "meta" or is_tracing():
+            return
+        sizes = torch.tensor([self.vocab_size, self.audio_vocab_size], device=input_ids.device)
+        # One sync for both channels; the per-channel detail is only computed for the error message.
+        if not bool(((input_ids < 0) | (input_ids >= sizes)).any()):
             return
         for channel, (label, size) in enumerate((("text", self.vocab_size), ("audio", self.audio_vocab_size))):
             ids = input_ids[..., channel]
@@ -237,6 +248,23 @@ class MossSpeechConfig(Qwen3Config):
                     f"{name}[..., {channel}] ({label} channel) holds id {bad}, outside the {label} vocabulary "
                     f"[0, {size})."
                 )
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> MossSpeechConfig:
+        """`self`, except for `decoder=True`: then a live view of `self` whose layer fields count every runtime layer.
+
+        transformers sizes caches from `get_text_config(decoder=True)` (`DynamicCache(config=...)`,
+        `StaticCache(config=..., max_cache_len=n)`, generation's cache set-up), reading `num_hidden_layers` and
+        `layer_types`. Those fields count the trunk plus one tail, as the release's config.json does, while the
+        model runs the trunk and both tails. The view reports `num_hidden_layers = num_runtime_layers` and the
+        matching `layer_types` ([`runtime_layer_types`]), so such caches get one slot per runtime layer; every other
+        field is `self`'s, read and written through (the view shares `self`'s attributes), and nothing of it is saved:
+        `self` and its config.json keep the release's fields.
+        """
+        if decoder is not True or encoder is True:
+            return super().get_text_config(decoder=decoder, encoder=encoder)
+        view = object.__new__(_RuntimeLayersView)
+        object.__setattr__(view, "__dict__", self.__dict__)  # same attributes, not a copy
+        return view
 
     @property
     def num_runtime_layers(self) -> int:
@@ -253,6 +281,50 @@ class MossSpeechConfig(Qwen3Config):
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}.")
         return self.num_shared_layers + (0 if modality == "text" else self.num_modality_layers)
+
+
+def is_tracing() -> bool:
+    """Whether `torch.compile` or `torch.export` (strict or not) is tracing the current call."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def runtime_layer_types(config: MossSpeechConfig) -> list[str]:
+    """Attention type of every runtime layer / cache slot: trunk, then text tail, then audio tail (each tail reads
+    the first `num_modality_layers` entries of `config.layer_types`, as its layers are built with block-local
+    indices)."""
+    layer_types = config.__dict__["layer_types"]  # the stored field, also when `config` is the runtime view
+    tail = list(layer_types[: config.num_modality_layers])
+    return list(layer_types[: config.num_shared_layers]) + tail + tail
+
+
+class _RuntimeLayersView(MossSpeechConfig):
+    """`MossSpeechConfig.get_text_config(decoder=True)`: the config's own attributes (shared, not copied), with
+    `num_hidden_layers` and `layer_types` counting every runtime layer. Never constructed through `__init__`."""
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.num_runtime_layers
+
+    @num_hidden_layers.setter
+    def num_hidden_layers(self, value: int) -> None:
+        raise AttributeError(
+            "num_hidden_layers of the runtime-layer view (get_text_config(decoder=True)) is derived: set "
+            "num_shared_layers / num_modality_layers / num_hidden_layers on the model config itself."
+        )
+
+    @property
+    def layer_types(self) -> list[str]:
+        return runtime_layer_types(self)
+
+    @layer_types.setter
+    def layer_types(self, value: list[str]) -> None:
+        raise AttributeError(
+            "layer_types of the runtime-layer view (get_text_config(decoder=True)) is derived: set layer_types on "
+            "the model config itself."
+        )
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> MossSpeechConfig:
+        return self
 
 
 __all__ = ["MossSpeechConfig", "MODALITIES"]

@@ -18,6 +18,8 @@ import torch
 import torchaudio
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.models.whisper.modeling_whisper import sinusoids
 from transformers.utils import ModelOutput, logging
 
 from .configuration_moss_speech_codec import MossSpeechCodecConfig
@@ -27,7 +29,7 @@ from .modeling_moss_speech_codec_encoder import MAX_BATCH_SECONDS, MossSpeechCod
 from .modeling_moss_speech_codec_flow import MossSpeechCodecFlow, MossSpeechCodecFlowCFM
 from .modeling_moss_speech_codec_griffin_lim import MossSpeechCodecGriffinLim
 from .modeling_moss_speech_codec_speaker import MossSpeechCodecSpeakerEncoder
-from .modeling_moss_speech_codec_vocoder import MossSpeechCodecVocoder
+from .modeling_moss_speech_codec_vocoder import MossSpeechCodecVocoder, MossSpeechCodecVocoderSnake
 
 logger = logging.get_logger(__name__)
 
@@ -141,6 +143,13 @@ class MossSpeechCodecDecodeOutput(ModelOutput):
     sampling_rate: int | None = None
 
 
+# torch layers whose `reset_parameters` is their constructor's initialisation.
+_TORCH_LAYERS = (
+    torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.ConvTranspose1d, torch.nn.LayerNorm,
+    torch.nn.GroupNorm, torch.nn.Embedding,
+)
+
+
 class MossSpeechCodecPreTrainedModel(PreTrainedModel):
     """Loading glue of the codec; float32 by default whatever dtype the LM uses."""
 
@@ -196,11 +205,42 @@ class MossSpeechCodecPreTrainedModel(PreTrainedModel):
             )
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        # Components initialise themselves in their constructors (the generic init would break weight-norm
-        # parametrizations and the frozen position tables). The one thing a checkpoint cannot carry is the flow's
-        # fixed noise, a non-persistent buffer the loader leaves uninitialised: draw it again.
+        """What each component's constructor does, redone on a materialised model (meta-device construction, then
+        `to_empty()` and `init_weights()`, the path FSDP2's memory-efficient loading takes).
+
+        Not transformers' generic init: it would draw normal weights where the release uses torch's defaults, break
+        weight-norm parametrizations and overwrite the frozen sinusoid tables. Everything goes through
+        `transformers.initialization` (or torch's init functions, which transformers guards while it initialises),
+        so tensors a checkpoint provided are left alone.
+        """
+        weight_norm = getattr(getattr(module, "parametrizations", None), "weight", None)
         if isinstance(module, MossSpeechCodecFlowCFM):
+            # Not a checkpoint tensor: the flow's fixed noise, drawn again from its seed.
             module.reset_noise()
+        elif weight_norm is not None:
+            # weight_norm(conv): torch's default conv init of the direction, magnitude = its norm (as at construction).
+            direction, magnitude = weight_norm.original1, weight_norm.original0
+            init.kaiming_uniform_(direction, a=math.sqrt(5))
+            norm = torch.linalg.vector_norm(direction, dim=tuple(range(1, direction.ndim)), keepdim=True)
+            init.copy_(magnitude, norm)
+            if getattr(module, "bias", None) is not None:
+                fan_in = direction.shape[1] * math.prod(direction.shape[2:])
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            super()._init_weights(module)  # unit/zero affine, zero mean / unit variance running statistics
+        elif isinstance(module, torch.nn.Embedding) and not module.weight.requires_grad:
+            # The encoder's frozen sinusoidal position tables.
+            init.copy_(module.weight, sinusoids(*module.weight.shape).to(module.weight))
+        elif isinstance(module, _TORCH_LAYERS):
+            module.reset_parameters()  # torch's constructor init, also for subclasses (the flow's causal convs)
+        elif isinstance(module, MossSpeechCodecVocoderSnake):
+            init.ones_(module.alpha)
+        elif hasattr(module, "pos_bias_u"):
+            init.xavier_uniform_(module.pos_bias_u)
+            init.xavier_uniform_(module.pos_bias_v)
+        elif isinstance(module, MossSpeechCodecSpeakerEncoder):
+            module.reset_parameters()  # Kaiming-normal convolutions, after their default init (children first)
 
 
 class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
