@@ -3,7 +3,8 @@
 Run from a checkout (needs espeak-ng: `apt-get install -y espeak-ng`):
 
     python processing/synthesize_espeak.py --output data/nano/corpus [--seed 0] [--max-facts N] \\
-        [--voices en-us+f1 en-gb+m3 ...] [--dev-voice en+m2] [--test-voice en-us+f4] [--num-workers 2]
+        [--voices en-us+f1 en-gb+m3 ...] [--question-voices en-gb+Andy ...] [--dev-voice en+m2] \\
+        [--test-voice en-us+f4] [--dialect-test-voice en-gb-x-gbcwmd+Annie] [--num-workers 2]
 
 The world is closed: a few hundred facts (small-number addition and subtraction, capitals, colours of things,
 opposites in both directions, the day after / before a weekday, the number after one..nineteen, the month after a
@@ -11,21 +12,26 @@ month), each a lowercase question with a short answer, all made of the words of 
 `" abcdefghijklmnopqrstuvwxyz'"` (numbers are spelled out). Per category ~20 % of the facts (seeded) are `heldout`:
 they are never spoken in training; only their words are.
 
-The result, written with `DatasetDict.save_to_disk`, has five splits:
+The result, written with `DatasetDict.save_to_disk`, has seven splits:
 
 - `facts`: one row per fact, no audio: `fact_id, category, question, answer, fact_split` (`train` / `heldout`);
 - `train`: train-fact questions and answers in every training voice, the canonical-voice answers of train facts, and
   `word` rows: every distinct word of the world spoken alone by every training voice and by the canonical voice;
+  plus train-fact questions in every *question voice* (35 more voices, each a training dialect with its own named
+  espeak-ng variant, with a wider prosody range): they only ask, so a listener hears many more voices at little cost;
 - `validation`: held-out-fact questions in the dev voice (for tuning);
 - `test`: held-out-fact questions in the test voice (the evaluation split; never tune on it);
-- `test_seen`: train-fact questions in the test voice (voice shift only).
+- `test_seen`: train-fact questions in the test voice (voice shift only);
+- `test_dialect`, `test_seen_dialect`: the same two sets spoken by the dialect test voice, a dialect (West Midlands)
+  and a variant (`Annie`) that no training or question voice uses.
 
 Audio rows have the columns `utt_id, fact_id ("" for words), category ("" for words), kind (question / answer /
 word), text (what is spoken), question, answer ("" for words), voice, speed, pitch, canonical, audio`. The canonical
 voice (`en-us`, speed 160, pitch 50) is the assistant's voice; every other utterance gets a seeded random speed
-(130-190 words per minute) and pitch (30-70), derived from the seed and the utterance id, so a row is the same in a
-tiny corpus and in the full one. Voices are espeak-ng voices `<language>` or `<language>+<variant>`; the test voice's
-and the dev voice's variants (`f4`, `m2` by default) are never used in training.
+(130-190 words per minute) and pitch (30-70; question voices 110-210 and 15-90), derived from the seed and the
+utterance id, so a row is the same in a tiny corpus and in the full one. Voices are espeak-ng voices `<language>` or
+`<language>+<variant>`; the variants of the test, dev and dialect test voices (`f4`, `m2`, `Annie` by default) and the
+dialect test voice's dialect are never used in training.
 
 Reading the audio: `audio` is a `datasets.Audio(sampling_rate=16000)` column holding FLAC bytes. `datasets` 5.2
 decodes `Audio` only through torchcodec, which is not installed here, so read it undecoded and with soundfile:
@@ -73,15 +79,27 @@ TRAIN_VOICES = (
     "en-us+f1", "en-us+f2", "en-gb+f3", "en-gb-x-rp+f5", "en-029+f1", "en-gb-scotland+f3",
     "en-us+m1", "en-us+m3", "en-gb+m4", "en-gb-scotland+m5", "en-us-nyc+m6", "en-gb-x-gbclan+m7",
 )
+# Question voices: each of the seven training dialects with five named variants of its own (none of the held-out
+# variants, and no whispering, croaking or robot variants: their questions would not sound like speech).
+QUESTION_VOICES = tuple(
+    f"{dialect}+{variant}" for i, dialect in enumerate(
+        ("en-us", "en-gb", "en-gb-x-rp", "en-029", "en-gb-scotland", "en-us-nyc", "en-gb-x-gbclan"))
+    for variant in ("adam", "Alex", "Alicia", "Andrea", "Andy", "aunty", "belinda", "benjamin", "boris", "caleb",
+                    "david", "Denis", "ed", "edward", "Gene", "gustave", "Hugo", "iven", "Jacky", "john", "Lee",
+                    "linda", "max", "Michael", "Mike", "norbert", "paul", "quincy", "rob", "robert", "steph",
+                    "travis", "victor", "zac", "grandma")[5 * i:5 * i + 5])
+DIALECT_TEST_VOICE = "en-gb-x-gbcwmd+Annie"
 SPEED_RANGE = (130, 190)  # words per minute, inclusive
 PITCH_RANGE = (30, 70)  # espeak-ng pitch 0-99, inclusive
+QUESTION_SPEED_RANGE = (110, 210)
+QUESTION_PITCH_RANGE = (15, 90)
 HELDOUT_FRACTION = 0.2
 INSTALL_HINT = "apt-get install -y espeak-ng"
 
 FACT_COLUMNS = ("fact_id", "category", "question", "answer", "fact_split")
 ROW_COLUMNS = ("utt_id", "fact_id", "category", "kind", "text", "question", "answer", "voice", "speed", "pitch",
                "canonical", "audio")
-AUDIO_SPLITS = ("train", "validation", "test", "test_seen")
+AUDIO_SPLITS = ("train", "validation", "test", "test_seen", "test_dialect", "test_seen_dialect")
 
 # ------------------------------------------------------------------------------------------------ the world
 
@@ -280,17 +298,18 @@ def _synthesize_flac(job: tuple[str, str, int, int]) -> bytes:
 # ------------------------------------------------------------------------------------------------ corpus
 
 
-def _prosody(seed: int, utt_id: str) -> tuple[int, int]:
-    """Seeded speed and pitch of one utterance, a function of (seed, utt_id) only."""
+def _prosody(seed: int, utt_id: str, wide: bool = False) -> tuple[int, int]:
+    """Seeded speed and pitch of one utterance, a function of (seed, utt_id, wide) only."""
     rng = np.random.default_rng([seed, zlib.crc32(utt_id.encode())])
-    return int(rng.integers(SPEED_RANGE[0], SPEED_RANGE[1] + 1)), int(rng.integers(PITCH_RANGE[0], PITCH_RANGE[1] + 1))
+    speeds, pitches = (QUESTION_SPEED_RANGE, QUESTION_PITCH_RANGE) if wide else (SPEED_RANGE, PITCH_RANGE)
+    return int(rng.integers(speeds[0], speeds[1] + 1)), int(rng.integers(pitches[0], pitches[1] + 1))
 
 
 def _row(seed: int, fact: dict[str, str] | None, kind: str, voice: str, *, word: str = "",
-         canonical: bool = False) -> dict[str, Any]:
+         canonical: bool = False, wide: bool = False) -> dict[str, Any]:
     text = word if kind == "word" else fact[kind]
     utt_id = f"word/{word}/{voice}" if kind == "word" else f"{fact['fact_id']}/{kind}/{voice}"
-    speed, pitch = (CANONICAL_SPEED, CANONICAL_PITCH) if canonical else _prosody(seed, utt_id)
+    speed, pitch = (CANONICAL_SPEED, CANONICAL_PITCH) if canonical else _prosody(seed, utt_id, wide)
     return {"utt_id": utt_id, "fact_id": fact["fact_id"] if fact else "", "category": fact["category"] if fact else "",
             "kind": kind, "text": check_text(text, f"text of {utt_id}"), "question": fact["question"] if fact else "",
             "answer": fact["answer"] if fact else "", "voice": voice, "speed": speed, "pitch": pitch,
@@ -298,13 +317,15 @@ def _row(seed: int, fact: dict[str, str] | None, kind: str, voice: str, *, word:
 
 
 def plan_corpus(facts: Sequence[dict[str, str]], seed: int, train_voices: Sequence[str], dev_voice: str,
-                test_voice: str) -> dict[str, list[dict[str, Any]]]:
+                test_voice: str, question_voices: Sequence[str] = (),
+                dialect_test_voice: str = DIALECT_TEST_VOICE) -> dict[str, list[dict[str, Any]]]:
     """The rows (without audio) of every audio split, in a fixed order."""
     train_facts = [f for f in facts if f["fact_split"] == "train"]
     heldout_facts = [f for f in facts if f["fact_split"] == "heldout"]
     train = [_row(seed, f, kind, voice) for f in train_facts for voice in train_voices
              for kind in ("question", "answer")]
     train += [_row(seed, f, "answer", CANONICAL_VOICE, canonical=True) for f in train_facts]
+    train += [_row(seed, f, "question", voice, wide=True) for f in train_facts for voice in question_voices]
     # Words of the whole world (held-out facts included), so held-out questions use only words heard in training.
     words = sorted({w for f in facts for w in f"{f['question']} {f['answer']}".split()})
     train += [_row(seed, None, "word", voice, word=w) for w in words for voice in train_voices]
@@ -314,41 +335,52 @@ def plan_corpus(facts: Sequence[dict[str, str]], seed: int, train_voices: Sequen
         "validation": [_row(seed, f, "question", dev_voice) for f in heldout_facts],
         "test": [_row(seed, f, "question", test_voice) for f in heldout_facts],
         "test_seen": [_row(seed, f, "question", test_voice) for f in train_facts],
+        "test_dialect": [_row(seed, f, "question", dialect_test_voice) for f in heldout_facts],
+        "test_seen_dialect": [_row(seed, f, "question", dialect_test_voice) for f in train_facts],
     }
 
 
-def _check_voice_roles(train_voices: Sequence[str], dev_voice: str, test_voice: str) -> None:
+def _check_voice_roles(train_voices: Sequence[str], dev_voice: str, test_voice: str,
+                       question_voices: Sequence[str] = (), dialect_test_voice: str = DIALECT_TEST_VOICE) -> None:
     if not train_voices:
         raise ValueError("train_voices is empty: expected at least one training voice.")
-    if len(set(train_voices)) != len(train_voices):
-        raise ValueError(f"train_voices={list(train_voices)} has duplicates.")
-    if dev_voice == test_voice:
-        raise ValueError(f"dev_voice and test_voice are both {dev_voice!r}: expected two different voices.")
-    for voice in train_voices:
-        for role, held in (("test", test_voice), ("dev", dev_voice), ("canonical", CANONICAL_VOICE)):
+    heard = [*train_voices, *question_voices]
+    if len(set(heard)) != len(heard):
+        raise ValueError(f"train_voices + question_voices={heard} has duplicates.")
+    held_out = {"test": test_voice, "dev": dev_voice, "dialect test": dialect_test_voice}
+    if len(set(held_out.values())) != len(held_out):
+        raise ValueError(f"the test, dev and dialect test voices {list(held_out.values())} must be different voices.")
+    held_dialect = dialect_test_voice.partition("+")[0]
+    for voice in heard:
+        for role, held in (*held_out.items(), ("canonical", CANONICAL_VOICE)):
             variant = held.partition("+")[2]
             if voice == held or (role != "canonical" and variant and voice.partition("+")[2] == variant):
                 raise ValueError(f"training voice {voice!r} is (or shares the variant of) the {role} voice "
                                  f"{held!r}: the {role} voice must never be heard in training.")
+        if voice.partition("+")[0] == held_dialect:
+            raise ValueError(f"training voice {voice!r} speaks the dialect of the dialect test voice "
+                             f"{dialect_test_voice!r}: that dialect must never be heard in training.")
 
 
 def build_corpus(seed: int = 0, max_facts: int | None = None, train_voices: Sequence[str] = TRAIN_VOICES,
                  dev_voice: str = DEV_VOICE, test_voice: str = TEST_VOICE, num_workers: int = 2,
-                 heldout_fraction: float = HELDOUT_FRACTION, progress: bool = True) -> datasets.DatasetDict:
-    """Synthesize the corpus: a DatasetDict with splits `facts, train, validation, test, test_seen` (module doc).
+                 heldout_fraction: float = HELDOUT_FRACTION, progress: bool = True,
+                 question_voices: Sequence[str] = QUESTION_VOICES,
+                 dialect_test_voice: str = DIALECT_TEST_VOICE) -> datasets.DatasetDict:
+    """Synthesize the corpus: a DatasetDict with `facts` and the audio splits of `AUDIO_SPLITS` (module doc).
 
     `num_workers` processes synthesize in parallel (0: in this process); the result does not depend on it.
     Raises RuntimeError when espeak-ng is missing and ValueError for unknown voices or voice roles that leak.
     """
     import datasets
 
-    train_voices = list(train_voices)
-    _check_voice_roles(train_voices, dev_voice, test_voice)
-    validate_voices([*train_voices, dev_voice, test_voice, CANONICAL_VOICE])
+    train_voices, question_voices = list(train_voices), list(question_voices)
+    _check_voice_roles(train_voices, dev_voice, test_voice, question_voices, dialect_test_voice)
+    validate_voices([*train_voices, *question_voices, dev_voice, test_voice, dialect_test_voice, CANONICAL_VOICE])
     if num_workers < 0:
         raise ValueError(f"num_workers={num_workers}: expected 0 (in process) or more.")
     facts = select_facts(build_facts(seed, heldout_fraction), max_facts)
-    plan = plan_corpus(facts, seed, train_voices, dev_voice, test_voice)
+    plan = plan_corpus(facts, seed, train_voices, dev_voice, test_voice, question_voices, dialect_test_voice)
     rows = [row for split in AUDIO_SPLITS for row in plan[split]]
     jobs = [(row["text"], row["voice"], row["speed"], row["pitch"]) for row in rows]
     bar = tqdm(total=len(jobs), desc="espeak-ng", unit="utt", disable=not progress)
@@ -479,8 +511,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-facts", type=int, default=None, help="keep only this many facts (quick tests)")
     parser.add_argument("--voices", nargs="+", default=list(TRAIN_VOICES), help="training voices")
+    parser.add_argument("--question-voices", nargs="*", default=list(QUESTION_VOICES),
+                        help="voices that speak only the train-fact questions (none: pass the flag alone)")
     parser.add_argument("--dev-voice", default=DEV_VOICE)
     parser.add_argument("--test-voice", default=TEST_VOICE)
+    parser.add_argument("--dialect-test-voice", default=DIALECT_TEST_VOICE,
+                        help="voice of the test_dialect / test_seen_dialect splits: its dialect and variant are "
+                             "never used in training")
     parser.add_argument("--heldout-fraction", type=float, default=HELDOUT_FRACTION)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus at --output")
@@ -493,6 +530,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     corpus = build_corpus(seed=args.seed, max_facts=args.max_facts, train_voices=args.voices,
                           dev_voice=args.dev_voice, test_voice=args.test_voice, num_workers=args.num_workers,
+                          question_voices=args.question_voices, dialect_test_voice=args.dialect_test_voice,
                           heldout_fraction=args.heldout_fraction, progress=not args.no_progress)
     save_corpus(corpus, args.output, overwrite=args.overwrite)
     summary = {"output": str(args.output), "seed": args.seed, **summarize(corpus, time.perf_counter() - start)}

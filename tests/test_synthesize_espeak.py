@@ -20,6 +20,7 @@ if str(PROCESSING) not in sys.path:  # importable by name, so the synthesis pool
 import synthesize_espeak as se  # noqa: E402
 
 TRAIN_VOICES = ["en-us+f1", "en-gb+m3"]
+QUESTION_VOICES = ["en-gb-scotland+Andy"]
 MAX_FACTS = 6
 
 
@@ -28,7 +29,8 @@ def built(tmp_path_factory):
     """A 6-fact, 2-voice corpus made through the CLI with the 2-process pool, loaded back."""
     output = tmp_path_factory.mktemp("corpus") / "corpus"
     summary = se.main(["--output", str(output), "--seed", "3", "--max-facts", str(MAX_FACTS), "--voices",
-                       *TRAIN_VOICES, "--num-workers", "2", "--no-progress"])
+                       *TRAIN_VOICES, "--question-voices", *QUESTION_VOICES, "--num-workers", "2",
+                       "--no-progress"])
     return summary, se.load_corpus(output)
 
 
@@ -52,7 +54,7 @@ def test_world_of_facts():
 
 def test_tiny_corpus_splits(built):
     summary, corpus = built
-    assert set(corpus) == {"facts", "train", "validation", "test", "test_seen"}
+    assert set(corpus) == {"facts", "train", "validation", "test", "test_seen", "test_dialect", "test_seen_dialect"}
     assert corpus["facts"].column_names == list(se.FACT_COLUMNS)
     for split in se.AUDIO_SPLITS:
         assert corpus[split].column_names == list(se.ROW_COLUMNS)
@@ -70,20 +72,25 @@ def test_tiny_corpus_splits(built):
         for word in f"{facts[fact_id]['question']} {facts[fact_id]['answer']}".split():
             for voice in [*TRAIN_VOICES, se.CANONICAL_VOICE]:
                 assert (word, voice) in words
-    assert {r["voice"] for r in train} == {*TRAIN_VOICES, se.CANONICAL_VOICE}
+    assert {r["voice"] for r in train} == {*TRAIN_VOICES, *QUESTION_VOICES, se.CANONICAL_VOICE}
+    asking = [r for r in train if r["voice"] in QUESTION_VOICES]  # question voices only ask, with wider prosody
+    assert {r["kind"] for r in asking} == {"question"} and {r["fact_id"] for r in asking} == train_ids
+    assert all(110 <= r["speed"] <= 210 and 15 <= r["pitch"] <= 90 for r in asking)
     canonical = [r for r in train if r["canonical"]]
     assert all((r["voice"], r["speed"], r["pitch"]) == ("en-us", 160, 50) for r in canonical)
     assert {r["fact_id"] for r in canonical if r["kind"] == "answer"} == train_ids
     assert all(r["kind"] in ("answer", "word") for r in canonical)
     for r in spoken:
         assert r["text"] == r[r["kind"]] and r["question"] == facts[r["fact_id"]]["question"]
-    assert len(spoken) == len(train_ids) * (2 * len(TRAIN_VOICES) + 1)
-    non_canonical = [r for r in train if not r["canonical"]]
+    assert len(spoken) == len(train_ids) * (2 * len(TRAIN_VOICES) + 1 + len(QUESTION_VOICES))
+    non_canonical = [r for r in train if not r["canonical"] and r["voice"] not in QUESTION_VOICES]
     assert all(130 <= r["speed"] <= 190 and 30 <= r["pitch"] <= 70 for r in non_canonical)
     assert len({(r["speed"], r["pitch"]) for r in non_canonical}) > len(non_canonical) // 2  # really varied
 
     for split, voice, ids in (("validation", se.DEV_VOICE, heldout_ids), ("test", se.TEST_VOICE, heldout_ids),
-                              ("test_seen", se.TEST_VOICE, train_ids)):
+                              ("test_seen", se.TEST_VOICE, train_ids),
+                              ("test_dialect", se.DIALECT_TEST_VOICE, heldout_ids),
+                              ("test_seen_dialect", se.DIALECT_TEST_VOICE, train_ids)):
         rows = corpus[split].remove_columns("audio").to_list()
         assert {r["fact_id"] for r in rows} == ids and len(rows) == len(ids)
         assert {(r["kind"], r["voice"], r["canonical"]) for r in rows} == {("question", voice, False)}
@@ -115,7 +122,7 @@ def test_deterministic_in_process(built):
     _, corpus = built
     facts = se.select_facts(se.build_facts(3), MAX_FACTS)
     assert facts == corpus["facts"].to_list()
-    plan = se.plan_corpus(facts, 3, TRAIN_VOICES, se.DEV_VOICE, se.TEST_VOICE)
+    plan = se.plan_corpus(facts, 3, TRAIN_VOICES, se.DEV_VOICE, se.TEST_VOICE, QUESTION_VOICES)
     for split in se.AUDIO_SPLITS:
         rows = corpus[split].to_list()
         assert [{k: v for k, v in r.items() if k != "audio"} for r in rows] == plan[split]
@@ -136,6 +143,12 @@ def test_synthesize_and_checks(monkeypatch):
         se.build_corpus(max_facts=4, train_voices=["en-gb+f4"], progress=False)
     with pytest.raises(ValueError, match="dev voice"):
         se.build_corpus(max_facts=4, train_voices=["en-us+m2"], progress=False)
+    with pytest.raises(ValueError, match="dialect test voice"):  # its variant...
+        se.build_corpus(max_facts=4, question_voices=["en-us+Annie"], progress=False)
+    with pytest.raises(ValueError, match="dialect of the dialect test voice"):  # ...and its dialect are held out
+        se.build_corpus(max_facts=4, question_voices=["en-gb-x-gbcwmd+Andy"], progress=False)
+    with pytest.raises(ValueError, match="duplicates"):
+        se.build_corpus(max_facts=4, train_voices=["en-us+f1"], question_voices=["en-us+f1"], progress=False)
     with pytest.raises(ValueError, match="max_facts"):
         se.select_facts(se.build_facts(0), 1)
     monkeypatch.setattr(se.shutil, "which", lambda name: None)
