@@ -79,6 +79,24 @@ def apply_training_stage(model: nn.Module, stage: str, verbose: bool = True) -> 
     return trainable
 
 
+def check_fsdp_active(distributed_type: Any) -> None:
+    """Raise a `ValueError` when the accelerate launch asked for FSDP but accelerate is not running it.
+
+    `accelerate launch` with an FSDP config sets `ACCELERATE_USE_FSDP=true`; accelerate (1.15) honours it only on
+    accelerator devices. On CPU it silently trains with DDP (`DistributedType.MULTI_CPU`), one full model per process:
+    the memory the FSDP config was chosen for is not saved, so the scripts stop instead.
+
+    Args:
+        distributed_type: The running `accelerate.DistributedType` (`accelerator.distributed_type`).
+    """
+    requested = os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes")
+    if requested and distributed_type != "FSDP":  # DistributedType is a str enum
+        raise ValueError(f"the accelerate config asks for FSDP (ACCELERATE_USE_FSDP=true), but accelerate runs "
+                         f"{distributed_type}: accelerate enables FSDP only on accelerator devices (GPU, XPU, ...); on "
+                         "CPU it would train one full model per process. Use training/configs/ddp.yaml (or cpu.yaml) "
+                         "on CPU.")
+
+
 def grid_labels(
     input_ids: torch.LongTensor,
     config: MossSpeechConfig | MossSpeechProcessor,
@@ -513,6 +531,7 @@ __all__ = [
     "MossSpeechSFTTrainer",
     "apply_training_stage",
     "channel_target_counts",
+    "check_fsdp_active",
     "from_text_model",
     "grid_labels",
     "lora_config",

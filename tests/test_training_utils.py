@@ -8,7 +8,7 @@ from conftest import AUDIO_PAD, EOSP, MODALITY_PAD, SOSP, make_prompt, tiny_conf
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from modeling_moss_speech import MossSpeechForCausalLM
-from modeling_moss_speech.training_utils import apply_training_stage, from_text_model, grid_labels
+from modeling_moss_speech.training_utils import apply_training_stage, check_fsdp_active, from_text_model, grid_labels
 
 SPECIAL = dict(sosp_token_id=SOSP, modality_pad_token_id=MODALITY_PAD, pad_token_id=280, eosp_token_id=EOSP,
                audio_pad_token_id=AUDIO_PAD)
@@ -79,3 +79,16 @@ def test_grid_labels_target_what_generation_samples(config):
     assert labels[:, 1].tolist() == [-100, -100, 3, EOSP, -100]
     masked = grid_labels(grid[None], config, attention_mask=torch.tensor([[0, 1, 1, 1, 1]]))
     assert masked[0, 0].tolist() == [-100, -100]
+
+
+def test_check_fsdp_active_refuses_a_silent_fallback(monkeypatch):
+    from accelerate.utils import DistributedType
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        check_fsdp_active(kind)  # no FSDP asked for: anything goes
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    check_fsdp_active(DistributedType.FSDP)
+    for kind in (DistributedType.MULTI_CPU, DistributedType.NO):
+        with pytest.raises(ValueError, match=f"asks for FSDP .* accelerate runs {kind}: .* only on accelerator"):
+            check_fsdp_active(kind)

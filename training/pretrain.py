@@ -95,7 +95,13 @@ from torch.utils.data import Dataset as TorchDataset
 
 from modeling_moss_speech import MossSpeechConfig, MossSpeechForCausalLM
 from modeling_moss_speech.threads import set_threads
-from modeling_moss_speech.training_utils import TRAINING_STAGES, apply_training_stage, from_text_model, grid_labels
+from modeling_moss_speech.training_utils import (
+    TRAINING_STAGES,
+    apply_training_stage,
+    check_fsdp_active,
+    from_text_model,
+    grid_labels,
+)
 
 logger = logging.getLogger("moss_speech.pretrain")
 
@@ -707,6 +713,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused_parameters)],
     )
     _setup_logging(accelerator.is_main_process)
+    check_fsdp_active(accelerator.distributed_type)
     logger.info("accelerate: %d process(es), %s (backend %s), device %s, mixed precision %s",
                 accelerator.num_processes, accelerator.distributed_type, accelerator.state.backend,
                 accelerator.device, accelerator.mixed_precision)

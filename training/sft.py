@@ -29,6 +29,7 @@ from modeling_moss_speech.training_utils import (
     MossSpeechDataCollator,
     MossSpeechSFTTrainer,
     apply_training_stage,
+    check_fsdp_active,
     lora_config,
     prepare_sft_config,
 )
@@ -117,6 +118,7 @@ def main(
         model, args=training_args, data_collator=collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=processor, peft_config=peft_config,
     )
+    check_fsdp_active(trainer.accelerator.distributed_type)
     trainer.train()
 
     if model_args.use_peft and script_args.merge_lora:
