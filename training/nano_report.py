@@ -4,8 +4,10 @@
         --checkpoint modeling_moss_speech/pretrained/moss-speech-nano
 
 Reads the `moss-speech eval` JSON files of the recipe (`final_*.json`, `ablation_final_*.json` and the stage-I
-text checks `stage1_test_t2t.json` / `ablation_stage1_test_t2t.json`), prints the Markdown tables (frozen recipe
-vs. no-freezing ablation, per split) and writes `README.md` (the nano model card) into `--checkpoint`.
+text checks `stage1_test_t2t.json` / `ablation_stage1_test_t2t.json`; also `v1_final_*.json` /
+`v1_ablation_final_*.json` where present: the earlier recipe without the voices round, kept with the shipped
+checkpoint as the before column), prints the Markdown tables (one column per run found, per split) and writes
+`README.md` (the nano model card) into `--checkpoint`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ SCORING = ("S->S and T->S: the spoken answer, decoded by the codec in the canoni
            "world's questions. Runs evaluated before independent scoring (eval schema /1) have the CTC rows only.")
 
 SPLITS = {"test": "held-out facts (seen only as text), held-out voice — the transfer test",
-          "test_seen": "facts trained as speech, held-out voice"}
+          "test_seen": "facts trained as speech, held-out voice",
+          "test_dialect": "held-out facts, held-out dialect and voice",
+          "test_seen_dialect": "facts trained as speech, held-out dialect and voice"}
+# (column title, file stem) of every run a table may show, in column order
+RUNS = (("frozen stage I (shipped)", "final"), ("no freezing (ablation)", "ablation_final"),
+        ("v1: frozen, no voices round", "v1_final"), ("v1: no freezing, no voices round", "v1_ablation_final"))
 
 
 def _load(path: Path) -> dict | None:
@@ -38,7 +45,7 @@ def report(eval_dir: Path) -> str:
     parts = []
     for split, meaning in SPLITS.items():
         runs = {name: _load(eval_dir / f"{stem}_{split}.json")
-                for name, stem in (("frozen stage I (shipped)", "final"), ("no freezing (ablation)", "ablation_final"))}
+                for name, stem in RUNS}
         runs = {k: v for k, v in runs.items() if v is not None}
         if runs:
             count = next(iter(runs.values()))["counts"]["spoken_questions"]

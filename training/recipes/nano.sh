@@ -6,11 +6,13 @@
 # corpus (espeak-ng) -> speech tokenizer (encoder + VQ + CTC) -> speech decoder (flow, Griffin-Lim) -> recogniser
 # head on decoded speech -> the flow fine-tuned on the assistant's voice -> text tokenizer
 # -> text model (every fact as text) -> codes and training data -> stage I (frozen text backbone) -> stage II (joint,
-# text mixed in) -> SFT (TRL, four modes) -> checkpoint outputs/nano/final; then the ablation (the same recipe with
-# stage I unfrozen) -> outputs/nano/ablation_final; then `moss-speech eval` of both on the held-out test split.
+# text mixed in) -> SFT (TRL, four modes) -> the voices round (the corpus again with 35 more voices asking the train
+# facts: SFT, then VOICES_ROUNDS x (stage II, SFT)) -> checkpoint outputs/nano/final; then the ablation (the same
+# recipe with stage I unfrozen) -> outputs/nano/ablation_final; then `moss-speech eval` of both on the test splits.
 #
 # Knobs (environment variables, defaults in brackets):
-#   NANO_DATA [data/nano]     generated data: corpus/, codes/, pretrain/, sft/
+#   NANO_DATA [data/nano]     generated data: corpus/, codes/, pretrain/, sft/, and voices/ (the same for the corpus
+#                             with the question voices)
 #   NANO_OUT [outputs/nano]   models, logs/ (one log per step + timings.txt), eval/ (JSON results)
 #   THREADS [2]               CPU threads of every step (torch/OpenMP; espeak-ng workers)
 #   PYTHON [.venv/bin/python if present, else python]  interpreter with the package installed (pip install -e .[dev])
@@ -20,7 +22,9 @@
 #   NANO_DRY_RUN [0]          1: print each step's command without running anything
 #   Budgets: CODEC_TOKENIZER_MINUTES [20] CODEC_DECODER_MINUTES [18] CODEC_VOICE_MINUTES [25, twice] TEXT_MINUTES [6] STAGE1_STEPS [1100]
 #            STAGE2_STEPS [750] SFT_STEPS [1000] (steps measured at ~0.8 s (stage I/II) and ~0.55 s (SFT) per step on
-#            a busy 2-core machine: <= 15, 10 and 10 minutes), EVAL_SPLITS ["test test_seen"] (held-out facts; trained facts), both in the unseen test voice
+#            a busy 2-core machine: <= 15, 10 and 10 minutes), VOICES_ROUNDS [2],
+#            EVAL_SPLITS ["test test_seen test_dialect test_seen_dialect"] (held-out facts; trained facts; in the unseen
+#            test voice, then in the unseen dialect test voice)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -38,7 +42,8 @@ TEXT_MINUTES=${TEXT_MINUTES:-6}
 STAGE1_STEPS=${STAGE1_STEPS:-1100}
 STAGE2_STEPS=${STAGE2_STEPS:-750}
 SFT_STEPS=${SFT_STEPS:-1000}
-EVAL_SPLITS=${EVAL_SPLITS:-test test_seen}
+EVAL_SPLITS=${EVAL_SPLITS:-test test_seen test_dialect test_seen_dialect}
+VOICES_ROUNDS=${VOICES_ROUNDS:-2}
 NANO_DRY_RUN=${NANO_DRY_RUN:-0}
 
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -96,10 +101,14 @@ SPEECH_DATA="[$P/speech, $P/interleaved, $P/spoken_qa]"
 MIXED_DATA="[$P/speech, $P/interleaved, $P/spoken_qa, {path: $P/text, kind: text}]"
 EVAL_DATA="[$P/eval]"
 MIXED_EVAL_DATA="[$P/eval, {path: $P/text_eval, kind: text}]"
+V=$NANO_DATA/voices/pretrain
+VOICES_MIXED_DATA="[$V/speech, $V/interleaved, $V/spoken_qa, {path: $V/text, kind: text}]"
+VOICES_MIXED_EVAL_DATA="[$V/eval, {path: $V/text_eval, kind: text}]"
 
 # ---------------------------------------------------------------------------------------------- data and codec
+# the corpus of every step up to the first SFT: the twelve training voices (no question voices)
 run_step corpus "$PY" processing/synthesize_espeak.py --output "$NANO_DATA/corpus" --num-workers "$THREADS" \
-  --overwrite --no-progress
+  --question-voices --overwrite --no-progress
 # two phases (the second restarts the schedule at half the learning rate from the first's weights and codebook)
 run_step codec_tokenizer "$PY" training/train_speech_tokenizer.py --corpus "$NANO_DATA/corpus" \
   --config training/configs/nano_codec.json --output "$NANO_OUT/codec_tokenizer_a" --max-steps 3000 \
@@ -136,6 +145,13 @@ run_step text_model "$PY" training/train_text_model.py --corpus "$NANO_DATA/corp
 # shipped codec's codes), then grids and conversations
 run_step prepare "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/corpus" --codec "$NANO_OUT/codec_tokenizer" \
   --tokenizer "$NANO_OUT/tokenizer" --output "$NANO_DATA" --threads "$THREADS" --no-progress
+# the same corpus plus 35 question voices (train-fact questions only; every other row is byte-identical), for the
+# voices round after the first SFT; its test_dialect splits are what the evaluation also reads
+run_step corpus_voices "$PY" processing/synthesize_espeak.py --output "$NANO_DATA/voices/corpus" \
+  --num-workers "$THREADS" --overwrite --no-progress
+run_step prepare_voices "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/voices/corpus" \
+  --codec "$NANO_OUT/codec_tokenizer" --tokenizer "$NANO_OUT/tokenizer" --output "$NANO_DATA/voices" \
+  --threads "$THREADS" --no-progress
 
 # ---------------------------------------------------------------------------------------------- speech LLM
 # main run: stage I frozen, stage II joint, SFT; ablation: stage I unfrozen (nano_ablation.yaml), same afterwards
@@ -154,8 +170,23 @@ for run in main ablation; do
   run_step "${prefix}sft" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
     --model_name_or_path "$root/stage2" --processor_name_or_path "$NANO_OUT/tokenizer" \
     --dataset_name "$NANO_DATA/sft" --output_dir "$root/sft" --max_steps "$SFT_STEPS"
+  # the voices round: SFT, then VOICES_ROUNDS x (stage II, SFT), on the corpus with the 35 question voices (S->T on
+  # the unseen test voices: 25 % after the first SFT, 42 % after sft_voices, 64 % after one round)
+  run_step "${prefix}sft_voices" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
+    --model_name_or_path "$root/sft" --processor_name_or_path "$NANO_OUT/tokenizer" \
+    --dataset_name "$NANO_DATA/voices/sft" --output_dir "$root/sft_voices" --max_steps "$SFT_STEPS"
+  model=$root/sft_voices
+  for round in $(seq 1 "$VOICES_ROUNDS"); do
+    pretrain "${prefix}stage2_voices_$round" "$root/stage2_voices_$round" --config training/configs/nano_stage2.yaml \
+      --model "$model" --datasets "$VOICES_MIXED_DATA" --eval_datasets "$VOICES_MIXED_EVAL_DATA" \
+      --max_steps "$STAGE2_STEPS"
+    run_step "${prefix}sft_voices_$round" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
+      --model_name_or_path "$root/stage2_voices_$round" --processor_name_or_path "$NANO_OUT/tokenizer" \
+      --dataset_name "$NANO_DATA/voices/sft" --output_dir "$root/sft_voices_$round" --max_steps "$SFT_STEPS"
+    model=$root/sft_voices_$round
+  done
   # the shipped layout: LLM + processor + codec/ + voices/ (the decoder step's canonical/female/male prompts)
-  run_step "${prefix}assemble" "$PY" training/assemble_nano.py --model "$root/sft" \
+  run_step "${prefix}assemble" "$PY" training/assemble_nano.py --model "$model" \
     --processor "$NANO_OUT/tokenizer" --codec "$NANO_OUT/codec_voice" --corpus "$NANO_DATA/corpus" --data "$NANO_DATA" \
     --voices-dir "$NANO_OUT/voices" --voices --output "$final"
 done
@@ -164,7 +195,7 @@ done
 for split in $EVAL_SPLITS; do
   for name in final ablation_final; do
     run_step "eval_${name}_$split" "$PY" -m modeling_moss_speech.cli eval --model "$NANO_OUT/$name" \
-      --corpus "$NANO_DATA/corpus" --split "$split" --baseline-text-model "$NANO_OUT/text_model" \
+      --corpus "$NANO_DATA/voices/corpus" --split "$split" --baseline-text-model "$NANO_OUT/text_model" \
       -o "$NANO_OUT/eval/${name}_$split.json"
   done
 done

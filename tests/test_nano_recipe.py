@@ -1,0 +1,61 @@
+"""training/recipes/nano.sh (dry run: the steps and their order) and training/nano_report.py (the shipped tables)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dry_run(tmp_path: Path, **env: str) -> list[str]:
+    """The recipe's '== step: command' lines of a dry run into tmp_path (nothing is executed or written there)."""
+    env = {**os.environ, "NANO_DRY_RUN": "1", "NANO_OUT": str(tmp_path / "out"), "NANO_DATA": str(tmp_path / "data"),
+           "PYTHON": sys.executable, **env}
+    result = subprocess.run(["bash", str(ROOT / "training" / "recipes" / "nano.sh")], capture_output=True, text=True,
+                            cwd=ROOT, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    return [line for line in result.stdout.splitlines() if line.startswith("== ") and ": " in line]
+
+
+def test_recipe_steps_in_order(tmp_path):
+    lines = _dry_run(tmp_path)
+    steps = [line[3:].split(":", 1)[0] for line in lines]
+    order = ["corpus", "codec_tokenizer", "codec_decoder", "codec_voice", "text_model", "prepare", "corpus_voices",
+             "prepare_voices", "stage1", "stage2", "sft", "sft_voices", "stage2_voices_1", "sft_voices_1",
+             "stage2_voices_2", "sft_voices_2", "assemble", "ablation_stage1", "ablation_sft_voices_2",
+             "ablation_assemble", "eval_final_test_seen_dialect", "ship"]
+    assert [s for s in steps if s in order] == order
+    commands = dict(line[3:].split(": ", 1) for line in lines)
+    # the first corpus has no question voices; the voices round reads the corpus that has them
+    assert commands["corpus"].endswith("--question-voices --overwrite --no-progress")
+    assert "--question-voices" not in commands["corpus_voices"]
+    assert f"{tmp_path}/data/voices/sft" in commands["sft_voices_2"]
+    assert "--model_name_or_path " + f"{tmp_path}/out/stage2_voices_2" in commands["sft_voices_2"]
+    assert f"--model {tmp_path}/out/sft_voices_2 " in commands["assemble"]
+    assert f"--corpus {tmp_path}/data/voices/corpus --split test_dialect" in commands["eval_final_test_dialect"]
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_recipe_voices_rounds_knob(tmp_path):
+    steps = [line[3:].split(":", 1)[0] for line in _dry_run(tmp_path, VOICES_ROUNDS="1")]
+    assert "sft_voices_1" in steps and "stage2_voices_2" not in steps
+    assert [s for s in steps if s.startswith("assemble")] == ["assemble"]
+
+
+def test_nano_report_tables_of_the_shipped_eval():
+    sys.path.insert(0, str(ROOT / "training"))
+    from nano_report import RUNS, SPLITS, report
+
+    from modeling_moss_speech.pretrained import nano_path
+
+    eval_dir = Path(nano_path()) / "eval"
+    tables = report(eval_dir)
+    for split in SPLITS:
+        if (eval_dir / f"final_{split}.json").is_file():
+            assert f"Split `{split}`" in tables
+    for title, stem in RUNS:
+        assert (title in tables) == any(eval_dir.glob(f"{stem}_test*.json")), title
+    assert "| S->T |" in tables
