@@ -1,0 +1,374 @@
+"""Bounded-work streaming of the codec's decoder: an incremental chunk-causal flow and a seamless HiFT vocoder.
+
+`MossSpeechFlowStream` decodes one utterance's codes to mel as they arrive. In its streaming mode the flow is
+chunk-causal everywhere: the pre-lookahead convolution looks 3 codes ahead, the conformer layers (code rate and mel
+rate) and the estimator's transformer blocks attend to every key before the end of the query's static chunk, and
+all other convolutions are causal. A position whose chunk lies wholly inside what was decoded so far therefore
+never changes again, at any layer and at any ODE step, so its keys/values (and the last inputs of every causal
+convolution) are cached and each call only computes the codes/frames from the last complete chunk on. The result
+equals `MossSpeechCodecFlow.inference(streaming=True)` re-run over everything received (same fixed noise), up to
+float summation order.
+
+Work per call is bounded except for attention itself, whose keys are all positions so far (the model attends to
+every left chunk); memory grows with the utterance: per mel frame, 2 (keys, values) × 2 (guidance halves) ×
+n_timesteps × transformer blocks × heads·head_dim floats (about 230 MB per second of audio at release size).
+
+`MossSpeechVocoderStream` vocodes the mel pieces so that the concatenation equals a one-pass vocoding of the whole
+mel: the harmonic source's phase is integrated across chunks, the excitation of frames already vocoded is reused,
+and each piece is vocoded with left context and released only up to `right_context` frames before the end of the
+mel received (overlap-save over the vocoder's receptive field).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modeling_moss_speech_codec_flow import (
+    ESTIMATOR_MASK_BIAS,
+    MossSpeechCodecFlow,
+    _RelPositionAttention,
+    _sinusoidal_time_embedding,
+)
+
+
+class _KeyValueCache:
+    """Keys and values (B, H, T, D) of committed positions, in buffers that double when full (amortised O(1)
+    appends instead of a full copy per chunk)."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.length = 0
+
+    def extended(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Committed keys/values followed by `keys`/`values` (new, not yet committed)."""
+        if self.keys is None or self.length == 0:
+            return keys, values
+        return (torch.cat([self.keys[:, :, : self.length], keys], dim=2),
+                torch.cat([self.values[:, :, : self.length], values], dim=2))
+
+    def commit(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        count = keys.size(2)
+        if count == 0:
+            return
+        needed = self.length + count
+        if self.keys is None or needed > self.keys.size(2):
+            capacity = max(needed, 2 * (0 if self.keys is None else self.keys.size(2)), 64)
+            shape = (*keys.shape[:2], capacity, keys.size(3))
+            grown_k, grown_v = keys.new_empty(shape), values.new_empty(shape)
+            if self.keys is not None:
+                grown_k[:, :, : self.length] = self.keys[:, :, : self.length]
+                grown_v[:, :, : self.length] = self.values[:, :, : self.length]
+            self.keys, self.values = grown_k, grown_v
+        self.keys[:, :, self.length : needed] = keys
+        self.values[:, :, self.length : needed] = values
+        self.length = needed
+
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
+
+
+def _chunk_bias(start: int, end: int, chunk: int, like: torch.Tensor) -> torch.Tensor:
+    """(end - start, end) additive bias: query i (absolute, from `start`) sees keys before its chunk's end."""
+    queries = torch.arange(start, end, device=like.device)
+    chunk_end = (queries // chunk + 1) * chunk
+    visible = torch.arange(end, device=like.device).unsqueeze(0) < chunk_end.unsqueeze(1)
+    return visible
+
+
+class _StreamState:
+    """Per-call helper: the window [start, end) being computed and how many of its positions become committed."""
+
+    def __init__(self, start: int, end: int, commit: int) -> None:
+        self.start, self.end, self.commit = start, end, commit
+
+
+def _causal_conv(conv: nn.Conv1d, x: torch.Tensor, tails: dict, key: object, state: _StreamState) -> torch.Tensor:
+    """Left-padded conv of window frames `x` (B, C, n), continuing the committed input frames kept in `tails`."""
+    context = conv.kernel_size[0] - 1
+    tail = tails.get(key)
+    if tail is None:
+        tail = x.new_zeros(x.size(0), x.size(1), context)
+    full = torch.cat([tail, x], dim=2)
+    # The frames just before the new commit point: the left context of the next call's window.
+    tails[key] = full[:, :, state.commit : state.commit + context]
+    return F.conv1d(full, conv.weight, conv.bias)
+
+
+def _rel_attention(attn: _RelPositionAttention, x: torch.Tensor, cache: _KeyValueCache, state: _StreamState,
+                   chunk: int) -> torch.Tensor:
+    """`_RelPositionAttention` for window queries against cached + window keys (static chunks of `chunk`)."""
+    batch, length, _ = x.shape
+    start, end = state.start, state.end
+    q = attn._heads(attn.linear_q(x))  # (B, n, H, D)
+    k = attn._heads(attn.linear_k(x)).transpose(1, 2)
+    v = attn._heads(attn.linear_v(x)).transpose(1, 2)
+    keys, values = cache.extended(k, v)
+    # Relative distances i - j for queries in [start, end) and keys in [0, end): from end-1 down to start-end+1.
+    distance = torch.arange(end - 1, start - end, -1, device=x.device, dtype=torch.float32).unsqueeze(1)
+    d_model = attn.num_heads * attn.head_dim
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, device=x.device, dtype=torch.float32)
+                         * -(math.log(10000.0) / d_model))
+    angles = distance * inv_freq
+    pos_emb = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1).unsqueeze(0).to(x.dtype)
+    p = attn._heads(attn.linear_pos(pos_emb)).transpose(1, 2)
+    content = torch.matmul((q + attn.pos_bias_u).transpose(1, 2), keys.transpose(-2, -1))  # (B, H, n, end)
+    position = torch.matmul((q + attn.pos_bias_v).transpose(1, 2), p.transpose(-2, -1))
+    # Score (i, j) reads distance i - j, at column (end - 1) - (i - j).
+    rows = torch.arange(length, device=x.device).unsqueeze(1)
+    index = (end - 1 - start - rows + torch.arange(end, device=x.device).unsqueeze(0))
+    position = position.gather(-1, index.expand(batch, attn.num_heads, length, end))
+    scores = (content + position) / math.sqrt(attn.head_dim)
+    masked = ~_chunk_bias(start, end, chunk, x)
+    weights = torch.softmax(scores.masked_fill(masked, -float("inf")), dim=-1)
+    out = torch.matmul(weights, values).transpose(1, 2).reshape(batch, length, -1)
+    cache.commit(k[:, :, : state.commit], v[:, :, : state.commit])
+    return attn.linear_out(out)
+
+
+class MossSpeechFlowStream:
+    """Incremental streaming decode of one utterance by a `MossSpeechCodecFlow` (batch 1, eval mode).
+
+    Call `step(codes, num_out, finalize)` with all codes received so far (without the voice prompt's): it returns the
+    mel frames of codes [previous num_out, num_out), exactly those `flow.inference(codes, streaming=True,
+    finalize=finalize)` gives for them when `codes` holds num_out codes plus `pre_lookahead_len` lookahead codes
+    (finalize=False) or exactly num_out codes (finalize=True, the utterance's end).
+    """
+
+    def __init__(
+        self,
+        flow: MossSpeechCodecFlow,
+        prompt_token: torch.Tensor | None = None,
+        prompt_feat: torch.Tensor | None = None,
+        embedding: torch.Tensor | None = None,
+        num_codes: int | None = None,
+    ) -> None:
+        config = flow.config
+        self.flow, self.config = flow, config
+        weight = flow.input_embedding.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.num_codes = config.vocab_size if num_codes is None else num_codes
+        if prompt_token is None:
+            prompt_token = torch.zeros(0, dtype=torch.long)
+        if prompt_feat is None:
+            prompt_feat = torch.zeros(0, config.output_size)
+        if embedding is None:
+            embedding = torch.zeros(config.spk_embed_dim)
+        prompt_token = prompt_token.reshape(-1)
+        if prompt_token.dtype.is_floating_point or prompt_token.dtype == torch.bool:
+            raise TypeError(f"prompt_token must be integer speech codes, got dtype {prompt_token.dtype}.")
+        if prompt_feat.dim() == 3:
+            prompt_feat = prompt_feat[0]
+        if prompt_feat.dim() != 2 or prompt_feat.size(1) != config.output_size \
+                or prompt_feat.size(0) != prompt_token.numel() * config.token_mel_ratio:
+            raise ValueError(f"prompt_feat must be ({config.token_mel_ratio} x {prompt_token.numel()}, "
+                             f"{config.output_size}) log-mel frames, got {tuple(prompt_feat.shape)}.")
+        embedding = embedding.reshape(-1)
+        if embedding.numel() != config.spk_embed_dim:
+            raise ValueError(f"embedding must hold {config.spk_embed_dim} values, got {embedding.numel()}.")
+        self._check_codes("prompt_token", prompt_token)
+        self.prompt_codes = prompt_token.to(self.device).long()
+        self.prompt_frames = prompt_feat.size(0)
+        self.prompt_feat = prompt_feat.to(self.device, self.dtype).T.unsqueeze(0)  # (1, 80, Tf)
+        with torch.no_grad():
+            self.spks = flow.spk_embed_affine_layer(F.normalize(embedding.to(self.device, self.dtype)[None], dim=1))
+        self.ratio, self.lookahead = config.token_mel_ratio, config.pre_lookahead_len
+        self.code_chunk = config.encoder_static_chunk_size
+        self.frame_chunk = config.estimator_static_chunk_size
+        if self.code_chunk < 1 or self.frame_chunk < 1:
+            raise ValueError("streaming needs encoder_static_chunk_size and estimator_static_chunk_size >= 1.")
+        t_span = flow.decoder.time_steps(self.device).to(self.dtype)
+        # (t, dt) of each Euler step, in the release's accumulation order (see MossSpeechCodecFlowCFM.forward).
+        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+        t, dt = t_span[0], t_span[1] - t_span[0]
+        for step in range(1, len(t_span)):
+            self.steps.append((t, dt))
+            t = t + dt
+            if step < len(t_span) - 1:
+                dt = t_span[step + 1] - t
+        encoder = flow.encoder
+        self.encoder_caches = [_KeyValueCache() for _ in encoder.encoders]
+        self.up_caches = [_KeyValueCache() for _ in encoder.up_encoders]
+        self.encoder_tail: torch.Tensor | None = None  # encoded codes just before `code_done` (upsampling context)
+        self.code_done = 0  # codes (prompt included) whose encoder states are committed
+        self.mu = torch.zeros(1, config.output_size, 0, device=self.device, dtype=self.dtype)
+        self.frame_done = 0  # mel frames whose estimator states (all ODE steps) are committed
+        self.step_tails: list[dict] = [{} for _ in self.steps]
+        self.step_caches: list[dict] = [{} for _ in self.steps]
+        self.out_done = 0  # codes (prompt excluded) whose mel was returned
+        self.finished = False
+
+    def _check_codes(self, name: str, codes: torch.Tensor) -> None:
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_codes):
+            bad = int(codes.min()) if int(codes.min()) < 0 else int(codes.max())
+            raise ValueError(f"{name} must hold speech codes in [0, {self.num_codes}), got {bad}.")
+
+    def cache_bytes(self) -> int:
+        """Memory held by the key/value caches."""
+        caches = self.encoder_caches + self.up_caches + [c for d in self.step_caches for c in d.values()]
+        return sum(c.nbytes() for c in caches)
+
+    # ------------------------------------------------------------------ encoder
+
+    def _encode(self, codes: torch.Tensor, total: int, end: int) -> None:
+        """Encode codes [code_done, end) (prompt included) given `total` valid codes; append their mu."""
+        encoder = self.flow.encoder
+        start = self.code_done
+        low = max(start - 2, 0)
+        # Embedded codes [low, end + lookahead): zero past the `total` valid ones, as the full pass sees them.
+        window = codes[low : min(end + self.lookahead, total)]
+        x = encoder.embed.out(self.flow.input_embedding(window[None])) * encoder.embed.pos_enc.xscale
+        x = F.pad(x, (0, 0, 0, end + self.lookahead - low - x.size(1)))
+        lookahead = encoder.pre_lookahead_layer
+        h = F.leaky_relu(lookahead.conv1(x.transpose(1, 2)))  # h[j] for j in [low, end)
+        h = F.pad(h, (2 - (start - low), 0))  # conv2's zero padding left of code 0
+        h = F.conv1d(h, lookahead.conv2.weight, lookahead.conv2.bias)
+        x = h.transpose(1, 2) + x[:, start - low : end - low]
+
+        code_commit = (end // self.code_chunk) * self.code_chunk - start
+        state = _StreamState(start, end, max(code_commit, 0))
+        for layer, cache in zip(encoder.encoders, self.encoder_caches):
+            x = self._conformer(layer, x, cache, state, self.code_chunk)
+
+        # Upsampling: causal conv over the codes repeated `ratio` times, with the two previous codes as context.
+        ratio = self.ratio
+        context = encoder.up_layer.conv.kernel_size[0] - 1
+        tail = self.encoder_tail if self.encoder_tail is not None else x.new_zeros(1, 0, x.size(2))
+        prior = torch.cat([tail, x], dim=1).transpose(1, 2)
+        up = torch.repeat_interleave(prior, ratio, dim=2)
+        up = F.pad(up, (max(context - tail.size(1) * ratio, 0), 0))[:, :, -(x.size(1) * ratio + context):]
+        up = F.conv1d(up, encoder.up_layer.conv.weight, encoder.up_layer.conv.bias).transpose(1, 2)
+        keep = max(context // ratio + (context % ratio > 0), 1)
+        committed = torch.cat([tail, x[:, : state.commit]], dim=1)
+        self.encoder_tail = committed[:, -keep:] if committed.size(1) else None
+
+        up = encoder.up_embed.out(up) * encoder.up_embed.pos_enc.xscale
+        frame_state = _StreamState(start * ratio, end * ratio, state.commit * ratio)
+        for layer, cache in zip(encoder.up_encoders, self.up_caches):
+            up = self._conformer(layer, up, cache, frame_state, self.code_chunk * ratio)
+        mu = self.flow.encoder_proj(encoder.after_norm(up)).transpose(1, 2)
+        self.mu = torch.cat([self.mu[:, :, : start * ratio], mu], dim=2)
+        self.code_done = start + state.commit
+
+    @staticmethod
+    def _conformer(layer, x: torch.Tensor, cache: _KeyValueCache, state: _StreamState, chunk: int) -> torch.Tensor:
+        x = x + _rel_attention(layer.self_attn, layer.norm_mha(x), cache, state, chunk)
+        return x + layer.feed_forward(layer.norm_ff(x))
+
+    # ------------------------------------------------------------------ estimator
+
+    def _velocity(self, step: int, x: torch.Tensor, mu: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
+                  state: _StreamState) -> torch.Tensor:
+        """Guided velocity of the window frames at one Euler step (both guidance halves in one batch)."""
+        estimator = self.flow.decoder.estimator
+        tails, caches = self.step_tails[step], self.step_caches[step]
+        length = x.size(2)
+        h = torch.cat([torch.cat([x, x]), torch.cat([mu, torch.zeros_like(mu)]),
+                       torch.cat([self.spks, torch.zeros_like(self.spks)]).unsqueeze(-1).expand(-1, -1, length),
+                       torch.cat([cond, torch.zeros_like(cond)])], dim=1)
+        time = estimator.time_mlp(_sinusoidal_time_embedding(t.expand(2), 4 * self.config.output_size))
+        visible = _chunk_bias(state.start, state.end, self.frame_chunk, h)
+        bias = ((1.0 - visible.to(h.dtype)) * ESTIMATOR_MASK_BIAS)[None, None]
+
+        def block(module, h: torch.Tensor) -> torch.Tensor:  # _CausalBlock1D (mask = 1 on every frame here)
+            h = _causal_conv(module.block[0], h, tails, module, state)
+            for layer in list(module.block)[1:]:
+                h = layer(h)
+            return h
+
+        def resnet(module, h: torch.Tensor) -> torch.Tensor:
+            out = block(module.block1, h) + module.mlp(time).unsqueeze(-1)
+            return block(module.block2, out) + module.res_conv(h)
+
+        def transformers(blocks, h: torch.Tensor) -> torch.Tensor:
+            h = h.transpose(1, 2)
+            for transformer in blocks:
+                h = h + self._self_attention(transformer.attn1, transformer.norm1(h), caches, bias, state)
+                h = h + transformer.ff(transformer.norm3(h))
+            return h.transpose(1, 2)
+
+        skips = []
+        for res, blocks, down in estimator.down_blocks:
+            h = transformers(blocks, resnet(res, h))
+            skips.append(h)
+            h = _causal_conv(down, h, tails, down, state)
+        for res, blocks in estimator.mid_blocks:
+            h = transformers(blocks, resnet(res, h))
+        for res, blocks, up in estimator.up_blocks:
+            h = transformers(blocks, resnet(res, torch.cat([h, skips.pop()], dim=1)))
+            h = _causal_conv(up, h, tails, up, state)
+        velocity = estimator.final_proj(block(estimator.final_block, h))
+        v_cond, v_uncond = velocity.split(1)
+        rate = self.config.inference_cfg_rate
+        return (1.0 + rate) * v_cond - rate * v_uncond
+
+    @staticmethod
+    def _self_attention(attn, x: torch.Tensor, caches: dict, bias: torch.Tensor, state: _StreamState) -> torch.Tensor:
+        batch, length, _ = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+
+        cache = caches.setdefault(attn, _KeyValueCache())
+        k, v = heads(attn.to_k(x)), heads(attn.to_v(x))
+        keys, values = cache.extended(k, v)
+        out = F.scaled_dot_product_attention(heads(attn.to_q(x)), keys, values, attn_mask=bias)
+        cache.commit(k[:, :, : state.commit], v[:, :, : state.commit])
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    # ------------------------------------------------------------------ public
+
+    @torch.no_grad()
+    def step(self, codes: torch.Tensor | list[int], num_out: int, finalize: bool = False) -> torch.Tensor:
+        """Mel (1, 80, ratio × (num_out − previous num_out)) of the codes up to `num_out`, float32.
+
+        Args:
+            codes: every code received so far (1-D, voice prompt excluded); at least num_out + pre_lookahead_len of
+                them unless `finalize`, exactly num_out with `finalize`.
+            num_out: codes whose mel is complete after this call (non-decreasing across calls).
+            finalize: the utterance ends with these codes (the last ones get zero lookahead); no call may follow.
+        """
+        if self.finished:
+            raise ValueError("this flow stream was finalized; start a new one for another utterance.")
+        codes = torch.as_tensor(codes).reshape(-1)
+        if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+            raise TypeError(f"codes must be integer speech codes, got dtype {codes.dtype}.")
+        if isinstance(num_out, bool) or not isinstance(num_out, int) or num_out < self.out_done:
+            raise ValueError(f"num_out must be an integer >= {self.out_done} (codes already decoded), got {num_out!r}.")
+        needed = num_out if finalize else num_out + self.lookahead
+        if codes.numel() < needed or (finalize and codes.numel() != num_out):
+            raise ValueError(f"codes must hold {'exactly' if finalize else 'at least'} {needed} codes for num_out="
+                             f"{num_out} (finalize={finalize}), got {codes.numel()}.")
+        self.finished = finalize
+        codes = codes[:needed].to(self.device).long()
+        self._check_codes("codes", codes)
+        prompt = self.prompt_codes.numel()
+        end = prompt + num_out
+        frames = end * self.ratio
+        if frames > self.config.noise_max_frames:
+            raise ValueError(f"prompt + codes need {frames} mel frames, more than the fixed noise holds "
+                             f"(noise_max_frames={self.config.noise_max_frames}).")
+        first = (prompt + self.out_done) * self.ratio
+        if num_out == self.out_done:
+            return torch.zeros(1, self.config.output_size, 0, device=self.device)
+        all_codes = torch.cat([self.prompt_codes, codes])
+        self._encode(all_codes, all_codes.numel(), end)
+
+        start = self.frame_done
+        committed = (min(self.code_done * self.ratio, frames) // self.frame_chunk) * self.frame_chunk
+        state = _StreamState(start, frames, committed - start)
+        mu = self.mu[:, :, start:frames]
+        cond = torch.zeros_like(mu)
+        if start < self.prompt_frames:
+            cond[:, :, : self.prompt_frames - start] = self.prompt_feat[:, :, start : min(frames, self.prompt_frames)]
+        x = self.flow.decoder.rand_noise[:, :, start:frames].to(mu)
+        for index, (t, dt) in enumerate(self.steps):
+            x = x + dt * self._velocity(index, x, mu, cond, t, state)
+        self.frame_done = committed
+        self.out_done = num_out
+        return x[:, :, first - start :].float()
