@@ -22,6 +22,7 @@ mel received (overlap-save over the vocoder's receptive field).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from .modeling_moss_speech_codec_flow import (
     _RelPositionAttention,
     _sinusoidal_time_embedding,
 )
+from .modeling_moss_speech_codec_vocoder import MossSpeechCodecVocoder
 
 
 class _KeyValueCache:
@@ -372,3 +374,165 @@ class MossSpeechFlowStream:
         self.frame_done = committed
         self.out_done = num_out
         return x[:, :, first - start :].float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vocoder
+# ----------------------------------------------------------------------------------------------------------------
+
+_RECEPTIVE_FIELDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def vocoder_receptive_field(vocoder: MossSpeechCodecVocoder) -> tuple[int, int]:
+    """(left, right): mel frames before / after a frame that its waveform depends on (through the mel and through
+    the excitation source), measured once per vocoder by perturbing one frame of each input."""
+    if vocoder in _RECEPTIVE_FIELDS:
+        return _RECEPTIVE_FIELDS[vocoder]
+    hop, frames = vocoder.hop_length, 32
+    param = vocoder.conv_pre.bias
+    while True:
+        middle = frames // 2
+        generator = torch.Generator().manual_seed(0)
+        mel = torch.randn(1, vocoder.config.in_channels, frames, generator=generator).to(param)
+        source = (0.1 * torch.randn(1, 1, frames * hop, generator=generator)).to(param)
+        base = vocoder._decode(mel, source, None)
+        bumped_mel = mel.clone()
+        bumped_mel[:, :, middle] += 1.0
+        bumped_source = source.clone()
+        bumped_source[:, :, middle * hop : (middle + 1) * hop] += 0.5
+        changed = ((vocoder._decode(bumped_mel, source, None) - base).abs()
+                   + (vocoder._decode(mel, bumped_source, None) - base).abs())[0] > 1e-6
+        samples = changed.nonzero().squeeze(1)
+        first, last = int(samples.min()) // hop, int(samples.max()) // hop
+        if first > 0 and last < frames - 1:
+            break
+        frames *= 2
+    # A frame's output depends on inputs up to (middle - first) frames ahead and (last - middle) behind; one frame
+    # of margin covers weights that happen to be zero at the probe.
+    field = (last - middle + 1, middle - first + 1)
+    _RECEPTIVE_FIELDS[vocoder] = field
+    return field
+
+
+def _f0_receptive_field(vocoder: MossSpeechCodecVocoder) -> int:
+    """Frames each side a frame's F0 depends on (the F0 predictor's convolutions)."""
+    return sum((m.kernel_size[0] - 1) // 2 * m.dilation[0] for m in vocoder.f0_predictor.condnet
+               if isinstance(m, nn.Conv1d))
+
+
+class MossSpeechVocoderStream:
+    """Seamless streaming HiFT: push mel frames, get the waveform of the frames whose samples are final.
+
+    The concatenated output equals `vocoder._decode(whole mel, whole source)` (one pass) where the source is this
+    stream's excitation: the offline harmonic source (F0 from the whole mel, phases integrated from the utterance's
+    start) with noise drawn per segment. With the noise switched off it equals `vocoder(whole mel)`. Each call
+    vocodes the new frames plus the receptive field on both sides; the last `latency_frames` frames received are
+    released by the next push or by `flush`.
+    """
+
+    def __init__(self, vocoder: MossSpeechCodecVocoder, generator: torch.Generator | None = None,
+                 context_frames: int | None = None) -> None:
+        if not isinstance(vocoder, MossSpeechCodecVocoder):
+            raise TypeError(f"vocoder must be a MossSpeechCodecVocoder (HiFT), got {type(vocoder).__name__}.")
+        if context_frames is not None and (isinstance(context_frames, bool) or not isinstance(context_frames, int)
+                                           or context_frames < 0):
+            raise ValueError(f"context_frames must be None or a non-negative integer, got {context_frames!r}.")
+        self.vocoder, self.generator = vocoder, generator
+        left, right = vocoder_receptive_field(vocoder) if context_frames is None else (context_frames,) * 2
+        self.left, self.right = left, right
+        self.f0_field = _f0_receptive_field(vocoder)
+        source = vocoder.m_source
+        self.hop = vocoder.hop_length
+        self.harmonics = torch.arange(1, source.num_harmonics + 1, dtype=torch.float32)
+        param = vocoder.conv_pre.bias
+        self.device, self.dtype = param.device, param.dtype
+        self.mel = torch.zeros(1, vocoder.config.in_channels, 0, device=self.device, dtype=self.dtype)
+        self.source = torch.zeros(1, 1, 0, device=self.device)
+        self.base = 0  # absolute frame index of self.mel[..., 0] and of self.source's first frame
+        self.received = 0  # mel frames pushed
+        self.sourced = 0  # frames whose excitation is final
+        self.released = 0  # frames whose waveform was returned
+        self.phase_sum: torch.Tensor | None = None  # float64 (H,) cumulative cycles/sample up to frame sourced - 1
+        # Set to a list to keep every excitation segment (analysis: re-vocode the stream's mel with its source).
+        self.source_log: list[torch.Tensor] | None = None
+        self.finished = False
+
+    @property
+    def latency_frames(self) -> int:
+        """Frames received but not yet released after a push (right receptive field + F0 and phase lookahead)."""
+        return self.right + self.f0_field + 1
+
+    def _extend_source(self, end: int) -> None:
+        """Excitation of frames [sourced, end): the offline source's arithmetic, continued from `phase_sum`."""
+        start, source = self.sourced, self.vocoder.m_source
+        # F0 of frames [start - 1, end + 1) needs mel [.. ± f0 field]; it is exact there (zero padding only at the
+        # utterance's real edges).
+        low = max(start - 1 - self.f0_field, 0)
+        high = min(end + 1 + self.f0_field, self.received)
+        f0 = self.vocoder.f0_predictor(self.mel[:, :, low - self.base : high - self.base]).float()[0]
+        first = max(start - 1, 0)
+        last = min(end + 1, self.received)  # one frame past `end` for the interpolation (none at the real end)
+        f0 = f0[first - low : last - low]
+        harmonics = self.harmonics.to(f0.device)
+        rad = (f0[:, None] * harmonics / source.sampling_rate) % 1  # (frames, H)
+        new = rad[start - first :].double()
+        previous = self.phase_sum if self.phase_sum is not None else new.new_zeros(new.size(1))
+        cumulative = previous + torch.cumsum(new, dim=0)
+        phase_frames = cumulative if start == 0 else torch.cat([previous[None], cumulative])
+        self.phase_sum = cumulative[end - start - 1]
+        phase = (phase_frames.float() * 2 * math.pi)[None].transpose(1, 2)  # (1, H, frames)
+        phase = F.interpolate(phase * self.hop, scale_factor=float(self.hop), mode="linear")
+        offset = (start - first) * self.hop
+        phase = phase[:, :, offset : offset + (end - start) * self.hop]
+        f0_new = f0[start - first : end - first]
+        voiced = (f0_new > source.voiced_threshold).float().repeat_interleave(self.hop)[None, None]
+        noise_amp = voiced * source.noise_std + (1 - voiced) * source.sine_amp / 3
+        samples = (end - start) * self.hop
+        noise = source.draw_noise([samples], samples, self.generator, phase.device)
+        sines = torch.sin(phase) * source.sine_amp * voiced + noise_amp * noise
+        merged = torch.tanh(F.linear(sines.transpose(1, 2), source.l_linear.weight.float(),
+                                     source.l_linear.bias.float())).transpose(1, 2)
+        self.source = torch.cat([self.source, merged], dim=2)
+        if self.source_log is not None:
+            self.source_log.append(merged)
+        self.sourced = end
+
+    @torch.no_grad()
+    def push(self, mel: torch.Tensor, final: bool = False) -> torch.Tensor:
+        """Add mel frames (1, in_channels, n); returns the waveform (samples,) that became final (maybe empty)."""
+        if self.finished:
+            raise ValueError("this vocoder stream was flushed; start a new one for another utterance.")
+        if not isinstance(mel, torch.Tensor) or mel.dim() != 3 or mel.shape[:2] != self.mel.shape[:2]:
+            shape = tuple(mel.shape) if isinstance(mel, torch.Tensor) else type(mel).__name__
+            raise ValueError(f"mel must be (1, {self.mel.size(1)}, frames), got {shape}.")
+        self.finished = final
+        self.mel = torch.cat([self.mel, mel.to(self.device, self.dtype)], dim=2)
+        self.received += mel.size(2)
+        if final:
+            source_end = self.received
+        else:
+            source_end = max(self.received - self.f0_field - 1, self.sourced)
+        if source_end > self.sourced:
+            self._extend_source(source_end)
+        out_end = self.received if final else max(min(self.received - self.right, self.sourced - self.right),
+                                                   self.released)
+        if out_end == self.released:
+            return torch.zeros(0, device=self.device)
+        start = max(self.released - self.left, 0)
+        end = self.sourced
+        wav = self.vocoder._decode(self.mel[:, :, start - self.base : end - self.base],
+                                   self.source[:, :, (start - self.base) * self.hop : (end - self.base) * self.hop]
+                                   .to(self.dtype), None)[0]
+        wav = wav[(self.released - start) * self.hop : (out_end - start) * self.hop]
+        self.released = out_end
+        # Keep what the next window and the next F0 window need.
+        keep = max(min(self.released - self.left, self.sourced - 2 - self.f0_field), self.base)
+        self.mel = self.mel[:, :, keep - self.base :]
+        self.source = self.source[:, :, (keep - self.base) * self.hop :]
+        self.base = keep
+        return wav.float()
+
+    def flush(self) -> torch.Tensor:
+        """Release the rest (the mel's end is the utterance's end)."""
+        return self.push(self.mel.new_zeros(1, self.mel.size(1), 0), final=True)
