@@ -5,7 +5,8 @@ For each setup the same codes are decoded offline (`codec.decode`: full-context 
 
 - `snr_stream_vs_offline_db`: waveform SNR of the stream against the offline decode (what a listener compares);
 - `snr_stream_vs_revocoded_db`: against one vocoder pass over the very mel the stream produced, with the same seed:
-  isolates the chunk stitching of the vocoder from the flow's streaming/offline difference;
+  isolates the chunk stitching of the vocoder from the flow's streaming/offline difference (with the noise on the
+  two excitations are different draws, so this too sits at the noise floor);
 - `snr_offline_other_seed_db`: the offline decode against itself with another vocoder seed: the floor set by the
   random excitation alone (noise on), which no stitching can beat;
 - `logmel_l1_stream_vs_offline`: mean |Δ| of the 24 kHz log-mel (`prompt_mel_spectrogram`) of the two waveforms,

@@ -74,12 +74,11 @@ class _KeyValueCache:
         return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
 
 
-def _chunk_bias(start: int, end: int, chunk: int, like: torch.Tensor) -> torch.Tensor:
-    """(end - start, end) additive bias: query i (absolute, from `start`) sees keys before its chunk's end."""
+def _visible_keys(start: int, end: int, chunk: int, like: torch.Tensor) -> torch.Tensor:
+    """(end - start, end) bool: query i (absolute, from `start`) sees the keys before its static chunk's end."""
     queries = torch.arange(start, end, device=like.device)
     chunk_end = (queries // chunk + 1) * chunk
-    visible = torch.arange(end, device=like.device).unsqueeze(0) < chunk_end.unsqueeze(1)
-    return visible
+    return torch.arange(end, device=like.device).unsqueeze(0) < chunk_end.unsqueeze(1)
 
 
 class _StreamState:
@@ -125,7 +124,7 @@ def _rel_attention(attn: _RelPositionAttention, x: torch.Tensor, cache: _KeyValu
     index = (end - 1 - start - rows + torch.arange(end, device=x.device).unsqueeze(0))
     position = position.gather(-1, index.expand(batch, attn.num_heads, length, end))
     scores = (content + position) / math.sqrt(attn.head_dim)
-    masked = ~_chunk_bias(start, end, chunk, x)
+    masked = ~_visible_keys(start, end, chunk, x)
     weights = torch.softmax(scores.masked_fill(masked, -float("inf")), dim=-1)
     out = torch.matmul(weights, values).transpose(1, 2).reshape(batch, length, -1)
     cache.commit(k[:, :, : state.commit], v[:, :, : state.commit])
@@ -273,7 +272,7 @@ class MossSpeechFlowStream:
                        torch.cat([self.spks, torch.zeros_like(self.spks)]).unsqueeze(-1).expand(-1, -1, length),
                        torch.cat([cond, torch.zeros_like(cond)])], dim=1)
         time = estimator.time_mlp(_sinusoidal_time_embedding(t.expand(2), 4 * self.config.output_size))
-        visible = _chunk_bias(state.start, state.end, self.frame_chunk, h)
+        visible = _visible_keys(state.start, state.end, self.frame_chunk, h)
         bias = ((1.0 - visible.to(h.dtype)) * ESTIMATOR_MASK_BIAS)[None, None]
 
         def block(module, h: torch.Tensor) -> torch.Tensor:  # _CausalBlock1D (mask = 1 on every frame here)
