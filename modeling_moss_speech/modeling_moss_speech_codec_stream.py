@@ -38,29 +38,23 @@ from .modeling_moss_speech_codec_vocoder import MossSpeechCodecVocoder
 
 
 class _KeyValueCache:
-    """Keys and values (B, H, T, D) of committed positions, in buffers that double when full (amortised O(1)
-    appends instead of a full copy per chunk)."""
+    """Keys and values (B, H, T, D) in growing buffers: the committed positions, then the current window's.
+
+    The window's keys are written after the committed ones and attention reads a view of the buffer, so no call
+    copies the history; buffers grow by half when full (amortised O(1) per position, at most 1.5x the memory).
+    """
 
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
-        self.length = 0
+        self.length = 0  # committed positions
 
     def extended(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Committed keys/values followed by `keys`/`values` (new, not yet committed)."""
-        if self.keys is None or self.length == 0:
-            return keys, values
-        return (torch.cat([self.keys[:, :, : self.length], keys], dim=2),
-                torch.cat([self.values[:, :, : self.length], values], dim=2))
-
-    def commit(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        count = keys.size(2)
-        if count == 0:
-            return
-        needed = self.length + count
+        """Committed keys/values followed by the window's `keys`/`values` (overwritten by the next call)."""
+        needed = self.length + keys.size(2)
         if self.keys is None or needed > self.keys.size(2):
-            capacity = max(needed, 2 * (0 if self.keys is None else self.keys.size(2)), 64)
-            shape = (*keys.shape[:2], capacity, keys.size(3))
+            old = 0 if self.keys is None else self.keys.size(2)
+            shape = (*keys.shape[:2], max(needed, old + old // 2, 64), keys.size(3))
             grown_k, grown_v = keys.new_empty(shape), values.new_empty(shape)
             if self.keys is not None:
                 grown_k[:, :, : self.length] = self.keys[:, :, : self.length]
@@ -68,7 +62,11 @@ class _KeyValueCache:
             self.keys, self.values = grown_k, grown_v
         self.keys[:, :, self.length : needed] = keys
         self.values[:, :, self.length : needed] = values
-        self.length = needed
+        return self.keys[:, :, :needed], self.values[:, :, :needed]
+
+    def commit(self, count: int) -> None:
+        """The window's first `count` positions are final: keep them."""
+        self.length += count
 
     def nbytes(self) -> int:
         return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
@@ -127,7 +125,7 @@ def _rel_attention(attn: _RelPositionAttention, x: torch.Tensor, cache: _KeyValu
     masked = ~_visible_keys(start, end, chunk, x)
     weights = torch.softmax(scores.masked_fill(masked, -float("inf")), dim=-1)
     out = torch.matmul(weights, values).transpose(1, 2).reshape(batch, length, -1)
-    cache.commit(k[:, :, : state.commit], v[:, :, : state.commit])
+    cache.commit(state.commit)
     return attn.linear_out(out)
 
 
@@ -318,7 +316,7 @@ class MossSpeechFlowStream:
         k, v = heads(attn.to_k(x)), heads(attn.to_v(x))
         keys, values = cache.extended(k, v)
         out = F.scaled_dot_product_attention(heads(attn.to_q(x)), keys, values, attn_mask=bias)
-        cache.commit(k[:, :, : state.commit], v[:, :, : state.commit])
+        cache.commit(state.commit)
         out = out.transpose(1, 2).reshape(batch, length, -1)
         return attn.to_out[1](attn.to_out[0](out))
 
