@@ -19,6 +19,7 @@ import time
 import torch
 
 from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel
+from modeling_moss_speech.threads import add_threads_argument, set_threads
 
 SMALL = dict(
     encoder_config=dict(d_model=256, encoder_attention_heads=4, encoder_ffn_dim=1024, encoder_layers=4,
@@ -96,7 +97,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    add_threads_argument(parser)
     args = parser.parse_args()
+    set_threads(args.threads)
     configs = {"release": MossSpeechCodecConfig(), "small": MossSpeechCodecConfig(**SMALL)}
     results = {name: run(name, cfg, args) for name, cfg in configs.items() if args.only in (None, name)}
     print(json.dumps({"bench": "codec", "device": args.device, "threads": torch.get_num_threads(),

@@ -25,6 +25,7 @@ import torch
 from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
 from modeling_moss_speech import MossSpeechConfig, MossSpeechForCausalLM
+from modeling_moss_speech.threads import add_threads_argument, set_threads
 
 
 def bench_config(quick: bool) -> MossSpeechConfig:
@@ -87,13 +88,12 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
+    add_threads_argument(parser)
     parser.add_argument("--no-compile", action="store_true", help="skip the static-cache and compiled figures")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
     parser.add_argument("--modes", default="text,audio", help="comma-separated segment modes (default text,audio)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     new_tokens = args.new_tokens or (16 if args.quick else 48)
     prompt_len = args.prompt_len or (32 if args.quick else 128)
 

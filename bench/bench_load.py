@@ -153,6 +153,8 @@ def child(path: str, scenario: str, checkpoint_bytes: int) -> dict:
 
 
 def main() -> None:
+    from modeling_moss_speech.threads import add_threads_argument, set_threads
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~0.1 GB checkpoint (smoke run)")
     parser.add_argument("--shard", default="200MB", help="max_shard_size of the saved checkpoint")
@@ -160,7 +162,9 @@ def main() -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help="comma-separated subset of " + ", ".join(SCENARIOS))
     parser.add_argument("--child", nargs=3, metavar=("PATH", "SCENARIO", "BYTES"), help=argparse.SUPPRESS)
+    add_threads_argument(parser)
     args = parser.parse_args()
+    set_threads(args.threads)
     if args.child:
         path, scenario, size = args.child
         print(json.dumps(child(path, scenario, int(size))))
@@ -170,7 +174,10 @@ def main() -> None:
         checkpoint = write_checkpoint(path, args.quick, args.shard)
         runs = []
         for scenario in args.scenarios.split(","):
-            out = subprocess.run([sys.executable, __file__, "--child", path, scenario, str(checkpoint["bytes"])],
+            child_args = [sys.executable, __file__, "--child", path, scenario, str(checkpoint["bytes"])]
+            if args.threads is not None:
+                child_args += ["--threads", str(args.threads)]
+            out = subprocess.run(child_args,
                                  capture_output=True, text=True, check=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
             got = result.pop("checks")

@@ -20,6 +20,7 @@ from .generation_moss_speech import (
     MossSpeechGenerateOutput,
     MossSpeechGenerationConfig,
 )
+from .loading import CheckpointError
 from .modeling_moss_speech import (
     MossSpeechCausalLMOutputWithPast,
     MossSpeechForCausalLM,
@@ -46,6 +47,7 @@ AutoFeatureExtractor.register(MossSpeechCodecConfig, MossSpeechFeatureExtractor,
 register_processor()  # AutoProcessor; kept out of the processing module's import (see register_processor)
 
 __all__ = [
+    "CheckpointError",
     "MossSpeechCausalLMOutputWithPast",
     "MossSpeechCodecConfig",
     "MossSpeechCodecDecodeOutput",

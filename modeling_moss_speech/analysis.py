@@ -131,27 +131,21 @@ def layer_names(config: MossSpeechConfig, path: str = "modality") -> list[str]:
 def layer_hidden_states(
     model: MossSpeechForCausalLM | MossSpeechModel, input_ids: torch.LongTensor, tail: str
 ) -> list[torch.Tensor]:
-    """Outputs of every trunk layer, then every `tail` ("text" or "audio") layer, for a (1, L, 2) grid: (L, H) each."""
+    """Outputs of every trunk layer, then every `tail` ("text" or "audio") layer, for a (1, L, 2) grid: (L, H) each.
+
+    Read from the model's own `output_hidden_states` (transformers' output recording), running only `tail`: the
+    recorded states are the embedded grid followed by one output per layer that ran, trunk first.
+    """
     base = _base_model(model)
     if tail not in ("text", "audio"):
         raise ValueError(f"tail must be 'text' or 'audio', got {tail!r}.")
-    block, _ = base.tail(tail)
-    layers = list(base.shared_block.layers) + list(block.layers)
-    captured: list[torch.Tensor | None] = [None] * len(layers)
-    handles = []
-    for index, layer in enumerate(layers):
-        def hook(module: torch.nn.Module, args: Any, output: Any, index: int = index) -> None:
-            captured[index] = (output[0] if isinstance(output, tuple) else output).detach()
-        handles.append(layer.register_forward_hook(hook))
-    try:
-        device = next(base.parameters()).device
-        base(input_ids=input_ids.to(device), modalities=(tail,), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if any(state is None for state in captured):
-        raise RuntimeError("a decoder layer did not run during the forward pass.")
-    return [state[0].float().cpu() for state in captured]
+    device = next(base.parameters()).device
+    out = base(input_ids=input_ids.to(device), modalities=(tail,), use_cache=False, output_hidden_states=True)
+    states = out.hidden_states[1:]  # drop the embeddings
+    expected = base.config.num_shared_layers + base.config.num_modality_layers
+    if len(states) != expected:
+        raise RuntimeError(f"expected {expected} recorded layer outputs, got {len(states)}.")
+    return [state[0].detach().float().cpu() for state in states]
 
 
 # --------------------------------------------------------------------------------------------------- analysis

@@ -10,7 +10,7 @@ print(reply.text)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import soundfile as sf
@@ -128,12 +128,20 @@ class MossSpeechChat:
     ):
         """Answer one conversation (returns one response) or a batch (returns a list).
 
+        `conversations` is a list of messages (one conversation), a list of such lists (a batch), or a single
+        message dict, answered as a one-message conversation (returns one response).
+
         With `on_audio` or `stream_to`, speech is decoded while it is generated: chunks go to `on_audio(row, chunk)`
         and/or are appended to the wav file(s) as they come; the returned responses hold the same audio.
         `generator` drives sampling and `vocoder_generator` the vocoder's source noise, so a seeded answer has the
         same codes streamed or not. `decode_audio=False` skips speech decoding (no codec needed: text answers).
         """
-        single = bool(conversations) and isinstance(conversations[0], dict)
+        if isinstance(conversations, Mapping):  # one message: a one-message conversation, not a batch of keys
+            conversations = [conversations]
+        if isinstance(conversations, str) or not isinstance(conversations, Sequence):
+            raise TypeError("conversations must be a list of messages (dicts with 'role' and 'content'), a list of "
+                            f"such lists or one message dict, got {type(conversations).__name__}.")
+        single = bool(conversations) and isinstance(conversations[0], Mapping)
         batch = [conversations] if single else list(conversations)
         inputs = self.processor(batch, output_modality=output_modality, return_tensors="pt")
         device = self.model.device

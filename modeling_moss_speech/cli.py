@@ -14,7 +14,8 @@ moss-speech demo [--model DIR] [--port 7860]                          # talk to 
 
 Errors are reported as one line on stderr (`moss-speech: error: ...`) with exit code 2; `--debug` adds the
 traceback. Progress (tqdm bars, streamed-chunk lines, transformers' loading bars) goes to stderr; `--quiet`
-silences it. Answers go to stdout, one-line summaries to stderr.
+silences it. Answers go to stdout, one-line summaries to stderr. `--threads N` sets torch's CPU threads (default:
+`$OMP_NUM_THREADS` if set, else half the usable CPUs; see `threads.py`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from .hub import CARD_TEMPLATES, publish, stage_upload
 from .modeling_moss_speech import MossSpeechForCausalLM
 from .modeling_moss_speech_codec import MossSpeechCodecModel, MossSpeechVoicePrompt
 from .processing_moss_speech import CODEC_SUBFOLDER, MossSpeechProcessor
+from .threads import add_threads_argument, set_threads
 
 PROG = "moss-speech"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,7 +117,7 @@ _positive_float, _probability = _number(float, 0, open_low=True), _number(float,
 
 
 def _global_options(top_level: bool) -> argparse.ArgumentParser:
-    """`--debug` and `--quiet`, accepted before or after the sub-command."""
+    """`--debug`, `--quiet` and `--threads`, accepted before or after the sub-command."""
     parser = argparse.ArgumentParser(add_help=False)
     group = parser.add_argument_group("global options")
     # Sub-commands leave the flags unset unless given, so `moss-speech --debug chat ...` keeps the top-level value.
@@ -124,6 +126,7 @@ def _global_options(top_level: bool) -> argparse.ArgumentParser:
                        help="on errors, print the full Python traceback (otherwise: one line, exit code 2)")
     group.add_argument("-q", "--quiet", action="store_true", default=default,
                        help="no progress output (progress bars, per-chunk lines) and only error-level library logs")
+    add_threads_argument(group, default=None if top_level else argparse.SUPPRESS)
     return parser
 
 
@@ -365,10 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", "spoken-QA accuracy (S->T, S->S, T->S, T->T), text retention and codec round trip on a corpus split",
         "Evaluate a checkpoint on a split of a spoken-QA corpus (processing/synthesize_espeak.py): exact match of "
         "the normalised answer (lowercase, letters only) for speech and text questions answered in text and in "
-        "speech (spoken answers are decoded by the codec and transcribed by its CTC recogniser), text retention "
-        "(T->T accuracy divided by that of a text-only baseline model) and the codec round trip (CTC transcription "
-        "of the question audio before and after encode -> decode). Greedy decoding, batched. Prints a table on "
-        "stdout and writes every number, some example answers and timings as JSON to --output.",
+        "speech, text retention (T->T accuracy divided by that of a text-only baseline model) and the codec round "
+        "trip (the question audio before and after encode -> decode). Spoken answers are decoded by the codec and "
+        "scored first by an independent recogniser (PocketSphinx with a grammar of the corpus' answers; the round "
+        "trip: of its questions; needs pip install 'moss-speech[eval]'), then, as secondary columns, by the codec's "
+        "own CTC head if it has one. Greedy decoding, batched. Prints a table on stdout and writes every number, "
+        "some example answers and timings as JSON to --output.",
         "eval --corpus data/nano/corpus --split test -o results.json",
         "eval --model outputs/nano/sft --corpus data/nano/corpus --baseline-text-model outputs/nano/text "
         "-o results.json",
@@ -376,8 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = evaluate.add_argument_group("checkpoints")
     group.add_argument("--model", metavar="DIR", help="MOSS-Speech checkpoint directory with its processor "
                                                       "(default: the shipped MOSS-Speech-Nano checkpoint)")
-    group.add_argument("--codec", metavar="DIR", help=f"{codec_help} with a CTC recogniser (default: the "
-                                                      "processor's codec, else the model directory's codec/ folder)")
+    group.add_argument("--codec", metavar="DIR", help=f"{codec_help}; its CTC head, if any, gives the secondary "
+                                                      "columns (default: the processor's codec, else the model "
+                                                      "directory's codec/ folder)")
     group.add_argument("--baseline-text-model", metavar="DIR",
                        help="text-only causal LM (e.g. the Qwen3 model before the speech split) with the same "
                             "tokenizer: its T->T accuracy is the denominator of text retention")
@@ -547,7 +553,13 @@ def _check_voice(value: str | None) -> MossSpeechVoicePrompt | tuple[np.ndarray,
 def _voice_prompt(voice: MossSpeechVoicePrompt | tuple[np.ndarray, int] | None,
                   codec: MossSpeechCodecModel) -> MossSpeechVoicePrompt | None:
     """The prompt of `_check_voice`'s result: as is, or computed by the codec from the audio samples."""
-    if voice is None or isinstance(voice, MossSpeechVoicePrompt):
+    if voice is None:
+        return voice
+    if isinstance(voice, MossSpeechVoicePrompt):
+        try:
+            codec.check_voice_prompt(voice, "--voice")
+        except ValueError as error:
+            raise CLIError(str(error)) from error
         return voice
     wave, rate = voice
     return codec.voice_prompt(wave, sampling_rate=rate)
@@ -965,8 +977,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exit_:  # --help, --version
             return exit_.code if isinstance(exit_.code, int) else 0
         debug, handler = args.debug, args.func
-        with _output_settings(args.quiet):
-            return handler(args)
+        threads = set_threads(args.threads)
+        try:
+            with _output_settings(args.quiet):
+                return handler(args)
+        finally:  # main() may run inside a larger program (tests, notebooks): leave its thread count as it was
+            set_threads(threads)
     except KeyboardInterrupt:
         _note("interrupted")
         return 130

@@ -139,11 +139,17 @@ class MossSpeechCodecFlowConfig(PretrainedConfig):
     estimator_static_chunk_size: int = 20
     noise_seed: int = 0
     noise_max_frames: int = 15000
+    # Scale of the starting noise of the ODE at inference (Matcha-TTS's "temperature"). The release integrates from
+    # unit noise (1.0). A small flow leaves that noise partly in its mel: the nano codec integrates from 0.0 (the
+    # deterministic mean path), which an independent recogniser hears 77 % right vs 31 % from unit noise.
+    inference_noise_scale: float = 1.0
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         owner = "MossSpeechCodecFlowConfig"
+        if not 0.0 <= self.inference_noise_scale <= 10.0:
+            raise ValueError(f"{owner}.inference_noise_scale must lie in [0, 10], got {self.inference_noise_scale}.")
         _positive(owner, vocab_size=self.vocab_size, input_size=self.input_size, output_size=self.output_size,
                   spk_embed_dim=self.spk_embed_dim, token_mel_ratio=self.token_mel_ratio,
                   encoder_attention_heads=self.encoder_attention_heads, n_timesteps=self.n_timesteps,

@@ -9,14 +9,19 @@ saved with `save_to_disk`):
 
 - S→T, S→S: every spoken question of the split (rows with `kind == "question"`) is asked as speech; T→S, T→T:
   the text question of every fact of those rows is asked as text. A text answer is the text channel of the reply;
-  a spoken answer is decoded by the codec to 24 kHz speech, resampled to the codec's 16 kHz and transcribed by the
-  codec's CTC recogniser (`codec.transcribe`). Accuracy = exact match of the normalised answer
-  ([`normalize_answer`]: lowercase, letters only, single spaces).
+  a spoken answer is decoded by the codec to speech and heard by an independent recogniser
+  ([`IndependentRecognizer`]: PocketSphinx, which shares nothing with the codec, constrained to a grammar of the
+  corpus' answers). Accuracy = exact match of the normalised answer ([`normalize_answer`]: lowercase, letters only,
+  single spaces). Secondary columns, when the codec has a CTC head: the decoded speech read by the codec's CTC
+  recogniser (`codec.transcribe`) and the answer's codes read by it directly (`codec.transcribe_codes`).
 - Text retention: T→T accuracy of the model divided by the T→T accuracy of a text-only baseline (a plain causal LM
   with the same tokenizer, e.g. the Qwen3 model the speech model was split from) prompted with the same chat form.
-- Codec round trip: CTC transcription of the split's question audio (exact match of the whole utterance and
-  character error rate against the spoken text) on the original audio and on encode → decode → re-transcribed
-  audio.
+- Codec round trip: the split's question audio and its encode → decode round trip, each heard by the independent
+  recogniser with a grammar of the corpus' questions (exact match of the whole utterance), and (secondary, with a
+  CTC head) transcribed by the codec's CTC recogniser (exact match and character error rate).
+
+[`score_spoken_answers`] scores any list of (waveform, sampling rate, expected answer) the same way, e.g. the codec
+round trip of clean answer words. The recogniser needs PocketSphinx: `pip install 'moss-speech[eval]'`.
 
 Decoding is greedy (no sampling, no repetition penalty unless asked), batched with left padding, so a run is
 deterministic; the vocoder's noise is seeded. Results are a JSON-ready dict (schema in [`evaluate`]) and a plain
@@ -48,8 +53,10 @@ from .modeling_moss_speech import MossSpeechForCausalLM
 from .modeling_moss_speech_codec import MossSpeechCodecModel, MossSpeechVoicePrompt
 from .pretrained import shipped_voices
 from .processing_moss_speech import CODEC_SUBFOLDER, MossSpeechProcessor, MossSpeechResponse
+from .recognition import IndependentRecognizer, SpeechRecognizer, normalize_answer, require_pocketsphinx
 
-SCHEMA = "moss-speech-eval/1"
+# /2: spoken answers and the codec round trip are scored by the independent recogniser first, the CTC head second.
+SCHEMA = "moss-speech-eval/2"
 # Question-answering modes: (input modality, output modality); "codec" is the round-trip measurement.
 MODES = {"s2t": ("speech", "text"), "s2s": ("speech", "speech"), "t2s": ("text", "speech"), "t2t": ("text", "text")}
 TASKS = (*MODES, "codec")
@@ -58,20 +65,6 @@ REQUIRED_COLUMNS = ("utt_id", "fact_id", "kind", "text", "question", "answer", "
 
 
 # ------------------------------------------------------------------------------------------------- scoring
-
-
-def normalize_answer(text: str) -> str:
-    """Lowercase, drop every character that is not a letter or whitespace, collapse whitespace to single spaces.
-
-    >>> normalize_answer("  Seven!\\n")
-    'seven'
-    >>> normalize_answer("Buenos-Aires,  42")
-    'buenosaires'
-    """
-    if not isinstance(text, str):
-        raise TypeError(f"normalize_answer: text must be a str, got {type(text).__name__}.")
-    kept = "".join(c for c in text.lower() if c.isalpha() or c.isspace())
-    return " ".join(kept.split())
 
 
 def edit_distance(reference: Sequence, hypothesis: Sequence) -> int:
@@ -132,6 +125,60 @@ def score_answers(
     }
 
 
+def _check_recognizer(recognizer: Any, name: str) -> SpeechRecognizer:
+    if not callable(getattr(recognizer, "recognize", None)):
+        raise TypeError(f"{name} must have a recognize(waveform, sampling_rate) -> str method (e.g. an "
+                        f"IndependentRecognizer), got {type(recognizer).__name__}.")
+    return recognizer
+
+
+def describe_recognizer(recognizer: SpeechRecognizer) -> str:
+    """A one-line name of a recogniser for the results (`description` if it has one, else its repr)."""
+    return str(getattr(recognizer, "description", None) or repr(recognizer))
+
+
+def score_spoken_answers(
+    items: Iterable[tuple[Any, int, str]],
+    recognizer: SpeechRecognizer | None = None,
+    vocabulary: Iterable[str] | None = None,
+    num_examples: int = 5,
+) -> dict[str, Any]:
+    """Score speech by what the independent recogniser hears: exact match of the normalised text and answer.
+
+    Args:
+        items: `(waveform, sampling_rate, expected)` triples; a waveform is a float numpy array or torch tensor,
+            mono or (channels, samples), at any rate (e.g. a codec's decoded round trip of clean answer words).
+        recognizer: What hears them; default: an [`IndependentRecognizer`] of `vocabulary`.
+        vocabulary: The phrases the default recogniser can hear; default: the distinct expected answers. The score
+            depends on it (fewer alternatives are easier to tell apart): to compare runs, pass the same vocabulary,
+            e.g. every answer of the world, or build one recogniser and pass it.
+        num_examples: Records kept under `examples` and `errors`.
+
+    Returns:
+        [`score_answers`]'s dict (`correct`, `total`, `accuracy`, `by_category`, `examples`, `errors`; records hold
+        `id` (the item's index), `reference`, `prediction`, `correct`) plus `predictions` (what was heard, in order)
+        and `recognizer` (its description).
+    """
+    if recognizer is not None and vocabulary is not None:
+        raise ValueError("pass either a recognizer or a vocabulary to build one from, not both.")
+    triples = list(items)
+    for index, item in enumerate(triples):
+        if not isinstance(item, (tuple, list)) or len(item) != 3 or not isinstance(item[2], str):
+            length = f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""
+            raise TypeError(f"items[{index}] must be a (waveform, sampling_rate, expected answer str) triple, got "
+                            f"{type(item).__name__}{length}.")
+    if recognizer is None:
+        if vocabulary is None:
+            vocabulary = [expected for _, _, expected in triples]
+        recognizer = IndependentRecognizer(vocabulary)
+    recognizer = _check_recognizer(recognizer, "recognizer")
+    heard = [recognizer.recognize(wave, rate) for wave, rate, _ in triples]
+    records = [{"id": index, "reference": expected, "prediction": text}
+               for index, ((_, _, expected), text) in enumerate(zip(triples, heard))]
+    return {**score_answers(records, num_examples), "predictions": heard,
+            "recognizer": describe_recognizer(recognizer)}
+
+
 # --------------------------------------------------------------------------------------------------- data
 
 
@@ -162,11 +209,17 @@ class Fact:
 
 @dataclass
 class EvalSplit:
-    """What one split contributes: its spoken questions (S→*, codec) and the facts they ask about (T→*)."""
+    """What one split contributes: its spoken questions (S→*, codec) and the facts they ask about (T→*).
+
+    `answer_vocabulary` and `question_vocabulary` are the grammars of the independent recogniser (every answer and
+    every question of the corpus' world); empty: the answers of `facts` and the texts of `questions`.
+    """
 
     name: str
     questions: list[SpokenQuestion]
     facts: list[Fact]
+    answer_vocabulary: tuple[str, ...] = ()
+    question_vocabulary: tuple[str, ...] = ()
 
 
 def _read_audio_value(value: Any, corpus: Path, where: str) -> tuple[np.ndarray, int]:
@@ -197,13 +250,15 @@ def load_eval_split(corpus: str | os.PathLike, split: str = "test", max_examples
 
     Rows with `kind == "question"` are the spoken questions (in corpus order); the facts are their distinct
     `fact_id`s in order of first appearance, with the rows' `question` and `answer`. `max_examples` keeps the first
-    N of each. Audio is read undecoded (`Audio(decode=False)`) with soundfile, so no torchcodec is needed.
+    N of each. The vocabularies of the independent recogniser are every answer and question of the corpus' `facts`
+    split (the whole world; else of `split`), plus the split's spoken texts. Audio is read undecoded
+    (`Audio(decode=False)`) with soundfile, so no torchcodec is needed.
     """
     try:
         from datasets import Audio, DatasetDict, load_from_disk
-    except ImportError as error:  # an extra: [train] / [dev]
+    except ImportError as error:  # an extra: [eval] / [train] / [dev]
         raise ImportError("evaluation reads the corpus with the `datasets` package: pip install "
-                          "'moss-speech[train]'") from error
+                          "'moss-speech[eval]'") from error
     if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int)
                                      or max_examples < 1):
         raise ValueError(f"max_examples must be an integer >= 1 or None, got {max_examples!r}.")
@@ -244,7 +299,11 @@ def load_eval_split(corpus: str | os.PathLike, split: str = "test", max_examples
                 voice=str(row["voice"]) if "voice" in has else "", waveform=wave, sampling_rate=rate))
         if max_examples is not None and len(questions) >= max_examples and len(facts) >= max_examples:
             break
-    return EvalSplit(split, questions, facts)
+    world = data["facts"] if "facts" in data and {"question", "answer"} <= set(data["facts"].column_names) else rows
+    answers = tuple(dict.fromkeys(str(a) for a in world["answer"] if str(a).strip()))
+    sentences = tuple(dict.fromkeys([*(str(q) for q in world["question"] if str(q).strip()),
+                                     *(q.text for q in questions)]))
+    return EvalSplit(split, questions, facts, answers, sentences)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -314,6 +373,29 @@ def transcribe_waveforms(codec: MossSpeechCodecModel, waveforms: Sequence[torch.
     return texts
 
 
+def decode_speech(
+    codec: MossSpeechCodecModel,
+    codes: Sequence[torch.Tensor],
+    batch_size: int,
+    voice_prompt: MossSpeechVoicePrompt | None = None,
+    generator: torch.Generator | None = None,
+    desc: str = "decoding",
+    progress: bool = False,
+) -> tuple[list[torch.Tensor | None], int]:
+    """Decode code sequences to speech, batched by length: (float32 CPU waveforms in input order, None where there
+    are no codes; the codec's output sampling rate)."""
+    waves: list[torch.Tensor | None] = [None] * len(codes)
+    rate = int(getattr(codec.config, "output_sampling_rate", None) or codec.config.sampling_rate)
+    spoken = [i for i, c in enumerate(codes) if c.numel() > 0]
+    order = sorted(spoken, key=lambda i: (codes[i].numel(), i))
+    for batch in _bar(_batches(order, batch_size), desc, progress):
+        speech = codec.decode([codes[i] for i in batch], voice_prompt=voice_prompt, generator=generator)
+        rate = int(speech.sampling_rate)
+        for row, index in enumerate(batch):
+            waves[index] = speech.waveforms[row, : int(speech.lengths[row])].float().cpu()
+    return waves, rate
+
+
 def speak_and_transcribe(
     codec: MossSpeechCodecModel,
     codes: Sequence[torch.Tensor],
@@ -323,16 +405,24 @@ def speak_and_transcribe(
     desc: str = "decoding",
     progress: bool = False,
 ) -> list[str]:
-    """Decode code sequences to speech with the codec, then transcribe it; "" where there are no codes."""
-    texts = [""] * len(codes)
-    spoken = [i for i, c in enumerate(codes) if c.numel() > 0]
-    order = sorted(spoken, key=lambda i: (codes[i].numel(), i))
-    for batch in _bar(_batches(order, batch_size), desc, progress):
-        speech = codec.decode([codes[i] for i in batch], voice_prompt=voice_prompt, generator=generator)
-        waves = [speech.waveforms[row, : int(speech.lengths[row])].float().cpu() for row in range(len(batch))]
-        for index, text in zip(batch, transcribe_waveforms(codec, waves, int(speech.sampling_rate), len(batch))):
-            texts[index] = text
+    """Decode code sequences to speech with the codec, then transcribe it with its CTC head; "" where no codes."""
+    waves, rate = decode_speech(codec, codes, batch_size, voice_prompt, generator, desc, progress)
+    return _ctc_transcripts(codec, waves, rate, batch_size)
+
+
+def _ctc_transcripts(codec: MossSpeechCodecModel, waves: Sequence[torch.Tensor | None], rate: int,
+                     batch_size: int) -> list[str]:
+    """CTC transcripts of decoded waveforms (None: no speech, "")."""
+    spoken = [i for i, w in enumerate(waves) if w is not None]
+    texts = [""] * len(waves)
+    for index, text in zip(spoken, transcribe_waveforms(codec, [waves[i] for i in spoken], rate, batch_size)):
+        texts[index] = text
     return texts
+
+
+def _hear(recognizer: SpeechRecognizer, waves: Sequence[torch.Tensor | None], rate: int) -> list[str]:
+    """What the independent recogniser hears in each waveform (None: no speech, "")."""
+    return ["" if w is None else recognizer.recognize(w, rate) for w in waves]
 
 
 def baseline_answers(
@@ -401,13 +491,15 @@ def evaluate(
     seed: int = 0,
     num_examples: int = 5,
     progress: bool = False,
+    answer_recognizer: SpeechRecognizer | None = None,
+    question_recognizer: SpeechRecognizer | None = None,
 ) -> dict[str, Any]:
     """Run the evaluation of `data` and return its results as a JSON-ready dict.
 
     Args:
         model: The MOSS-Speech model (any device, eval mode is set).
-        processor: Its processor; its codec (`processor.codec`) encodes questions, decodes spoken answers and, with
-            its CTC recogniser (`transcribe`), transcribes them.
+        processor: Its processor; its codec (`processor.codec`) encodes questions and decodes spoken answers; its
+            CTC recogniser (`transcribe`, if it has one) gives the secondary columns.
         data: The split ([`load_eval_split`]).
         tasks: Among "s2t", "s2s", "t2s", "t2t" (the modes) and "codec" (round trip); all by default.
         baseline_model: A text-only causal LM with the processor's tokenizer, for text retention (needs "t2t").
@@ -418,15 +510,24 @@ def evaluate(
         seed: Seeds the vocoder's noise (and the global RNG), so spoken answers are reproducible.
         num_examples: Records kept per task under `examples` and `errors`.
         progress: tqdm bars on stderr.
+        answer_recognizer: Hears spoken answers (S->S, T->S); default: an [`IndependentRecognizer`] of
+            `data.answer_vocabulary` (else of the facts' answers).
+        question_recognizer: Hears the question audio of the codec round trip; default: an
+            [`IndependentRecognizer`] of `data.question_vocabulary` (else of the questions' texts).
 
     Returns:
         `{"schema", "settings", "counts": {"spoken_questions", "facts"}, "modes": {mode: result}, "text_retention",
         "codec_roundtrip", "timing"}`. A mode result is [`score_answers`]'s dict plus `label`, `input`, `output`
         and `seconds`; its records hold `id` (utt_id or fact_id), `category`, `question`, `reference`,
-        `prediction` (text, or the transcript of the spoken answer) and, for spoken answers, `text` (the text
-        channel) and `num_codes`. `text_retention` is `{"model_accuracy", "baseline_accuracy", "retention",
-        "baseline": result}` or None; `codec_roundtrip` is `{"total", "original": {"correct", "accuracy", "cer"},
-        "roundtrip": {...}, "accuracy_gap_points", "cer_gap_points", "examples", "seconds"}` or None.
+        `prediction` (the text answer, or what the independent recogniser heard in the spoken answer) and, for
+        spoken answers, `ctc_transcript` (the decoded speech read by the CTC head), `codes_transcript` (the codes
+        read by it), `text` (the text channel) and `num_codes`. A spoken-answer mode also has `scorer` (the
+        independent recogniser, whose score is `correct`/`accuracy`) and, with a CTC head, the secondary `ctc` and
+        `from_codes` (`{"correct", "total", "accuracy"}`). `text_retention` is `{"model_accuracy",
+        "baseline_accuracy", "retention", "baseline": result}` or None; `codec_roundtrip` is `{"total", "scorer",
+        "original": {"correct", "accuracy"}, "roundtrip": {...}, "accuracy_gap_points", "ctc": {"original":
+        {"correct", "accuracy", "cer"}, "roundtrip": {...}, "accuracy_gap_points", "cer_gap_points"} or None,
+        "examples", "seconds"}` or None.
     """
     tasks = _check_tasks(tasks)
     batch_size = _positive_int("batch_size", batch_size)
@@ -442,13 +543,17 @@ def evaluate(
     codec = processor.codec if uses_speech else None
     if uses_speech and codec is None:
         raise ValueError(f"tasks {[t for t in tasks if t != 't2t']} need a speech codec, but the processor has none.")
-    if any(t in ("s2s", "t2s", "codec") for t in tasks) and (
-            not callable(getattr(codec, "transcribe", None)) or getattr(codec, "can_transcribe", True) is False):
-        raise ValueError("S->S, T->S and the codec round trip transcribe speech with the codec's CTC recogniser, "
-                         "but this codec has none (a codec trained with a CTC head, e.g. MOSS-Speech-Nano's, has "
-                         "one); evaluate with --tasks s2t t2t otherwise.")
     if any(MODES.get(t, ("",))[0] == "speech" or t == "codec" for t in tasks) and not data.questions:
         raise ValueError(f"split {data.name!r} has no spoken questions.")
+    # The CTC columns are secondary: a codec without a CTC head (the release's) is scored by the recogniser alone.
+    has_ctc = codec is not None and callable(getattr(codec, "transcribe", None)) \
+        and getattr(codec, "can_transcribe", True) is not False
+    if any(MODES.get(t, ("", ""))[1] == "speech" for t in tasks):
+        answer_recognizer = _check_recognizer(answer_recognizer, "answer_recognizer") if answer_recognizer \
+            is not None else IndependentRecognizer(data.answer_vocabulary or [f.answer for f in data.facts])
+    if "codec" in tasks:
+        question_recognizer = _check_recognizer(question_recognizer, "question_recognizer") if question_recognizer \
+            is not None else IndependentRecognizer(data.question_vocabulary or [q.text for q in data.questions])
 
     start = time.perf_counter()
     model.eval()
@@ -484,31 +589,36 @@ def evaluate(
                                      lengths, batch_size, generation, desc=LABELS[mode], progress=progress)
         records = []
         if target == "speech":
-            transcripts = speak_and_transcribe(codec, [r.codes for r in responses], batch_size, voice_prompt,
-                                               generator, desc=f"{LABELS[mode]} speech", progress=progress)
-            # The recogniser also reads the answer's codes directly: what the LLM said, apart from the vocoder.
-            spoken = [i for i, r in enumerate(responses) if r.codes.numel()]
-            from_codes = [""] * len(responses)
-            for batch in _batches(spoken, batch_size):
-                for index, text in zip(batch, codec.transcribe_codes([responses[i].codes for i in batch])):
-                    from_codes[index] = text
-            for (key, category, question, answer), response, transcript, read in zip(
-                    items, responses, transcripts, from_codes):
+            decoded, rate = decode_speech(codec, [r.codes for r in responses], batch_size, voice_prompt, generator,
+                                          desc=f"{LABELS[mode]} speech", progress=progress)
+            heard = _hear(answer_recognizer, decoded, rate)
+            ctc = _ctc_transcripts(codec, decoded, rate, batch_size) if has_ctc else [None] * len(responses)
+            # The CTC head also reads the answer's codes directly: what the LLM said, apart from the vocoder.
+            from_codes: list[str | None] = [""] * len(responses) if has_ctc else [None] * len(responses)
+            if has_ctc:
+                spoken = [i for i, r in enumerate(responses) if r.codes.numel()]
+                for batch in _batches(spoken, batch_size):
+                    for index, text in zip(batch, codec.transcribe_codes([responses[i].codes for i in batch])):
+                        from_codes[index] = text
+            for (key, category, question, answer), response, text, ctc_text, read in zip(
+                    items, responses, heard, ctc, from_codes):
                 records.append({"id": key, "category": category, "question": question, "reference": answer,
-                                "prediction": transcript, "codes_transcript": read, "text": response.text,
-                                "num_codes": int(response.codes.numel())})
+                                "prediction": text, "ctc_transcript": ctc_text, "codes_transcript": read,
+                                "text": response.text, "num_codes": int(response.codes.numel())})
         else:
             for (key, category, question, answer), response in zip(items, responses):
                 records.append({"id": key, "category": category, "question": question, "reference": answer,
                                 "prediction": response.text})
         seconds = time.perf_counter() - begin
-        modes[mode] = {"label": LABELS[mode], "input": source, "output": target,
-                       **score_answers(records, num_examples), "seconds": seconds}
+        modes[mode] = {"label": LABELS[mode], "input": source, "output": target}
         if target == "speech":
-            correct = sum(normalize_answer(r["codes_transcript"]) == normalize_answer(r["reference"])
-                          for r in records)
-            modes[mode]["from_codes"] = {"correct": correct, "total": len(records),
-                                         "accuracy": _accuracy(correct, len(records))}
+            modes[mode]["scorer"] = describe_recognizer(answer_recognizer)
+        modes[mode].update({**score_answers(records, num_examples), "seconds": seconds})
+        if target == "speech" and has_ctc:
+            for name, field in (("ctc", "ctc_transcript"), ("from_codes", "codes_transcript")):
+                correct = sum(normalize_answer(r[field]) == normalize_answer(r["reference"]) for r in records)
+                modes[mode][name] = {"correct": correct, "total": len(records),
+                                     "accuracy": _accuracy(correct, len(records))}
         timing[f"{mode}_seconds"] = seconds
 
     retention = None
@@ -536,23 +646,36 @@ def evaluate(
     roundtrip = None
     if "codec" in tasks:
         begin = time.perf_counter()
-        rate = codec.config.sampling_rate
-        original = transcribe_waveforms(codec, waves, rate, batch_size, desc="CTC original", progress=progress)
-        decoded = speak_and_transcribe(codec, codes, batch_size, voice_prompt, generator, desc="codec round trip",
-                                       progress=progress)
         references = [q.text for q in data.questions]
+        decoded, rate = decode_speech(codec, codes, batch_size, voice_prompt, generator, desc="codec round trip",
+                                      progress=progress)
+        heard_before = [question_recognizer.recognize(q.waveform, q.sampling_rate) for q in data.questions]
+        heard_after = _hear(question_recognizer, decoded, rate)
 
-        def summary(hypotheses: list[str]) -> dict[str, Any]:
+        def summary(hypotheses: list[str], cer: bool = False) -> dict[str, Any]:
             correct = sum(normalize_answer(h) == normalize_answer(r) for h, r in zip(hypotheses, references))
-            return {"correct": correct, "accuracy": _accuracy(correct, len(references)),
-                    "cer": character_error_rate(references, hypotheses)}
+            result = {"correct": correct, "accuracy": _accuracy(correct, len(references))}
+            if cer:
+                result["cer"] = character_error_rate(references, hypotheses)
+            return result
 
-        before, after = summary(original), summary(decoded)
-        roundtrip = {"total": len(references), "original": before, "roundtrip": after,
-                     "accuracy_gap_points": 100 * (before["accuracy"] - after["accuracy"]),
-                     "cer_gap_points": 100 * (after["cer"] - before["cer"])}
-        roundtrip["examples"] = [{"id": q.utt_id, "reference": q.text, "original": o, "roundtrip": d}
-                                 for q, o, d in list(zip(data.questions, original, decoded))[:num_examples]]
+        before, after = summary(heard_before), summary(heard_after)
+        roundtrip = {"total": len(references), "scorer": describe_recognizer(question_recognizer),
+                     "original": before, "roundtrip": after,
+                     "accuracy_gap_points": 100 * (before["accuracy"] - after["accuracy"]), "ctc": None}
+        ctc_before = ctc_after = [None] * len(references)
+        if has_ctc:
+            ctc_before = transcribe_waveforms(codec, waves, codec.config.sampling_rate, batch_size,
+                                              desc="CTC original", progress=progress)
+            ctc_after = _ctc_transcripts(codec, decoded, rate, batch_size)
+            ctc_b, ctc_a = summary(ctc_before, cer=True), summary(ctc_after, cer=True)
+            roundtrip["ctc"] = {"original": ctc_b, "roundtrip": ctc_a,
+                                "accuracy_gap_points": 100 * (ctc_b["accuracy"] - ctc_a["accuracy"]),
+                                "cer_gap_points": 100 * (ctc_a["cer"] - ctc_b["cer"])}
+        roundtrip["examples"] = [{"id": q.utt_id, "reference": q.text, "original": o, "roundtrip": d,
+                                  "ctc_original": co, "ctc_roundtrip": cd}
+                                 for q, o, d, co, cd in list(zip(data.questions, heard_before, heard_after,
+                                                                 ctc_before, ctc_after))[:num_examples]]
         roundtrip["seconds"] = time.perf_counter() - begin
         timing["codec_seconds"] = roundtrip["seconds"]
 
@@ -562,7 +685,8 @@ def evaluate(
         "settings": {"split": data.name, "tasks": list(tasks), "decoding": "greedy", "batch_size": batch_size,
                      "max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty, "seed": seed,
                      "voice_prompt": voice_prompt is not None,
-                     "normalisation": "lowercase, letters only, single spaces"},
+                     "normalisation": "lowercase, letters only, single spaces",
+                     "ctc_columns": has_ctc if uses_speech else None},
         "counts": {"spoken_questions": len(data.questions), "facts": len(data.facts)},
         "modes": modes,
         "text_retention": retention,
@@ -578,8 +702,13 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f} %"
 
 
+def _count(part: dict[str, Any], total: int | None = None) -> str:
+    return f"{_percent(part['accuracy'])} ({part['correct']}/{part['total'] if total is None else total})"
+
+
 def format_table(results: dict[str, Any]) -> str:
-    """The results of [`evaluate`] as a plain-text table."""
+    """The results of [`evaluate`] as a plain-text table (spoken answers: the independent recogniser's score, then
+    the CTC head's)."""
     counts, settings = results["counts"], results["settings"]
     where = f" of {results['corpus']}" if results.get("corpus") else ""
     lines = [f"split {settings['split']!r}{where}: {counts['spoken_questions']} spoken questions, "
@@ -589,52 +718,83 @@ def format_table(results: dict[str, Any]) -> str:
     retention = results.get("text_retention")
     if retention is not None:
         rows.append(retention["baseline"])
+    scorers = []
     for row in rows:
         lines.append(f"{row['label']:<34}{row['correct']:>8}{row['total']:>8}{_percent(row['accuracy']):>11}")
-        if "from_codes" in row:
-            part = row["from_codes"]
-            lines.append(f"{'  answer codes read by the CTC':<34}{part['correct']:>8}{part['total']:>8}"
-                         f"{_percent(part['accuracy']):>11}")
+        if row.get("scorer") and row["scorer"] not in scorers:
+            scorers.append(row["scorer"])
+        for key, name in (("ctc", "  decoded speech read by the CTC"),
+                          ("from_codes", "  answer codes read by the CTC")):
+            part = row.get(key)
+            if part is not None:
+                lines.append(f"{name:<34}{part['correct']:>8}{part['total']:>8}{_percent(part['accuracy']):>11}")
     if retention is not None:
         lines.append(f"{'text retention (T->T / baseline)':<50}{_percent(retention['retention']):>11}")
     roundtrip = results.get("codec_roundtrip")
     if roundtrip is not None:
-        lines.append(f"{'codec: CTC transcript of':<34}{'correct':>8}{'total':>8}{'exact':>11}{'CER':>10}")
+        lines.append(f"{'codec round trip: heard':<34}{'correct':>8}{'total':>8}{'exact':>11}")
         for key, name in (("original", "original audio"), ("roundtrip", "encode -> decode")):
             part = roundtrip[key]
             lines.append(f"{'  ' + name:<34}{part['correct']:>8}{roundtrip['total']:>8}"
-                         f"{_percent(part['accuracy']):>11}{_percent(part['cer']):>10}")
-        lines.append(f"{'  gap (original - round trip)':<50}{roundtrip['accuracy_gap_points']:>7.1f} pt"
-                     f"{roundtrip['cer_gap_points']:>7.1f} pt")
+                         f"{_percent(part['accuracy']):>11}")
+        lines.append(f"{'  gap (original - round trip)':<50}{roundtrip['accuracy_gap_points']:>7.1f} pt")
+        if roundtrip.get("scorer") and roundtrip["scorer"] not in scorers:
+            scorers.append(roundtrip["scorer"])
+        ctc = roundtrip.get("ctc")
+        if ctc is not None:
+            lines.append(f"{'codec: CTC transcript of':<34}{'correct':>8}{'total':>8}{'exact':>11}{'CER':>10}")
+            for key, name in (("original", "original audio"), ("roundtrip", "encode -> decode")):
+                part = ctc[key]
+                lines.append(f"{'  ' + name:<34}{part['correct']:>8}{roundtrip['total']:>8}"
+                             f"{_percent(part['accuracy']):>11}{_percent(part['cer']):>10}")
+            lines.append(f"{'  gap (original - round trip)':<50}{ctc['accuracy_gap_points']:>7.1f} pt"
+                         f"{ctc['cer_gap_points']:>7.1f} pt")
+    for scorer in scorers:
+        lines.append(f"speech heard by: {scorer}")
     lines.append(f"time: {results['timing']['total_seconds']:.1f} s")
     return "\n".join(lines)
 
 
 def markdown_comparison(runs: dict[str, dict[str, Any]]) -> str:
     """A Markdown table comparing [`evaluate`] results side by side, one column per named run (e.g. the frozen
-    recipe and its no-freezing ablation): accuracy per mode, text retention and the codec round trip."""
+    recipe and its no-freezing ablation): accuracy per mode (spoken answers: the independent recogniser first, the
+    codec's CTC head after), text retention and the codec round trip. Results of schema /1 (scored by the CTC head
+    only) fill the CTC rows and leave the independent ones "n/a"."""
     if not runs:
         raise ValueError("runs is empty: pass at least one named result of evaluate().")
     names = list(runs)
-    header = "| measure | " + " | ".join(names) + " |"
-    lines = [header, "|---|" + "---|" * len(names)]
+    lines = ["| measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
 
-    def cell(result: dict[str, Any], mode: str) -> str:
-        row = result["modes"].get(mode)
-        return "n/a" if row is None else f"{_percent(row['accuracy'])} ({row['correct']}/{row['total']})"
+    def row(label: str, values: list[str]) -> None:
+        if any(v != "n/a" for v in values):
+            lines.append(f"| {label} | " + " | ".join(values) + " |")
+
+    def mode_part(result: dict[str, Any], mode: str, part: str) -> str:
+        got = result["modes"].get(mode)
+        if got is None:
+            return "n/a"
+        independent = "scorer" in got  # schema /2; /1 scored spoken answers with the CTC head only
+        if part == "main":
+            got = got if independent or got.get("output") != "speech" else None
+        elif part == "ctc":
+            got = got.get("ctc") if independent else got
+        else:
+            got = got.get("from_codes")
+        return "n/a" if got is None else _count(got)
 
     for mode in MODES:
-        if any(mode in r["modes"] for r in runs.values()):
-            label = next(r["modes"][mode]["label"] for r in runs.values() if mode in r["modes"])
-            lines.append(f"| {label} | " + " | ".join(cell(runs[n], mode) for n in names) + " |")
-            if any("from_codes" in r["modes"].get(mode, {}) for r in runs.values()):
-                values = []
-                for n in names:
-                    part = runs[n]["modes"].get(mode, {}).get("from_codes")
-                    values.append("n/a" if part is None else
-                                  f"{_percent(part['accuracy'])} ({part['correct']}/{part['total']})")
-                lines.append(f"| {label}: answer codes read by the CTC head (no vocoder) | " + " | ".join(values)
-                             + " |")
+        if not any(mode in r["modes"] for r in runs.values()):
+            continue
+        label = next(r["modes"][mode]["label"] for r in runs.values() if mode in r["modes"])
+        if MODES[mode][1] == "speech":
+            row(f"{label}: spoken answer heard by the independent recogniser",
+                [mode_part(runs[n], mode, "main") for n in names])
+            row(f"{label}: spoken answer read by the codec's CTC head",
+                [mode_part(runs[n], mode, "ctc") for n in names])
+            row(f"{label}: answer codes read by the CTC head (no vocoder)",
+                [mode_part(runs[n], mode, "from_codes") for n in names])
+        else:
+            row(label, [mode_part(runs[n], mode, "main") for n in names])
     if any(r.get("text_retention") for r in runs.values()):
         values = []
         for n in names:
@@ -642,14 +802,18 @@ def markdown_comparison(runs: dict[str, dict[str, Any]]) -> str:
             values.append("n/a" if not retention else
                           f"{_percent(retention['retention'])} (baseline {_percent(retention['baseline_accuracy'])})")
         lines.append("| text retention (T->T / text-only model) | " + " | ".join(values) + " |")
-    if any(r.get("codec_roundtrip") for r in runs.values()):
-        values = []
-        for n in names:
-            trip = runs[n].get("codec_roundtrip")
-            values.append("n/a" if not trip else
-                          f"{_percent(trip['original']['accuracy'])} -> {_percent(trip['roundtrip']['accuracy'])} "
-                          f"(CER {_percent(trip['original']['cer'])} -> {_percent(trip['roundtrip']['cer'])})")
-        lines.append("| codec: CTC exact match, original -> encode/decode | " + " | ".join(values) + " |")
+    independent, ctc = [], []
+    for n in names:
+        trip = runs[n].get("codec_roundtrip")
+        new = bool(trip) and "scorer" in trip
+        independent.append(f"{_percent(trip['original']['accuracy'])} -> {_percent(trip['roundtrip']['accuracy'])}"
+                           if new else "n/a")
+        part = (trip.get("ctc") if new else trip) if trip else None
+        ctc.append("n/a" if not part else
+                   f"{_percent(part['original']['accuracy'])} -> {_percent(part['roundtrip']['accuracy'])} "
+                   f"(CER {_percent(part['original']['cer'])} -> {_percent(part['roundtrip']['cer'])})")
+    row("codec round trip: heard by the independent recogniser, original -> encode/decode", independent)
+    row("codec: CTC exact match, original -> encode/decode", ctc)
     return "\n".join(lines)
 
 
@@ -733,6 +897,8 @@ def run_evaluation(
     tasks = _check_tasks(tasks)
     if baseline_dir is not None and "t2t" not in tasks:
         raise ValueError("--baseline-text-model measures text retention, which needs the t2t task.")
+    if any(t in ("s2s", "t2s", "codec") for t in tasks):
+        require_pocketsphinx()  # before minutes of loading, not after
     data = load_eval_split(corpus, split, max_examples)
     need_codec = any(t != "t2t" for t in tasks)
     model, processor = load_model_and_processor(model_dir, codec_dir, device, dtype, need_codec=need_codec)
@@ -770,10 +936,14 @@ __all__ = [
     "LABELS",
     "MODES",
     "SCHEMA",
+    "IndependentRecognizer",
+    "SpeechRecognizer",
     "SpokenQuestion",
     "TASKS",
     "baseline_answers",
     "character_error_rate",
+    "decode_speech",
+    "describe_recognizer",
     "edit_distance",
     "evaluate",
     "format_table",
@@ -785,6 +955,7 @@ __all__ = [
     "resolve_voice",
     "run_evaluation",
     "score_answers",
+    "score_spoken_answers",
     "speak_and_transcribe",
     "transcribe_waveforms",
 ]

@@ -14,6 +14,9 @@ import numpy as np
 import torch
 import torchaudio
 from transformers import BatchFeature, SequenceFeatureExtractor
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 AudioInput = np.ndarray | torch.Tensor
 
@@ -49,9 +52,10 @@ def prepare_waveforms(
     Each waveform is a numpy array or torch tensor with a float dtype, 1-D (samples) or 2-D (channels, samples);
     a 2-D array is ONE multi-channel waveform, never a batch. Channels are averaged to mono (the release kept only
     the first channel). `target_rate=None` keeps `sampling_rate`; otherwise `torchaudio.functional.resample` (its
-    defaults, as the release's `torchaudio.transforms.Resample`) converts. Raises `ValueError` for a missing or
-    non-positive `sampling_rate`, empty audio, NaN/inf samples or wrong dimensions, `TypeError` for integer dtypes
-    and unsupported types.
+    defaults, as the release's `torchaudio.transforms.Resample`) converts. Samples beyond [-1, 1] (after downmixing,
+    before resampling) are clipped to it with a warning. Raises `ValueError` for a missing or non-positive
+    `sampling_rate`, empty audio, NaN/inf samples or wrong dimensions, `TypeError` for integer dtypes and
+    unsupported types.
     """
     if sampling_rate is None:
         raise ValueError("`sampling_rate` is required: pass the sampling rate of the audio in Hz.")
@@ -113,6 +117,13 @@ def _to_mono_float32(item: AudioInput, name: str) -> torch.Tensor:
     wave = wave.to(torch.float32)
     if not torch.isfinite(wave).all():
         raise ValueError(f"`{name}` contains NaN or infinite samples (after conversion to float32).")
+    peak = float(wave.abs().max())
+    if peak > 1.0:
+        # Float audio lives in [-1, 1]; beyond it is what a recorder or 16-bit PCM would clip, so clip it the same
+        # way, audibly (a warning), rather than refuse a loud file or silently feed the codec out-of-range input.
+        logger.warning(f"`{name}` has samples up to {peak:.3g} in magnitude, outside float audio's [-1, 1]: clipped "
+                       "to [-1, 1]. Scale it first (e.g. `x / abs(x).max()`) to keep its waveform.")
+        wave = wave.clamp(-1.0, 1.0)
     return wave
 
 
@@ -126,7 +137,7 @@ class MossSpeechFeatureExtractor(SequenceFeatureExtractor):
     Inputs: one waveform or a list of them, each a float numpy array or torch tensor, 1-D (mono) or 2-D
     `(channels, samples)`. Multi-channel audio is downmixed to mono by averaging the channels (the release kept only
     the first channel). Any sampling rate is accepted and resampled to `sampling_rate` with
-    `torchaudio.functional.resample`.
+    `torchaudio.functional.resample`. Samples beyond [-1, 1] (after downmixing) are clipped to it, with a warning.
 
     Args:
         feature_size: Number of mel bins (128 for the release's encoder).

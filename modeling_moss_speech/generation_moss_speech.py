@@ -10,6 +10,11 @@ The release's rules, kept here:
 - audio ids above `eosp_token_id` are never sampled, and `eosp_token_id` is forbidden before `min_new_tokens`;
 - each channel has its own repetition penalty, temperature, top-k and top-p.
 
+Standard generation features that apply to a two-channel grid go through transformers' public logits processors
+(`NoBadWordsLogitsProcessor`, `NoRepeatNGramLogitsProcessor`) per channel; every other standard `GenerationConfig`
+field (beam search, assisted decoding, constrained decoding, hidden-state outputs, ...) is refused with a
+`ValueError` naming it, never silently ignored (`unsupported_generation_fields`).
+
 Deliberate differences from the release, each a fix:
 - stopping is decided per batch row (the release looked at row 0 only);
 - in text mode the audio channel is written as `audio_pad_token_id` (the release kept a sampled code that the
@@ -32,6 +37,7 @@ buckets) would buy little and cost one graph per bucket.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,7 +46,10 @@ from transformers import GenerationConfig, GenerationMixin
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.configuration_utils import CompileConfig
 from transformers.generation.logits_process import (
+    LogitsProcessor,
     LogitsProcessorList,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -54,6 +63,63 @@ from .configuration_moss_speech import MODALITIES
 logger = logging.get_logger(__name__)
 
 CHANNEL_SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+# Per-channel processor settings. Unlike the sampling fields, the shared standard field is the text channel's only:
+# its ids and n-grams are the tokenizer's, and speech codes repeat n-grams (silence) by nature.
+CHANNEL_PROCESSOR_FIELDS = ("bad_words_ids", "no_repeat_ngram_size")
+CHANNEL_FIELDS = CHANNEL_SAMPLING_FIELDS + CHANNEL_PROCESSOR_FIELDS
+# Standard GenerationConfig fields that generate() reads (num_beams only as 1). Every other standard field must be
+# unset (None) or hold its no-op value from NEUTRAL_VALUES, else generate() refuses the call.
+SUPPORTED_FIELDS = frozenset({
+    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+    "bad_words_ids", "no_repeat_ngram_size", "num_return_sequences", "use_cache", "cache_implementation",
+    "max_cache_len", "compile_config", "disable_compile", "eos_token_id", "pad_token_id", "output_logits",
+    "output_scores", "return_dict_in_generate", "transformers_version",
+    # Only used by transformers when there is no prompt; generate() always takes one.
+    "bos_token_id",
+})
+NEUTRAL_VALUES = {
+    "num_beams": (1,), "num_beam_groups": (1,), "diversity_penalty": (0.0,), "length_penalty": (1.0,),
+    "early_stopping": (False,), "min_length": (0,), "typical_p": (1.0,), "epsilon_cutoff": (0.0,),
+    "eta_cutoff": (0.0,), "encoder_repetition_penalty": (1.0,), "encoder_no_repeat_ngram_size": (0,),
+    "renormalize_logits": (False,), "remove_invalid_values": (False,), "output_attentions": (False,),
+    "output_hidden_states": (False,), "guidance_scale": (1.0,), "token_healing": (False,), "low_memory": (False,),
+    "is_assistant": (False,), "use_mtp": (False,), "suppress_tokens": ([],), "begin_suppress_tokens": ([],),
+    # Knobs of assisted decoding at transformers' defaults: inert, since assisted decoding cannot be switched on.
+    "num_assistant_tokens": (20,), "num_assistant_tokens_schedule": ("constant", "heuristic"),
+    "assistant_confidence_threshold": (0.4,), "assistant_lookbehind": (10,), "target_lookbehind": (10,),
+    "max_matching_ngram_size": (2,),
+}
+_ASSISTED = "assisted decoding (draft models, prompt lookup, early exit, multi-token prediction) is not supported"
+UNSUPPORTED_REASONS = {
+    "num_beams": "beam search is not supported (sampling or greedy only)",
+    "num_beam_groups": "beam search is not supported", "diversity_penalty": "beam search is not supported",
+    "length_penalty": "beam search is not supported", "early_stopping": "beam search is not supported",
+    "constraints": "constrained beam search is not supported",
+    "force_words_ids": "constrained beam search is not supported",
+    "max_length": "use max_new_tokens (rows generated after the prompt)",
+    "min_length": "use min_new_tokens",
+    "output_attentions": "generate() does not return attentions; run the model's forward on the generated grid",
+    "output_hidden_states": "generate() does not return hidden states; run the model's forward on the generated grid",
+    "stop_strings": "pass stopping_criteria (called with the text channel's history)",
+    "prompt_lookup_num_tokens": _ASSISTED, "assistant_early_exit": _ASSISTED, "use_mtp": _ASSISTED,
+    "is_assistant": _ASSISTED, "speculation_type": _ASSISTED,
+    "penalty_alpha": "contrastive search is not supported", "dola_layers": "DoLa decoding is not supported",
+    "guidance_scale": "classifier-free guidance is not supported",
+    "decoder_start_token_id": "MOSS-Speech is a decoder-only model",
+}
+# transformers' generate() arguments that are not config fields, with what to do instead.
+UNSUPPORTED_ARGUMENTS = {
+    "assistant_model": _ASSISTED, "assistant_tokenizer": _ASSISTED,
+    "logits_processor": "pass per-channel text_logits_processor / audio_logits_processor",
+    "prefix_allowed_tokens_fn": "pass per-channel text_logits_processor / audio_logits_processor",
+    "negative_prompt_ids": "classifier-free guidance is not supported",
+    "negative_prompt_attention_mask": "classifier-free guidance is not supported",
+    "synced_gpus": "synchronised multi-GPU decoding is not supported",
+    "tokenizer": "stop strings are not supported; pass stopping_criteria",
+    "inputs_embeds": "generate() needs the (batch, length, 2) token grid input_ids",
+    "past_key_values": "generate() builds its own cache (see cache_implementation)",
+    "custom_generate": "MOSS-Speech has its own generate()",
+}
 CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
 # Static caches are sized up to a multiple of this when compiling, so prompts of similar length share one graph.
 STATIC_CACHE_BUCKET = 128
@@ -64,7 +130,11 @@ class MossSpeechGenerationConfig(GenerationConfig):
 
     Besides every standard field, it holds `text_<field>` and `audio_<field>` for `<field>` in
     `do_sample, temperature, top_k, top_p, repetition_penalty`; a per-channel value of `None` falls back to the
-    shared field. `lazy_tails` (default `True`) runs only the tail of the active modality while decoding.
+    shared field. `text_`/`audio_` `bad_words_ids` and `no_repeat_ngram_size` exist too, but the shared
+    `bad_words_ids` / `no_repeat_ngram_size` are the text channel's only (tokenizer ids and n-grams); the audio
+    channel has only its own. Special ids (`eos_token_id`, `pad_token_id`) are never made up: they are the model
+    config's (`from_model_config`, which is what a model without a `generation_config.json` uses) or the caller's.
+    `lazy_tails` (default `True`) runs only the tail of the active modality while decoding.
     `cache_implementation` is `"dynamic"` (default) or `"static"`; `compile` (default `None`) compiles the
     single-row decode step with `torch.compile` (`compile_config`): `True` forces it (and a static cache),
     `False` forbids it, `None` compiles as transformers does, i.e. with a static cache on an accelerator, or on
@@ -89,8 +159,6 @@ class MossSpeechGenerationConfig(GenerationConfig):
         "repetition_penalty": 1.1,
         "max_new_tokens": 500,
         "min_new_tokens": 0,
-        "eos_token_id": [151643, 151645],
-        "pad_token_id": 151643,
     }
 
     def __init__(self, **kwargs) -> None:
@@ -98,7 +166,7 @@ class MossSpeechGenerationConfig(GenerationConfig):
             if kwargs.get(key) is None:
                 kwargs[key] = value
         for channel in MODALITIES:
-            for field in CHANNEL_SAMPLING_FIELDS:
+            for field in CHANNEL_FIELDS:
                 setattr(self, f"{channel}_{field}", kwargs.pop(f"{channel}_{field}", None))
         self.lazy_tails = kwargs.pop("lazy_tails", True)
         self.compile = kwargs.pop("compile", None)
@@ -106,7 +174,7 @@ class MossSpeechGenerationConfig(GenerationConfig):
 
     @classmethod
     def from_model_config(cls, model_config) -> MossSpeechGenerationConfig:
-        """Release defaults, with the special ids the model config sets (tiny configs have their own)."""
+        """Release sampling defaults with the special ids the model config sets, and no others."""
         values = model_config if isinstance(model_config, dict) else model_config.to_dict()
         ids = {k: values[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if values.get(k) is not None}
         return cls(**ids)
@@ -116,10 +184,34 @@ class MossSpeechGenerationConfig(GenerationConfig):
         if channel not in MODALITIES:
             raise ValueError(f"channel must be one of {MODALITIES}, got {channel!r}.")
         settings = {}
-        for field in CHANNEL_SAMPLING_FIELDS:
+        for field in CHANNEL_FIELDS:
             value = getattr(self, f"{channel}_{field}", None)
-            settings[field] = getattr(self, field) if value is None else value
+            shared = getattr(self, field) if field in CHANNEL_SAMPLING_FIELDS or channel == "text" else None
+            settings[field] = shared if value is None else value
         return settings
+
+
+@functools.cache
+def _standard_fields() -> tuple[str, ...]:
+    """The public fields of a fresh `GenerationConfig` of the installed transformers (built once)."""
+    return tuple(field for field in vars(GenerationConfig()) if not field.startswith("_"))
+
+
+def unsupported_generation_fields(config: GenerationConfig) -> dict[str, str]:
+    """Standard `GenerationConfig` fields set to a value MOSS-Speech's generate() cannot honour → why.
+
+    The standard fields are those of a fresh `GenerationConfig` of the installed transformers, so a field added by
+    a later release is refused until it is supported here, rather than silently ignored.
+    """
+    problems = {}
+    for field in _standard_fields():
+        if field in SUPPORTED_FIELDS:
+            continue
+        value = getattr(config, field, None)
+        if value is None or value in NEUTRAL_VALUES.get(field, ()):
+            continue
+        problems[field] = f"{field}={value!r}: {UNSUPPORTED_REASONS.get(field, 'not supported by MOSS-Speech')}"
+    return problems
 
 
 @dataclass
@@ -133,6 +225,12 @@ class MossSpeechGenerateOutput(ModelOutput):
         modality_spans: Per element, `(modality, start, end)` runs of rows sampled in text or audio mode.
         text_logits: Per step, the raw (B, vocab_size) text logits, or `None` where the text tail did not run.
         audio_logits: Per step, the raw (B, audio_vocab_size) audio logits, or `None` where it did not run.
+        text_scores: With `output_scores=True`, per step, the processed (B, vocab_size) text scores sampled from
+            (after penalties, processors and warpers), or `None` where no element sampled text. An element's row is
+            meaningful only on steps where it sampled text (see `modality_spans` and `lengths`).
+        audio_scores: The same for the audio channel (ids above end-of-speech are `-inf`).
+
+    With `num_return_sequences=n`, element `i * n + j` is the `j`-th sequence of prompt `i`.
     """
 
     sequences: torch.LongTensor | None = None
@@ -140,6 +238,8 @@ class MossSpeechGenerateOutput(ModelOutput):
     modality_spans: list[list[tuple[str, int, int]]] | None = None
     text_logits: tuple[torch.FloatTensor | None, ...] | None = None
     audio_logits: tuple[torch.FloatTensor | None, ...] | None = None
+    text_scores: tuple[torch.FloatTensor | None, ...] | None = None
+    audio_scores: tuple[torch.FloatTensor | None, ...] | None = None
 
 
 def initial_audio_mode(config, last_rows: torch.Tensor) -> torch.BoolTensor:
@@ -198,6 +298,58 @@ def _check_settings(channel: str, settings: dict) -> None:
         raise ValueError(f"{channel} repetition_penalty must be > 0, got {penalty}.")
 
 
+def _channel_processors(channel: str, settings: dict, vocab_size: int, eos_token_id: list[int]) -> list:
+    """The public transformers processors for `channel`'s `bad_words_ids` / `no_repeat_ngram_size` (validated)."""
+    processors: list[LogitsProcessor] = []
+    size = settings["no_repeat_ngram_size"]
+    if size is not None and size != 0:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"{channel} no_repeat_ngram_size must be an integer >= 0, got {size!r}.")
+        processors.append(NoRepeatNGramLogitsProcessor(size))
+    bad_words = settings["bad_words_ids"]
+    if bad_words is not None:
+        try:
+            # eos ids stay allowed as single bad words, as in transformers (a turn must be able to end).
+            processor = NoBadWordsLogitsProcessor(bad_words, eos_token_id=eos_token_id or None)
+        except ValueError as error:
+            raise ValueError(f"{channel} bad_words_ids: {error}") from error
+        outside = sorted({i for word in bad_words for i in word if i >= vocab_size})
+        if outside:
+            raise ValueError(f"{channel} bad_words_ids holds ids {outside} outside the {channel} vocabulary "
+                             f"[0, {vocab_size}).")
+        processors.append(processor)
+    return processors
+
+
+def channel_histories(grid: torch.LongTensor, mask: torch.Tensor, modality_pad_token_id: int) -> dict[str, list]:
+    """Per channel, per element, the ids of that channel's own rows (the embedding rule: a row is speech iff its
+    text id is the modality pad), padding left out: what the n-gram and bad-word processors look at."""
+    speech = grid[..., 0] == modality_pad_token_id
+    real = mask.bool()
+    histories = {}
+    for channel, (modality, own) in enumerate(zip(MODALITIES, (~speech, speech))):
+        keep = (own & real).tolist()
+        histories[modality] = [[i for i, k in zip(ids, flags) if k] for ids, flags in
+                               zip(grid[..., channel].tolist(), keep)]
+    return histories
+
+
+def _apply_channel_processors(
+    scores: torch.Tensor, processors: list, histories: list[list[int]] | None, rows: torch.BoolTensor
+) -> torch.Tensor:
+    """Run `processors` element by element on the `rows` being sampled, each on its own unpadded history."""
+    if not processors:
+        return scores
+    scores = scores.clone()
+    for index in rows.nonzero().flatten().tolist():
+        history = torch.tensor([histories[index]], dtype=torch.long, device=scores.device)
+        row = scores[index : index + 1]
+        for processor in processors:
+            row = processor(history, row)
+        scores[index : index + 1] = row
+    return scores
+
+
 def seen_tokens(ids: torch.LongTensor, mask: torch.BoolTensor, vocab_size: int) -> torch.BoolTensor:
     """(B, vocab) flags of the ids present at unmasked positions of (B, L) `ids` (the repetition-penalty history)."""
     counts = torch.zeros(ids.shape[0], vocab_size, dtype=torch.long, device=ids.device)
@@ -242,9 +394,13 @@ class MossSpeechGenerationMixin(GenerationMixin):
     ) -> MossSpeechGenerationConfig:
         base = generation_config if generation_config is not None else self.generation_config
         if base is None:
-            base = MossSpeechGenerationConfig()
+            base = MossSpeechGenerationConfig.from_model_config(self.config)
         config = MossSpeechGenerationConfig.from_dict(base.to_dict())
-        known = set(config.to_dict()) | {f"{c}_{f}" for c in MODALITIES for f in CHANNEL_SAMPLING_FIELDS}
+        refused = sorted(k for k in kwargs if k in UNSUPPORTED_ARGUMENTS)
+        if refused:
+            raise ValueError("generate() does not take " + "; ".join(f"{k} ({UNSUPPORTED_ARGUMENTS[k]})"
+                                                                        for k in refused) + ".")
+        known = set(config.to_dict()) | {f"{c}_{f}" for c in MODALITIES for f in CHANNEL_FIELDS}
         unknown = sorted(k for k in kwargs if k not in known)
         if unknown:
             raise ValueError(f"generate() got unknown arguments {unknown}; see MossSpeechGenerationConfig.")
@@ -272,7 +428,10 @@ class MossSpeechGenerationMixin(GenerationMixin):
             attention_mask: (B, L), 0 on left padding. Defaults to all ones.
             generation_config: Overrides the model's; any of its fields may also be passed as keyword arguments
                 (`max_new_tokens=...`, `audio_temperature=...`, `lazy_tails=False`, `return_dict_in_generate=True`,
-                `output_logits=True`, `use_cache=False`, `cache_implementation="static"`, `compile=True`).
+                `output_logits=True`, `output_scores=True`, `num_return_sequences=4`, `bad_words_ids=[[...]]`,
+                `no_repeat_ngram_size=3`, `audio_no_repeat_ngram_size=...`, `use_cache=False`,
+                `cache_implementation="static"`, `compile=True`). Standard fields that do not apply to this model
+                (beam search, assisted decoding, `output_hidden_states`, ...) raise a `ValueError` naming them.
             text_logits_processor / audio_logits_processor: Extra processors for one channel, called as
                 `processor(channel_history (B, L), scores (B, V))` after the built-in masks and before sampling.
             stopping_criteria: Extra criteria, called with the text-channel history; each returns a (B,) stop flag.
@@ -283,17 +442,35 @@ class MossSpeechGenerationMixin(GenerationMixin):
         gen = self._resolve_generation_config(generation_config, kwargs)
         self._check_generate_inputs(input_ids, attention_mask, gen)
         device = input_ids.device
-        batch, prompt_len, _ = input_ids.shape
         if attention_mask is None:
-            attention_mask = torch.ones(batch, prompt_len, dtype=torch.long, device=device)
+            attention_mask = torch.ones(input_ids.shape[:2], dtype=torch.long, device=device)
         attention_mask = attention_mask.to(device=device, dtype=torch.long)
+        if gen.num_return_sequences not in (None, 1):
+            # As transformers does: each prompt repeated in place, its sequences next to each other.
+            input_ids = input_ids.repeat_interleave(gen.num_return_sequences, dim=0)
+            attention_mask = attention_mask.repeat_interleave(gen.num_return_sequences, dim=0)
+        batch, prompt_len, _ = input_ids.shape
 
         text_settings, audio_settings = gen.channel_settings("text"), gen.channel_settings("audio")
         warpers = {"text": _warpers(text_settings), "audio": _warpers(audio_settings)}
         extra = {"text": text_logits_processor or [], "audio": audio_logits_processor or []}
-        eos_ids = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
-        eos_ids = torch.tensor([i for i in eos_ids if i is not None], dtype=torch.long, device=device)
-        pad_id = gen.pad_token_id if gen.pad_token_id is not None else config.pad_token_id
+        eos_list = [i for i in (gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id])
+                    if i is not None]
+        eos_ids = torch.tensor(eos_list, dtype=torch.long, device=device)
+        channel_processors = {
+            "text": _channel_processors("text", text_settings, config.vocab_size, eos_list),
+            "audio": _channel_processors("audio", audio_settings, config.audio_vocab_size, []),
+        }
+        uses_history = bool(channel_processors["text"] or channel_processors["audio"])
+        histories = channel_histories(input_ids, attention_mask, config.modality_pad_token_id) if uses_history else {}
+        pad_id = next((i for i in (gen.pad_token_id, config.pad_token_id, *eos_list) if i is not None), None)
+        if pad_id is None:
+            if stopping_criteria:
+                raise ValueError(
+                    "pad_token_id is unset (generation config and model config) and there is no eos_token_id: "
+                    "set pad_token_id, the text id written after an element stops."
+                )
+            pad_id = config.modality_pad_token_id  # never written: without eos or criteria no element stops early
         use_cache = gen.use_cache is not False
         lazy = bool(gen.lazy_tails) and use_cache
         min_new = gen.min_new_tokens or 0
@@ -326,7 +503,7 @@ class MossSpeechGenerationMixin(GenerationMixin):
         pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in MODALITIES}
         new_rows = input_ids
         new_pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        row_modes, logged = [], {"text": [], "audio": []}
+        row_modes, logged, scored = [], {"text": [], "audio": []}, {"text": [], "audio": []}
 
         for step in range(1, gen.max_new_tokens + 1):
             active = {
@@ -344,17 +521,28 @@ class MossSpeechGenerationMixin(GenerationMixin):
             text_tok = torch.full((batch,), config.modality_pad_token_id, dtype=torch.long, device=device)
             audio_tok = torch.full((batch,), config.audio_pad_token_id, dtype=torch.long, device=device)
             scores_for_stop = None
+            step_scores = {"text": None, "audio": None}
             if "text" in logits and bool((unfinished & ~is_audio).any()):
-                scores = self._process("text", logits["text"], grid[..., 0], seen, text_settings, warpers, extra)
+                scores = _penalize(logits["text"].float(), seen["text"], text_settings["repetition_penalty"])
+                scores = _apply_channel_processors(scores, channel_processors["text"], histories.get("text"),
+                                                   unfinished & ~is_audio)
+                scores = self._process("text", scores, grid[..., 0], extra, warpers)
                 text_tok = torch.where(is_audio, text_tok, _choose(scores, text_settings["do_sample"], generator))
-                scores_for_stop = scores
+                scores_for_stop = step_scores["text"] = scores
             if "audio" in logits and bool((unfinished & is_audio).any()):
                 scores = logits["audio"].float().clone()
                 scores[:, config.eosp_token_id + 1 :] = float("-inf")
                 if step <= min_new:
                     scores[:, config.eosp_token_id] = float("-inf")
-                scores = self._process("audio", scores, grid[..., 1], seen, audio_settings, warpers, extra)
+                scores = _penalize(scores, seen["audio"], audio_settings["repetition_penalty"])
+                scores = _apply_channel_processors(scores, channel_processors["audio"], histories.get("audio"),
+                                                   unfinished & is_audio)
+                scores = self._process("audio", scores, grid[..., 1], extra, warpers)
                 audio_tok = torch.where(is_audio, _choose(scores, audio_settings["do_sample"], generator), audio_tok)
+                step_scores["audio"] = scores
+            if gen.output_scores:
+                for modality in MODALITIES:
+                    scored[modality].append(step_scores[modality])
             text_tok = torch.where(unfinished, text_tok, torch.full_like(text_tok, pad_id))
             audio_tok = torch.where(unfinished, audio_tok, torch.full_like(audio_tok, config.audio_pad_token_id))
             row = torch.stack([text_tok, audio_tok], dim=-1)
@@ -363,6 +551,11 @@ class MossSpeechGenerationMixin(GenerationMixin):
             lengths += unfinished.long()
             for channel, modality in enumerate(MODALITIES):
                 seen[modality][unfinished, row[unfinished, channel]] = True
+            if uses_history:
+                speech_row = row[:, 0] == config.modality_pad_token_id
+                for index in unfinished.nonzero().flatten().tolist():
+                    speech = bool(speech_row[index])
+                    histories[MODALITIES[int(speech)]][index].append(int(row[index, int(speech)]))
             grid = torch.cat([grid, row[:, None, :]], dim=1)
             if static:
                 step_mask[:, prompt_len + step - 1] = unfinished.long()
@@ -393,6 +586,8 @@ class MossSpeechGenerationMixin(GenerationMixin):
             modality_spans=modality_spans(torch.stack(row_modes, dim=1), lengths),
             text_logits=tuple(logged["text"]) if gen.output_logits else None,
             audio_logits=tuple(logged["audio"]) if gen.output_logits else None,
+            text_scores=tuple(scored["text"]) if gen.output_scores else None,
+            audio_scores=tuple(scored["audio"]) if gen.output_scores else None,
         )
 
     def _check_generate_inputs(
@@ -420,8 +615,22 @@ class MossSpeechGenerationMixin(GenerationMixin):
                     f"eos_token_id {token} is outside the text vocabulary [0, {self.config.vocab_size}); set "
                     "generation_config.eos_token_id to the ids that end a turn."
                 )
-        if gen.num_beams not in (None, 1):
-            raise ValueError(f"num_beams={gen.num_beams} is not supported (sampling or greedy only).")
+        problems = unsupported_generation_fields(gen)
+        if problems:
+            raise ValueError(
+                "generate() cannot honour " + "; ".join(problems.values()) + ". Leave these fields unset."
+            )
+        count = gen.num_return_sequences
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
+            raise ValueError(f"num_return_sequences must be an integer >= 1, got {count!r}.")
+        if count not in (None, 1) and not any(gen.channel_settings(c)["do_sample"] for c in MODALITIES):
+            raise ValueError(
+                f"num_return_sequences={count} with greedy decoding in both channels would return {count} identical "
+                "sequences: set do_sample=True (or text_do_sample / audio_do_sample)."
+            )
+        for flag in ("output_scores", "output_logits"):
+            if getattr(gen, flag) and not gen.return_dict_in_generate:
+                raise ValueError(f"{flag}=True needs return_dict_in_generate=True (the plain output is the grid).")
         if gen.cache_implementation not in CACHE_IMPLEMENTATIONS:
             raise ValueError(
                 f"cache_implementation={gen.cache_implementation!r} is not supported by MOSS-Speech generate; use "
@@ -445,14 +654,12 @@ class MossSpeechGenerationMixin(GenerationMixin):
     def _process(
         self,
         modality: str,
-        logits: torch.Tensor,
+        scores: torch.Tensor,
         history: torch.Tensor,
-        seen: dict[str, torch.BoolTensor],
-        settings: dict,
-        warpers: dict[str, LogitsProcessorList],
         extra: dict[str, list[Callable]],
+        warpers: dict[str, LogitsProcessorList],
     ) -> torch.Tensor:
-        scores = _penalize(logits.float(), seen[modality], settings["repetition_penalty"])
+        """The caller's processors for `modality`, then its sampling warpers."""
         for processor in extra[modality]:
             scores = processor(history, scores)
         return warpers[modality](history, scores)

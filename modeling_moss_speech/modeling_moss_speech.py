@@ -5,27 +5,32 @@ The module tree and parameter names are the release's, so its safetensors load w
 `{text,audio}_lm_head`. Every decoder layer is transformers' own `Qwen3DecoderLayer`.
 """
 
-from __future__ import annotations
-
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel, Qwen3Config
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_flash_attention_utils import FlashAttentionKwargs
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.qwen3.modeling_qwen3 import (
+    Qwen3Attention,
     Qwen3DecoderLayer,
     Qwen3RMSNorm,
     Qwen3RotaryEmbedding,
 )
-from transformers.utils import ModelOutput, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_moss_speech import MODALITIES, MossSpeechConfig
+from .configuration_moss_speech import MODALITIES, MossSpeechConfig, is_tracing
 from .generation_moss_speech import MossSpeechGenerationConfig, MossSpeechGenerationMixin
+from .loading import checked_from_pretrained
 
 logger = logging.get_logger(__name__)
 
@@ -34,29 +39,26 @@ _CONFIG_LOADING_KWARGS = ("cache_dir", "force_download", "local_files_only", "to
                           "proxies")
 
 
-def runtime_layer_types(config: MossSpeechConfig) -> list[str]:
-    """Attention type of every cache slot: trunk, then text tail, then audio tail (each tail reads the first
-    `num_modality_layers` entries of `config.layer_types`, as its layers are built with block-local indices)."""
-    tail = list(config.layer_types[: config.num_modality_layers])
-    return list(config.layer_types[: config.num_shared_layers]) + tail + tail
+def runtime_cache_config(config: MossSpeechConfig) -> MossSpeechConfig:
+    """A config with one layer per runtime attention layer (`config.num_runtime_layers`): trunk, text tail, audio tail.
 
-
-def runtime_cache_config(config: MossSpeechConfig) -> Qwen3Config:
-    """A Qwen3 config with one layer per runtime attention layer (`config.num_runtime_layers`).
-
-    transformers' cache classes size themselves from `num_hidden_layers` / `layer_types`, which for MOSS-Speech
-    count the trunk and one tail only; this config covers both tails, so
-    `StaticCache(config=runtime_cache_config(config), max_cache_len=n)` (or `DynamicCache(config=...)`) has a slot
-    for every layer of the model.
+    This is `config.get_text_config(decoder=True)`, the config transformers' cache classes size themselves from, so
+    `DynamicCache(config=model.config)` and `StaticCache(config=model.config, max_cache_len=n)` already have a slot for
+    every layer of the model; kept as a function for callers that name it.
     """
-    types = runtime_layer_types(config)
-    return Qwen3Config(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=len(types), num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, layer_types=types,
-        sliding_window=config.sliding_window, use_sliding_window="sliding_attention" in types,
-        max_window_layers=len(types), max_position_embeddings=config.max_position_embeddings,
-    )
+    return config.get_text_config(decoder=True)
+
+
+# Keyword arguments a forward accepts besides its named ones: what transformers passes through models to the attention
+# implementations (flash-attention varlen metadata, `is_causal`, the output-recording flags, ...).
+_PASS_THROUGH_KWARGS = frozenset(TransformersKwargs.__annotations__) | frozenset(FlashAttentionKwargs.__annotations__)
+
+
+def check_kwargs(kwargs: dict, allowed: frozenset[str], where: str) -> None:
+    """Raise a `TypeError` naming every keyword argument of `kwargs` outside `allowed` (instead of ignoring it)."""
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise TypeError(f"{where}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}.")
 
 
 def cache_length(cache: Cache | None, layer_idx: int) -> int:
@@ -135,6 +137,22 @@ def check_device_map(model: nn.Module, device_map: dict) -> None:
         )
 
 
+_HIDDEN_STATES_DOC = """hidden_states: With `output_hidden_states`, the input of the first decoder layer (the
+            embedded grid) and then the output of every decoder layer that ran, in execution order: the
+            `num_shared_layers` trunk layers, then the text tail's `num_modality_layers` layers (if the text tail
+            ran), then the audio tail's (if it ran). Each is (B, L, H), the residual stream before the tail's final
+            norm (the normalised outputs are `{text,audio}_last_hidden_state`). With both tails, entry `1 + i` belongs
+            to the layer owning cache slot `i`, so there are `1 + num_runtime_layers` entries; a forward that runs
+            one tail (`modalities=("audio",)`) returns `1 + num_shared_layers + num_modality_layers`. Indices passed
+            as `output_hidden_states=[...]` count in the both-tails order. A cached step records its new rows
+            only. `generate` runs the tails lazily (only the tail of the current modality per step, the other one
+            catching up later on the rows it missed) through `run_block`/`run_tail`, outside `forward`, so nothing
+            is recorded there; run a forward over the generated grid to read its hidden states.
+        attentions: With `output_attentions` (and an attention implementation that returns weights, e.g. "eager"):
+            (B, heads, L, past + L) per decoder layer that ran, in the same order as `hidden_states` (without the
+            leading embedding entry)."""
+
+
 @dataclass
 class MossSpeechModelOutputWithPast(ModelOutput):
     """Output of [`MossSpeechModel`].
@@ -144,12 +162,15 @@ class MossSpeechModelOutputWithPast(ModelOutput):
         audio_last_hidden_state: Audio tail output after `audio_norm`, (B, L, H); `None` if the tail did not run.
         shared_last_hidden_state: Output of the shared trunk, (B, L, H).
         cache: The cache holding every trunk and tail layer.
+        {hidden_states_doc}
     """
 
     text_last_hidden_state: torch.FloatTensor | None = None
     audio_last_hidden_state: torch.FloatTensor | None = None
     shared_last_hidden_state: torch.FloatTensor | None = None
     cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -163,6 +184,7 @@ class MossSpeechCausalLMOutputWithPast(ModelOutput):
         text_logits: (B, L_keep, vocab_size), `None` if the text tail did not run.
         audio_logits: (B, L_keep, audio_vocab_size), `None` if the audio tail did not run.
         cache: The cache holding every trunk and tail layer.
+        {hidden_states_doc}
     """
 
     loss: torch.FloatTensor | None = None
@@ -171,6 +193,12 @@ class MossSpeechCausalLMOutputWithPast(ModelOutput):
     text_logits: torch.FloatTensor | None = None
     audio_logits: torch.FloatTensor | None = None
     cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+for _output_class in (MossSpeechModelOutputWithPast, MossSpeechCausalLMOutputWithPast):
+    _output_class.__doc__ = _output_class.__doc__.replace("{hidden_states_doc}", _HIDDEN_STATES_DOC)
 
 
 class MossSpeechTransformerBlock(nn.Module):
@@ -222,7 +250,10 @@ class MossSpeechRotaryEmbedding(Qwen3RotaryEmbedding):
         frequencies = {name: buffer.float() for name, buffer in self._buffers.items() if buffer is not None}
         super()._apply(fn, recurse)
         for name, value in frequencies.items():
-            self._buffers[name] = value.to(self._buffers[name].device)
+            moved = self._buffers[name]
+            # A meta buffer has no values to restore (`to_empty()` after meta-device construction): keep the new
+            # storage, in float32; `init_weights()` then computes the frequencies.
+            self._buffers[name] = moved.float() if value.is_meta else value.to(moved.device)
         return self
 
 
@@ -239,6 +270,14 @@ class MossSpeechPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # The forward has no data-dependent Python control flow once traced (the id-range check is skipped then).
+    _can_compile_fullgraph = True
+    # transformers' output recording (as Qwen3): one hidden state per decoder layer that runs, one attention map
+    # per attention; negative `output_hidden_states` indices count over every runtime layer (both tails).
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(Qwen3DecoderLayer, index=0, num_hidden_layers_key="num_runtime_layers"),
+        "attentions": OutputRecorder(Qwen3Attention, index=1),
+    }
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -246,6 +285,11 @@ class MossSpeechPreTrainedModel(PreTrainedModel):
 
         transformers places modules that no entry names on "cpu" without a word and only warns about entries that
         name nothing; here either is a `ValueError` naming the entry, raised before any weight is read.
+
+        Loading is checked (see `loading.checked_from_pretrained`): a tensor missing from or unexpected in the
+        checkpoint is a `CheckpointError` naming the keys unless `strict=False` is passed; a corrupt or truncated
+        safetensors file is a `CheckpointError` naming the file; pickled weights (`pytorch_model.bin`, `.pt`) are
+        never opened, and a checkpoint that has only those is refused with a pointer to the converter.
         """
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict):
@@ -256,9 +300,10 @@ class MossSpeechPreTrainedModel(PreTrainedModel):
             with torch.device("meta"), init.no_init_weights():
                 skeleton = cls(config)
             check_device_map(skeleton, device_map)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        return checked_from_pretrained(super().from_pretrained, cls, pretrained_model_name_or_path, model_args, kwargs,
+                                       "language model")
 
-    def runtime_cache_config(self) -> Qwen3Config:
+    def runtime_cache_config(self) -> MossSpeechConfig:
         """A config whose `layer_types` cover every runtime layer; see [`runtime_cache_config`]."""
         return runtime_cache_config(self.config)
 
@@ -433,6 +478,8 @@ class MossSpeechModel(MossSpeechPreTrainedModel):
             return positions.clamp(min=0)[:, past_length : past_length + length]
         return torch.arange(past_length, past_length + length, device=device).unsqueeze(0)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -442,24 +489,29 @@ class MossSpeechModel(MossSpeechPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         modalities: Sequence[str] = MODALITIES,
-        past_key_values: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MossSpeechModelOutputWithPast:
         """Embed the grid, run the trunk, then the requested tails.
 
         Args:
             input_ids: (B, L, 2) grid, column 0 text ids, column 1 audio ids. Exclusive with `inputs_embeds`.
             attention_mask: (B, past + L) padding mask, 1 for real rows (left padding expected in generation).
-            position_ids: (B, L); by default derived from `attention_mask` so left padding does not shift positions.
-            cache: A `Cache` for every trunk and tail layer (`past_key_values` is accepted as an alias).
+            position_ids: (B, L) or (1, L); by default derived from `attention_mask` so left padding does not shift
+                positions.
+            cache: A `Cache` for every trunk and tail layer (`past_key_values` is the deprecated name).
             inputs_embeds: (B, L, H) pre-computed embeddings.
             use_cache: Whether to create/update the cache (defaults to `config.use_cache`, off in training).
-            modalities: Which tails to run; the heads of the others are skipped.
+            modalities: Which tails to run; the heads of the others are skipped. Tails run text first, then audio,
+                whatever the order given.
+            kwargs: `output_hidden_states`, `output_attentions`, `return_dict` and the attention kwargs transformers
+                passes through (`TransformersKwargs`); anything else is a `TypeError`. See
+                [`MossSpeechModelOutputWithPast`] for what the recorded hidden states and attentions hold.
         """
-        if cache is None and past_key_values is not None:
-            cache = past_key_values
+        check_kwargs(kwargs, _PASS_THROUGH_KWARGS, f"{type(self).__name__}.forward")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids (B, L, 2) or inputs_embeds (B, L, hidden_size).")
+        if isinstance(modalities, str):
+            modalities = (modalities,)
         modalities = tuple(modalities)
         unknown = [m for m in modalities if m not in MODALITIES]
         if unknown or not modalities:
@@ -467,11 +519,13 @@ class MossSpeechModel(MossSpeechPreTrainedModel):
         if input_ids is not None:
             self.config.check_grid(input_ids)
             inputs_embeds = self.embed_grid(input_ids)
-        elif inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
-            raise ValueError(
-                f"inputs_embeds must have shape (batch, length, {self.config.hidden_size}), "
-                f"got {tuple(inputs_embeds.shape)}."
-            )
+        elif not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.ndim != 3 or (
+            inputs_embeds.shape[-1] != self.config.hidden_size
+        ):
+            shape = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds)
+            raise ValueError(f"inputs_embeds must have shape (batch, length, {self.config.hidden_size}), got {shape}.")
+        elif inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
+            raise ValueError(f"inputs_embeds is empty: got shape {tuple(inputs_embeds.shape)}.")
         if cache is not None and not isinstance(cache, Cache):
             raise TypeError(f"cache must be a transformers Cache, got {type(cache).__name__}.")
         if (
@@ -481,15 +535,16 @@ class MossSpeechModel(MossSpeechPreTrainedModel):
         ):
             raise ValueError(
                 f"cache has {len(cache.layers)} layer slots but MOSS-Speech needs {self.config.num_runtime_layers} "
-                "(trunk + text tail + audio tail): use model.new_cache(...) (static or dynamic), a cache built from "
-                "model.runtime_cache_config(), DynamicCache() without a config, or None."
+                "(trunk + text tail + audio tail): use model.new_cache(...), a cache built from model.config "
+                "(DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=n)), "
+                "DynamicCache() without a config, or None."
             )
 
         batch, length = inputs_embeds.shape[:2]
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
-            cache = DynamicCache()
+            cache = DynamicCache(config=self.config)
         past = cache_length(cache, 0)
         for modality in modalities:
             offset = self.config.tail_layer_offset(modality)
@@ -511,17 +566,29 @@ class MossSpeechModel(MossSpeechPreTrainedModel):
             )
         if position_ids is None:
             position_ids = self.default_position_ids(attention_mask, past, length, inputs_embeds.device)
+        elif (
+            not isinstance(position_ids, torch.Tensor)
+            or position_ids.ndim != 2
+            or position_ids.shape[0] not in (1, batch)
+            or position_ids.shape[1] != length
+        ):
+            shape = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids)
+            raise ValueError(
+                f"position_ids must have shape (batch, length) = {(batch, length)} or (1, {length}), got {shape}."
+            )
 
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         shared = self.run_block(
             self.shared_block, inputs_embeds, attention_mask, position_ids, cache, use_cache, position_embeddings,
             **kwargs,
         )
+        # A fixed tail order keeps the recorded hidden states and attentions in cache-slot order.
         tails = {
             modality: self.run_tail(
                 modality, shared, attention_mask, position_ids, cache, use_cache, position_embeddings, **kwargs
             )
-            for modality in modalities
+            for modality in MODALITIES
+            if modality in modalities
         }
         return MossSpeechModelOutputWithPast(
             text_last_hidden_state=tails.get("text"),
@@ -529,22 +596,6 @@ class MossSpeechModel(MossSpeechPreTrainedModel):
             shared_last_hidden_state=shared,
             cache=cache if use_cache else None,
         )
-
-
-def _channel_loss(
-    logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, num_items_in_batch: torch.Tensor | int | None
-) -> torch.Tensor:
-    """Shifted next-token cross entropy for one channel; 0 (with a graph) when the channel has no target."""
-    shift_logits = logits[:, :-1, :].float().reshape(-1, vocab_size)
-    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
-    if not bool((shift_labels != -100).any()):
-        return shift_logits.sum() * 0.0
-    if num_items_in_batch is None:
-        return nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
-    total = nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
 
 
 class MossSpeechForCausalLM(MossSpeechPreTrainedModel, MossSpeechGenerationMixin):
@@ -579,7 +630,7 @@ class MossSpeechForCausalLM(MossSpeechPreTrainedModel, MossSpeechGenerationMixin
         self.post_init()
 
     @classmethod
-    def from_text_model(cls, text_model, num_shared_layers: int, **kwargs) -> MossSpeechForCausalLM:
+    def from_text_model(cls, text_model, num_shared_layers: int, **kwargs) -> "MossSpeechForCausalLM":
         """Split a pretrained Qwen3 causal LM into MOSS-Speech; see `training_utils.from_text_model`."""
         from .training_utils import from_text_model
 
@@ -603,6 +654,79 @@ class MossSpeechForCausalLM(MossSpeechPreTrainedModel, MossSpeechGenerationMixin
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}.")
         return self.text_lm_head if modality == "text" else self.audio_lm_head
 
+    def check_targets(
+        self, targets: torch.Tensor, rows: tuple[int, int], name: str, ignore_index: int = -100
+    ) -> None:
+        """Raise a `ValueError` unless `targets` is a (`*rows`, 2) integer tensor whose ids are `ignore_index` or
+        inside their channel's vocabulary (the range check is skipped while tracing, as in `config.check_grid`)."""
+        if not isinstance(targets, torch.Tensor) or targets.ndim != 3 or targets.shape[-1] != self.config.channels:
+            shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise ValueError(f"{name} must have shape (batch, length, 2) like input_ids, got {shape}.")
+        if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+            raise TypeError(f"{name} must hold integer token ids, got dtype {targets.dtype}.")
+        if tuple(targets.shape[:2]) != tuple(rows):
+            raise ValueError(
+                f"{name} shape {tuple(targets.shape)} does not match the input rows (batch, length) = {tuple(rows)}."
+            )
+        if targets.device.type == "meta" or is_tracing():
+            return
+        sizes = torch.tensor([self.config.vocab_size, self.config.audio_vocab_size], device=targets.device)
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= sizes))
+        if bool(bad.any()):
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            channel = index[-1]
+            raise ValueError(
+                f"{name}{list(index)} = {int(targets[index])} is outside the {MODALITIES[channel]} vocabulary "
+                f"[0, {int(sizes[channel])}) and is not the ignore index {ignore_index}."
+            )
+
+    def channel_losses(
+        self,
+        logits: dict[str, torch.Tensor | None],
+        labels: torch.Tensor | None = None,
+        shift_labels: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        ignore_index: int = -100,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Next-token loss of each channel through `self.loss_function` (transformers' `ForCausalLMLoss` contract).
+
+        `labels` (B, L, 2) are shifted inside; `shift_labels` (B, L, 2), already aligned with the logits, replace
+        them (sequence/context parallelism shifts before sharding). `num_items_in_batch` normalises both channels'
+        summed losses (gradient accumulation); without it each channel is averaged over its own targets, and a channel
+        with no target contributes 0 (with a graph) instead of NaN. Returns `(text_loss, audio_loss)`, `None` for a
+        channel whose tail did not run.
+        """
+        losses: list[torch.Tensor | None] = []
+        for channel, modality in enumerate(MODALITIES):
+            channel_logits = logits[modality]
+            if channel_logits is None:
+                losses.append(None)
+                continue
+            if shift_labels is not None:
+                targets, channel_labels = shift_labels[..., channel], None
+                channel_shift = targets
+            else:
+                channel_labels, channel_shift = labels[..., channel], None
+                targets = channel_labels[:, 1:]
+            normaliser = num_items_in_batch
+            if normaliser is None:
+                # The mean over this channel's targets, as a divisor: 0 targets give 0 / 1 rather than NaN, with no
+                # device-to-host sync.
+                normaliser = (targets != ignore_index).sum().clamp(min=1).to(channel_logits.device)
+            losses.append(
+                self.loss_function(
+                    logits=channel_logits,
+                    labels=channel_labels,
+                    vocab_size=channel_logits.shape[-1],
+                    num_items_in_batch=normaliser,
+                    ignore_index=ignore_index,
+                    shift_labels=channel_shift,
+                )
+            )
+        return losses[0], losses[1]
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -615,58 +739,52 @@ class MossSpeechForCausalLM(MossSpeechPreTrainedModel, MossSpeechGenerationMixin
         logits_to_keep: int | torch.Tensor = 0,
         modalities: Sequence[str] = MODALITIES,
         num_items_in_batch: torch.Tensor | int | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs,
+        shift_labels: torch.LongTensor | None = None,
+        ignore_index: int = -100,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MossSpeechCausalLMOutputWithPast:
-        """Two-channel forward; see [`MossSpeechModel.forward`] for the inputs.
+        """Two-channel forward; see [`MossSpeechModel.forward`] for the inputs and the other keyword arguments.
 
         Args:
-            labels: (B, L, 2) targets aligned with `input_ids` (shifted inside), -100 where ignored. The loss is
-                the text-channel plus the audio-channel cross entropy; both are reported separately too.
+            labels: (B, L, 2) targets aligned with `input_ids` (shifted inside), `ignore_index` where ignored. The
+                loss is the text-channel plus the audio-channel cross entropy; both are reported separately too.
             logits_to_keep: Project only the last `logits_to_keep` rows (0 = all), or the given row indices.
             num_items_in_batch: Token count for sum-reduction under gradient accumulation (Trainer passes it).
+            shift_labels: (B, L, 2) targets already aligned with the logits; they replace `labels` in the loss.
+            ignore_index: Target id that contributes no loss (-100, as in transformers).
+
+        With `return_dict=False` (argument or `config.return_dict`) the output is a tuple of its non-`None` fields.
         """
-        if labels is not None:
-            if not isinstance(labels, torch.Tensor) or labels.ndim != 3 or labels.shape[-1] != self.config.channels:
-                shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-                raise ValueError(f"labels must have shape (batch, length, 2) like input_ids, got {shape}.")
-            ref = input_ids if input_ids is not None else inputs_embeds
-            if ref is not None and tuple(labels.shape[:2]) != tuple(ref.shape[:2]):
-                raise ValueError(
-                    f"labels shape {tuple(labels.shape)} does not match the input rows {tuple(ref.shape[:2])}."
-                )
+        check_kwargs(kwargs, _PASS_THROUGH_KWARGS, f"{type(self).__name__}.forward")
+        if labels is not None or shift_labels is not None:
+            inputs = input_ids if input_ids is not None else inputs_embeds
+            for name, targets in (("labels", labels), ("shift_labels", shift_labels)):
+                if targets is not None and isinstance(inputs, torch.Tensor) and inputs.ndim >= 2:
+                    self.check_targets(targets, inputs.shape[:2], name, ignore_index)
+            if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+                raise ValueError("labels need logits for every row: use logits_to_keep=0 when training.")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             modalities=modalities,
+            return_dict=True,
             **kwargs,
         )
-        slice_ = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = {}
         for modality in MODALITIES:
             hidden = getattr(outputs, f"{modality}_last_hidden_state")
-            logits[modality] = None if hidden is None else self.head(modality)(hidden[:, slice_, :])
+            logits[modality] = (
+                None if hidden is None else self.head(modality)(slice_logits_to_keep(hidden, logits_to_keep))
+            )
 
         loss = text_loss = audio_loss = None
-        if labels is not None:
-            losses = []
-            for channel, modality in enumerate(MODALITIES):
-                if logits[modality] is None:
-                    losses.append(None)
-                    continue
-                if logits[modality].shape[1] != labels.shape[1]:
-                    raise ValueError("labels need logits for every row: use logits_to_keep=0 when training.")
-                losses.append(
-                    _channel_loss(
-                        logits[modality], labels[..., channel], logits[modality].shape[-1], num_items_in_batch
-                    )
-                )
-            text_loss, audio_loss = losses
-            present = [x for x in losses if x is not None]
+        if labels is not None or shift_labels is not None:
+            text_loss, audio_loss = self.channel_losses(logits, labels, shift_labels, num_items_in_batch, ignore_index)
+            present = [x for x in (text_loss, audio_loss) if x is not None]
             loss = present[0] if len(present) == 1 else present[0] + present[1].to(present[0].device)
         return MossSpeechCausalLMOutputWithPast(
             loss=loss,
@@ -675,6 +793,8 @@ class MossSpeechForCausalLM(MossSpeechPreTrainedModel, MossSpeechGenerationMixin
             text_logits=logits["text"],
             audio_logits=logits["audio"],
             cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
 

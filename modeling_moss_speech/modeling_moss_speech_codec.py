@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -17,18 +18,26 @@ import torch
 import torchaudio
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.models.whisper.modeling_whisper import sinusoids
 from transformers.utils import ModelOutput, logging
 
 from .configuration_moss_speech_codec import MossSpeechCodecConfig
 from .feature_extraction_moss_speech import MossSpeechFeatureExtractor, prepare_waveforms
-from .modeling_moss_speech_codec_encoder import MossSpeechCodecEncoder, encode_waveforms
+from .loading import checked_from_pretrained
+from .modeling_moss_speech_codec_encoder import MAX_BATCH_SECONDS, MossSpeechCodecEncoder, encode_waveforms
 from .modeling_moss_speech_codec_flow import MossSpeechCodecFlow, MossSpeechCodecFlowCFM
 from .modeling_moss_speech_codec_griffin_lim import MossSpeechCodecGriffinLim
 from .modeling_moss_speech_codec_speaker import MossSpeechCodecSpeakerEncoder
 from .modeling_moss_speech_codec_stream import MossSpeechFlowStream, MossSpeechVocoderStream
-from .modeling_moss_speech_codec_vocoder import MossSpeechCodecVocoder
+from .modeling_moss_speech_codec_vocoder import MossSpeechCodecVocoder, MossSpeechCodecVocoderSnake
 
 logger = logging.get_logger(__name__)
+
+
+def prompt_mel_hop_length(sampling_rate: int = 24000) -> int:
+    """Samples per frame of `prompt_mel_spectrogram` (20 ms); a prompt of `n` samples has `n // hop` frames."""
+    return sampling_rate // 50
 
 
 def prompt_mel_spectrogram(waveform_24k: torch.Tensor, n_mels: int = 80, sampling_rate: int = 24000) -> torch.Tensor:
@@ -37,7 +46,8 @@ def prompt_mel_spectrogram(waveform_24k: torch.Tensor, n_mels: int = 80, samplin
     n_fft = window = 1920, hop 480, Hann, no centering (reflect-pad (n_fft - hop) / 2 each side), magnitude,
     slaney mel filters over 0-8 kHz, natural log clamped at 1e-5 (the Matcha-TTS / HiFi-GAN recipe).
     """
-    n_fft, hop = 4 * sampling_rate // 50, sampling_rate // 50
+    hop = prompt_mel_hop_length(sampling_rate)
+    n_fft = 4 * hop
     wav = waveform_24k.float().reshape(1, 1, -1)
     pad = (n_fft - hop) // 2
     wav = torch.nn.functional.pad(wav, (pad, pad), mode="reflect").reshape(1, -1)
@@ -63,14 +73,22 @@ class MossSpeechVoicePrompt:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("tokens", "mel", "speaker_embedding"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise TypeError(f"voice prompt {name} must be a tensor, got {type(getattr(self, name)).__name__}.")
         if self.tokens.ndim != 1:
             raise ValueError(f"voice prompt tokens must be 1-D, got shape {tuple(self.tokens.shape)}.")
+        if self.tokens.is_floating_point() or self.tokens.is_complex() or self.tokens.dtype == torch.bool:
+            raise TypeError(f"voice prompt tokens must be integer codes, got dtype {self.tokens.dtype}.")
         if self.mel.ndim != 2:
             raise ValueError(f"voice prompt mel must be (frames, mel_bins), got shape {tuple(self.mel.shape)}.")
         if self.speaker_embedding.ndim != 1:
             raise ValueError(
                 f"voice prompt speaker_embedding must be 1-D, got shape {tuple(self.speaker_embedding.shape)}."
             )
+        for name in ("mel", "speaker_embedding"):
+            if not getattr(self, name).is_floating_point():
+                raise TypeError(f"voice prompt {name} must be a float tensor, got dtype {getattr(self, name).dtype}.")
 
     def save(self, path: str) -> None:
         """Write the prompt as a `.safetensors` file (three tensors plus string metadata)."""
@@ -80,16 +98,33 @@ class MossSpeechVoicePrompt:
                                            **{k: str(v) for k, v in self.metadata.items()}})
 
     @classmethod
-    def load(cls, path: str) -> MossSpeechVoicePrompt:
-        """Read a prompt written by `save`."""
-        from safetensors import safe_open
+    def load(cls, path: str | os.PathLike) -> MossSpeechVoicePrompt:
+        """Read a prompt written by `save`.
 
-        with safe_open(path, framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
+        Raises `FileNotFoundError` when `path` does not exist and `ValueError` naming the file when it is not a
+        safetensors file or not a voice prompt. Whether the prompt fits a codec is checked where it is used.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        path = str(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"voice prompt file {path!r} does not exist.")
+        try:
+            with safe_open(path, framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+            tensors = load_file(path)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"{path!r} is not a MOSS-Speech voice prompt file: not readable as safetensors "
+                             f"({error}); write one with MossSpeechVoicePrompt.save.") from error
         if metadata.pop("format", None) != "moss_speech_voice_prompt":
-            raise ValueError(f"{path} is not a MOSS-Speech voice prompt file (missing format metadata).")
-        tensors = load_file(path)
-        return cls(tensors["tokens"], tensors["mel"], tensors["speaker_embedding"], metadata)
+            raise ValueError(f"{path!r} is not a MOSS-Speech voice prompt file (missing format metadata).")
+        missing = [name for name in ("tokens", "mel", "speaker_embedding") if name not in tensors]
+        if missing:
+            raise ValueError(f"voice prompt file {path!r} lacks the tensors {missing} (it has {sorted(tensors)}).")
+        try:
+            return cls(tensors["tokens"], tensors["mel"], tensors["speaker_embedding"], metadata)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"voice prompt file {path!r}: {error}") from error
 
 
 @dataclass
@@ -107,6 +142,13 @@ class MossSpeechCodecDecodeOutput(ModelOutput):
     waveforms: torch.FloatTensor | None = None
     lengths: torch.LongTensor | None = None
     sampling_rate: int | None = None
+
+
+# torch layers whose `reset_parameters` is their constructor's initialisation.
+_TORCH_LAYERS = (
+    torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.ConvTranspose1d, torch.nn.LayerNorm,
+    torch.nn.GroupNorm, torch.nn.Embedding,
+)
 
 
 class MossSpeechCodecPreTrainedModel(PreTrainedModel):
@@ -132,7 +174,10 @@ class MossSpeechCodecPreTrainedModel(PreTrainedModel):
         pipeline would come back in bf16); the codec stays float32 unless `dtype` (or `torch_dtype`) is passed.
         A `device_map` may name `""` or whole components (`encoder`, `flow`, `hift`, `speaker_encoder`) on devices;
         offloading (`"disk"`, or `"cpu"` next to accelerators) is refused: the codec runs its components through
-        methods that accelerate's offload hooks do not cover.
+        methods that accelerate's offload hooks do not cover. Loading is checked as for the language model: a missing
+        or unexpected tensor is a `CheckpointError` naming the keys unless `strict=False`, a corrupt safetensors file
+        is one naming the file, and pickled weights are never opened (convert the release's with
+        `moss-speech convert --codec`).
         """
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
             kwargs["dtype"] = torch.float32
@@ -145,9 +190,11 @@ class MossSpeechCodecPreTrainedModel(PreTrainedModel):
                         f"{list(cls._components)} (each runs on one device)."
                     )
             cls._check_no_offload(device_map.values())
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        loaded = checked_from_pretrained(super().from_pretrained, cls, pretrained_model_name_or_path, model_args,
+                                         kwargs, "codec")
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info=True
         cls._check_no_offload(getattr(model, "hf_device_map", {}).values())
-        return model
+        return loaded
 
     @staticmethod
     def _check_no_offload(devices) -> None:
@@ -159,11 +206,42 @@ class MossSpeechCodecPreTrainedModel(PreTrainedModel):
             )
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        # Components initialise themselves in their constructors (the generic init would break weight-norm
-        # parametrizations and the frozen position tables). The one thing a checkpoint cannot carry is the flow's
-        # fixed noise, a non-persistent buffer the loader leaves uninitialised: draw it again.
+        """What each component's constructor does, redone on a materialised model (meta-device construction, then
+        `to_empty()` and `init_weights()`, the path FSDP2's memory-efficient loading takes).
+
+        Not transformers' generic init: it would draw normal weights where the release uses torch's defaults, break
+        weight-norm parametrizations and overwrite the frozen sinusoid tables. Everything goes through
+        `transformers.initialization` (or torch's init functions, which transformers guards while it initialises),
+        so tensors a checkpoint provided are left alone.
+        """
+        weight_norm = getattr(getattr(module, "parametrizations", None), "weight", None)
         if isinstance(module, MossSpeechCodecFlowCFM):
+            # Not a checkpoint tensor: the flow's fixed noise, drawn again from its seed.
             module.reset_noise()
+        elif weight_norm is not None:
+            # weight_norm(conv): torch's default conv init of the direction, magnitude = its norm (as at construction).
+            direction, magnitude = weight_norm.original1, weight_norm.original0
+            init.kaiming_uniform_(direction, a=math.sqrt(5))
+            norm = torch.linalg.vector_norm(direction, dim=tuple(range(1, direction.ndim)), keepdim=True)
+            init.copy_(magnitude, norm)
+            if getattr(module, "bias", None) is not None:
+                fan_in = direction.shape[1] * math.prod(direction.shape[2:])
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            super()._init_weights(module)  # unit/zero affine, zero mean / unit variance running statistics
+        elif isinstance(module, torch.nn.Embedding) and not module.weight.requires_grad:
+            # The encoder's frozen sinusoidal position tables.
+            init.copy_(module.weight, sinusoids(*module.weight.shape).to(module.weight))
+        elif isinstance(module, _TORCH_LAYERS):
+            module.reset_parameters()  # torch's constructor init, also for subclasses (the flow's causal convs)
+        elif isinstance(module, MossSpeechCodecVocoderSnake):
+            init.ones_(module.alpha)
+        elif hasattr(module, "pos_bias_u"):
+            init.xavier_uniform_(module.pos_bias_u)
+            init.xavier_uniform_(module.pos_bias_v)
+        elif isinstance(module, MossSpeechCodecSpeakerEncoder):
+            module.reset_parameters()  # Kaiming-normal convolutions, after their default init (children first)
 
 
 class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
@@ -213,13 +291,17 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
     # ------------------------------------------------------------------ encode
     @torch.no_grad()
     def encode(
-        self, audio, sampling_rate: int | None = None, batch_size: int = 32
+        self, audio, sampling_rate: int | None = None, batch_size: int = 32,
+        max_batch_seconds: float = MAX_BATCH_SECONDS,
     ) -> MossSpeechCodecEncodeOutput:
         """Codes of one waveform or a list: ceil(seconds × 12.5) codes each, long audio in 30 s chunks.
 
-        `audio`: numpy array or tensor, (samples,) or (channels, samples), float; or a list of them (batched).
+        `audio`: numpy array or tensor, (samples,) or (channels, samples), float in [-1, 1] (beyond is clipped, with
+        a warning); or a list of them (batched). Each encoder call takes at most `batch_size` chunks and
+        `max_batch_seconds` of audio, so peak memory stays bounded for hours of audio (see `encode_waveforms`).
         """
-        codes = encode_waveforms(self.encoder, self.feature_extractor, audio, sampling_rate, batch_size=batch_size)
+        codes = encode_waveforms(self.encoder, self.feature_extractor, audio, sampling_rate, batch_size=batch_size,
+                                 max_batch_seconds=max_batch_seconds)
         lengths = torch.tensor([c.numel() for c in codes], dtype=torch.long)
         return MossSpeechCodecEncodeOutput(codes=codes, lengths=lengths)
 
@@ -264,13 +346,19 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
         """Condition decoding on a speaker: prompt codes, 24 kHz prompt mel and CAM++ x-vector of `audio`.
 
         Without a speaker encoder (`speaker_config=None`) the x-vector is zeros: the prompt's codes and mel alone
-        carry the voice.
+        carry the voice. `audio` must hold at least one code's worth of speech (80 ms at release settings; a few
+        seconds of clean speech work best), else `ValueError`.
         """
         (wav,) = prepare_waveforms(audio, sampling_rate, target_rate=None)
         device = self.device
-        codes = self.encode(wav, sampling_rate=sampling_rate).codes[0]
         out_rate = self.config.output_sampling_rate
         wav_out = torchaudio.functional.resample(wav, sampling_rate, out_rate) if sampling_rate != out_rate else wav
+        # The prompt keeps whole codes only: one code needs token_mel_ratio mel frames of prompt_mel_hop_length.
+        needed = self.config.flow_config.token_mel_ratio * prompt_mel_hop_length(out_rate)
+        if wav_out.numel() < needed:
+            raise ValueError(f"`audio` is {1000 * wav.numel() / sampling_rate:.1f} ms long: a voice prompt needs at "
+                             f"least {1000 * needed / out_rate:.0f} ms (one code); a few seconds of speech work best.")
+        codes = self.encode(wav, sampling_rate=sampling_rate).codes[0]
         mel = prompt_mel_spectrogram(wav_out.to(device), self.config.flow_config.output_size, out_rate)
         ratio = self.config.flow_config.token_mel_ratio
         n_tokens = min(mel.shape[0] // ratio, codes.numel())
@@ -298,6 +386,8 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
                 codes = codes[None]
             if codes.ndim != 2:
                 raise ValueError(f"codes must be (batch, length), (batch, 1, length) or 1-D, got {tuple(codes.shape)}.")
+            if codes.numel() == 0:
+                raise ValueError(f"codes is empty (shape {tuple(codes.shape)}): pass at least one code per row.")
             if lengths is None:
                 lengths = torch.full((codes.shape[0],), codes.shape[1], dtype=torch.long)
             lengths = torch.as_tensor(lengths, dtype=torch.long)
@@ -306,7 +396,9 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
             seqs = [torch.as_tensor(c) for c in codes]
             if not seqs:
                 raise ValueError("codes is empty: pass at least one code sequence.")
-            for s in seqs:
+            for i, s in enumerate(seqs):
+                if s.numel() == 0:  # checked first: torch reads an empty list as float32
+                    raise ValueError(f"codes[{i}] is empty: every code sequence needs at least one code.")
                 if s.dtype.is_floating_point or s.dtype == torch.bool or s.ndim != 1:
                     raise ValueError(f"each code sequence must be 1-D integer ids, got {s.dtype} {tuple(s.shape)}.")
             lengths = torch.tensor([s.numel() for s in seqs], dtype=torch.long)
@@ -324,9 +416,18 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
 
     def _prompt_batch(self, voice_prompt, batch: int, device: torch.device):
         """Stack prompts (one shared, one per row, or none = the release's zero defaults) into padded tensors."""
-        prompts = voice_prompt if isinstance(voice_prompt, (list, tuple)) else [voice_prompt] * batch
+        shared = not isinstance(voice_prompt, (list, tuple))
+        prompts = [voice_prompt] * batch if shared else voice_prompt
         if len(prompts) != batch:
             raise ValueError(f"got {len(prompts)} voice prompts for {batch} code sequences.")
+        named = ([("voice_prompt", voice_prompt)] if shared
+                 else [(f"voice_prompt[{i}]", p) for i, p in enumerate(prompts)])
+        for name, p in named:  # before `tok_len` reads p.tokens
+            if p is None:
+                continue
+            if not isinstance(p, MossSpeechVoicePrompt):
+                raise TypeError(f"{name} must be a MossSpeechVoicePrompt or None, got {type(p).__name__}.")
+            self.check_voice_prompt(p, name)
         cfg = self.config.flow_config
         tok_len = torch.tensor([0 if p is None else p.tokens.numel() for p in prompts], dtype=torch.long)
         mel_len = tok_len * cfg.token_mel_ratio
@@ -336,13 +437,33 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
         for i, p in enumerate(prompts):
             if p is None:
                 continue
-            if not isinstance(p, MossSpeechVoicePrompt):
-                raise TypeError(f"voice_prompt must be a MossSpeechVoicePrompt or None, got {type(p).__name__}.")
             tokens[i, : tok_len[i]] = p.tokens
             mel[i, : mel_len[i]] = p.mel[: mel_len[i]]
             embedding[i] = p.speaker_embedding
         return (tokens.to(device), tok_len.to(device), mel.to(device, self.dtype), mel_len.to(device),
                 embedding.to(device, self.dtype))
+
+    def check_voice_prompt(self, prompt: MossSpeechVoicePrompt, where: str = "voice_prompt") -> None:
+        """Raise `ValueError` naming `where` unless `prompt` fits this codec: its mel bins, speaker-embedding size,
+        mel length (`token_mel_ratio` frames per code) and codes match (as in a prompt made by a codec of the same
+        sizes). `decode` and the stream decoders check every prompt they get."""
+        cfg = self.config.flow_config
+        made_by = "; was it made by another codec? Build it with this codec's voice_prompt()."
+        if prompt.mel.shape[1] != cfg.output_size:
+            raise ValueError(f"{where}: its mel has {prompt.mel.shape[1]} bins, this codec's flow uses "
+                             f"{cfg.output_size}{made_by}")
+        if prompt.speaker_embedding.numel() != cfg.spk_embed_dim:
+            raise ValueError(f"{where}: its speaker embedding has {prompt.speaker_embedding.numel()} values, this "
+                             f"codec's flow uses {cfg.spk_embed_dim}{made_by}")
+        needed = prompt.tokens.numel() * cfg.token_mel_ratio
+        if prompt.mel.shape[0] < needed:
+            raise ValueError(f"{where}: its mel has {prompt.mel.shape[0]} frames, fewer than its "
+                             f"{prompt.tokens.numel()} codes need ({cfg.token_mel_ratio} per code, {needed}){made_by}")
+        low, high = (int(prompt.tokens.min()), int(prompt.tokens.max())) if prompt.tokens.numel() else (0, 0)
+        if low < 0 or high >= self.config.num_codes:
+            bad = low if low < 0 else high
+            raise ValueError(f"{where}: its tokens hold code {bad}, outside this codec's codebook "
+                             f"[0, {self.config.num_codes}){made_by}")
 
     @torch.no_grad()
     def decode(
@@ -526,5 +647,6 @@ __all__ = [
     "MossSpeechCodecModel",
     "MossSpeechCodecPreTrainedModel",
     "MossSpeechVoicePrompt",
+    "prompt_mel_hop_length",
     "prompt_mel_spectrogram",
 ]

@@ -26,6 +26,9 @@ _CONV_KERNEL = 3
 _CONV2_STRIDE = 2
 # Cap on the (rows × codebook) distance matrix built at once by `quantize` (128 MiB in float32).
 _MAX_DISTANCE_ELEMENTS = 1 << 25
+# Default audio per encoder call in `encode_waveforms`: four 30 s chunks. Peak memory grows with the audio of one call
+# (features and activations of every chunk in it), so ten minutes of audio cost what two do; measured in issue 16.
+MAX_BATCH_SECONDS = 120.0
 
 
 @dataclass
@@ -265,13 +268,16 @@ def encode_waveforms(
     audio: np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor],
     sampling_rate: int,
     batch_size: int = 32,
+    max_batch_seconds: float = MAX_BATCH_SECONDS,
 ) -> list[torch.LongTensor]:
     """Speech codes of one waveform or a list of them: one 1-D CPU LongTensor per utterance.
 
     Each utterance (float numpy/torch, 1-D or (channels, samples), any rate; channels averaged) is resampled to
-    16 kHz and split into 30 s chunks encoded independently (as the release); all chunks of all utterances are
-    batched `batch_size` at a time, sorted by length to limit padding. An utterance of `s` seconds gets
-    ceil(s × 12.5) codes. Runs without gradients on the encoder's device and dtype.
+    16 kHz and split into 30 s chunks encoded independently (as the release); the chunks of all utterances are
+    sorted by length (to limit padding) and encoded in groups of at most `batch_size` chunks and at most
+    `max_batch_seconds` of padded audio (a chunk longer than that goes alone), which bounds peak memory whatever
+    the length of the audio. An utterance of `s` seconds gets ceil(s × 12.5) codes. Runs without gradients on the
+    encoder's device and dtype.
     """
     if not isinstance(encoder, MossSpeechCodecEncoder):
         raise TypeError(f"`encoder` must be a MossSpeechCodecEncoder, got {type(encoder).__name__}.")
@@ -280,6 +286,9 @@ def encode_waveforms(
                         f"{type(feature_extractor).__name__}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if (isinstance(max_batch_seconds, bool) or not isinstance(max_batch_seconds, (int, float))
+            or not 0 < max_batch_seconds < float("inf")):
+        raise ValueError(f"`max_batch_seconds` must be a positive number of seconds, got {max_batch_seconds!r}.")
     if feature_extractor.feature_size != encoder.config.num_mel_bins:
         raise ValueError(f"feature_extractor.feature_size ({feature_extractor.feature_size}) must equal the "
                          f"encoder's num_mel_bins ({encoder.config.num_mel_bins}).")
@@ -297,9 +306,16 @@ def encode_waveforms(
 
     device, dtype = encoder.codebook.weight.device, encoder.conv1.weight.dtype
     order = sorted(range(len(chunks)), key=lambda i: chunks[i].shape[0], reverse=True)
+    budget = max_batch_seconds * feature_extractor.sampling_rate
+    groups: list[list[int]] = []
+    for chunk_id in order:  # longest first: a group's first chunk sets its padded length
+        group = groups[-1] if groups else None
+        if group is None or len(group) == batch_size or (len(group) + 1) * chunks[group[0]].shape[0] > budget:
+            groups.append([chunk_id])
+        else:
+            group.append(chunk_id)
     chunk_codes: list[torch.Tensor | None] = [None] * len(chunks)
-    for start in range(0, len(order), batch_size):
-        batch_ids = order[start : start + batch_size]
+    for batch_ids in groups:
         features = feature_extractor.extract_features([chunks[i] for i in batch_ids], device=device)
         output = encoder(features["input_features"].to(dtype), features["attention_mask"])
         counts = output.codes_mask.sum(dim=1).tolist()
@@ -312,4 +328,7 @@ def encode_waveforms(
     return [torch.cat(parts) for parts in per_utterance]
 
 
-__all__ = ["MossSpeechCodecCTCHead", "MossSpeechCodecEncoder", "MossSpeechCodecEncoderOutput", "encode_waveforms"]
+__all__ = [
+    "MAX_BATCH_SECONDS", "MossSpeechCodecCTCHead", "MossSpeechCodecEncoder", "MossSpeechCodecEncoderOutput",
+    "encode_waveforms",
+]

@@ -496,7 +496,7 @@ class MossSpeechCodecFlowCFM(nn.Module):
     ) -> torch.Tensor:
         """mu, cond: (B, 80, T); mask: (B, 1, T); spks: (B, 80) → mel (B, 80, T)."""
         batch, _, length = mu.shape
-        x = self.rand_noise[:, :, :length].to(mu).expand(batch, -1, -1)
+        x = self.rand_noise[:, :, :length].to(mu).expand(batch, -1, -1) * self.config.inference_noise_scale
         t_span = self.time_steps(mu.device).to(mu.dtype)
         rate = self.config.inference_cfg_rate
         # Unconditional half: mu, spks and cond zeroed; both halves run as one estimator batch.

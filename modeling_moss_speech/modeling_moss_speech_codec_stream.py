@@ -365,7 +365,7 @@ class MossSpeechFlowStream:
         cond = torch.zeros_like(mu)
         if start < self.prompt_frames:
             cond[:, :, : self.prompt_frames - start] = self.prompt_feat[:, :, start : min(frames, self.prompt_frames)]
-        x = self.flow.decoder.rand_noise[:, :, start:frames].to(mu)
+        x = self.flow.decoder.rand_noise[:, :, start:frames].to(mu) * self.config.inference_noise_scale
         for index, (t, dt) in enumerate(self.steps):
             x = x + dt * self._velocity(index, x, mu, cond, t, state)
         self.frame_done = committed

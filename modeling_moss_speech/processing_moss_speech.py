@@ -772,7 +772,8 @@ class MossSpeechProcessor(ProcessorMixin):
         Text comes from rows whose text id is not the modality pad (padding, start-of-speech and special tokens
         skipped). Speech codes are the audio ids of modality-pad rows; a segment opens at a start-of-speech row (or
         at the first speech row, when the prompt already opened it) and closes at end-of-speech, at the next text
-        row, or at the end. A code outside `[0, num_codes)` raises `ValueError`.
+        row, or at the end. A code outside `[0, num_codes)` or a text id outside the tokenizer's vocabulary
+        `[0, len(tokenizer))` raises `ValueError` (the tokenizer would fail on a negative id and drop a too large one).
         """
         if hasattr(sequences, "sequences") and not isinstance(sequences, torch.Tensor):
             if lengths is None:
@@ -783,9 +784,10 @@ class MossSpeechProcessor(ProcessorMixin):
         lengths = self._as_lengths(lengths, batch, total)
 
         responses = []
+        text_vocab = len(self.tokenizer)
         for index in range(batch):
             rows = grid[index, : lengths[index]].tolist()
-            text_ids, segments = self._split_rows(rows, f"sequences[{index}]")
+            text_ids, segments = self._split_rows(rows, f"sequences[{index}]", text_vocab)
             text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
             for token, replacement in TEXT_REPLACEMENTS:
                 text = text.replace(token, replacement)
@@ -844,8 +846,8 @@ class MossSpeechProcessor(ProcessorMixin):
             raise ValueError(f"lengths must give 0..{total} rows for each of the {batch} elements, got {lengths!r}.")
         return [int(v) for v in values]
 
-    def _split_rows(self, rows: list[list[int]], where: str) -> tuple[list[int], list[list[int]]]:
-        """Text ids and speech segments of one element's rows (rules in `batch_decode`)."""
+    def _split_rows(self, rows: list[list[int]], where: str, text_vocab: int) -> tuple[list[int], list[list[int]]]:
+        """Text ids and speech segments of one element's rows (rules in `batch_decode`); text ids < `text_vocab`."""
         skip_text = {self.modality_pad_token_id, self.sosp_token_id, self.text_pad_token_id}
         text_ids: list[int] = []
         segments: list[list[int]] = []
@@ -864,6 +866,9 @@ class MossSpeechProcessor(ProcessorMixin):
                                      f"outside the codebook [0, {self.num_codes}) and not end-of-speech "
                                      f"({self.eosp_token_id}).")
                 continue
+            if not 0 <= text_id < text_vocab:
+                raise ValueError(f"{where}: row {position} holds text id {text_id}, outside the tokenizer's "
+                                 f"vocabulary [0, {text_vocab}).")
             if current is not None:  # a text row closes an unterminated segment
                 segments.append(current)
                 current = None

@@ -51,12 +51,18 @@ AUDIO_VOCAB_SIZE = 520
 DEFAULT_VOCAB_SIZE = 1000
 
 
-def _default_system_prompts() -> list[str]:
+def _ensure_package() -> None:
+    """Make `modeling_moss_speech` importable (imported lazily: tokenizer training needs little of it)."""
     try:
-        from modeling_moss_speech.processing_moss_speech import DEFAULT_SYSTEM_PROMPTS
+        import modeling_moss_speech  # noqa: F401
     except ImportError:  # run from a checkout without `pip install -e .`
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from modeling_moss_speech.processing_moss_speech import DEFAULT_SYSTEM_PROMPTS
+
+
+def _default_system_prompts() -> list[str]:
+    _ensure_package()
+    from modeling_moss_speech.processing_moss_speech import DEFAULT_SYSTEM_PROMPTS
+
     return list(DEFAULT_SYSTEM_PROMPTS.values())
 
 
@@ -170,12 +176,17 @@ def build(corpus: str | os.PathLike, output: str | os.PathLike,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: `--corpus`, `--output`, `--vocab-size`."""
+    """Command line: `--corpus`, `--output`, `--vocab-size`, `--threads`."""
+    _ensure_package()
+    from modeling_moss_speech.threads import add_threads_argument, set_threads
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", default="data/nano/corpus", help="Nano corpus (DatasetDict with a facts split).")
     parser.add_argument("--output", default="outputs/nano/tokenizer", help="Directory for the tokenizer.")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="Largest vocabulary size.")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     tokenizer = build(args.corpus, args.output, args.vocab_size)
     print(json.dumps({"output": args.output, "vocab_size": len(tokenizer), **special_ids(tokenizer)}))
     return 0

@@ -75,6 +75,7 @@ from transformers.utils import logging
 from modeling_moss_speech.feature_extraction_moss_speech import prepare_waveforms
 from modeling_moss_speech.modeling_moss_speech_codec import MossSpeechCodecModel
 from modeling_moss_speech.processing_moss_speech import MossSpeechProcessor
+from modeling_moss_speech.threads import add_threads_argument, set_threads
 
 logger = logging.get_logger("moss_speech.prepare_dataset")
 
@@ -574,12 +575,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the final dataset to this repo.")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private.")
     parser.add_argument("--quiet", action="store_true", help="no progress bar.")
+    add_threads_argument(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns 0 on success (errors raise with a message naming the problem)."""
     args = build_parser().parse_args(argv)
+    set_threads(args.threads)
     dataset = load_input_dataset(args.input, args.split, args.config_name, args.cache_dir)
     processor = MossSpeechProcessor.from_pretrained(args.processor)
     codec = None

@@ -67,6 +67,7 @@ from prepare_dataset import load_audio_value, speech_segment_rows, text_segment_
 
 from modeling_moss_speech.feature_extraction_moss_speech import prepare_waveforms  # noqa: E402
 from modeling_moss_speech.modeling_moss_speech_codec import MossSpeechCodecModel  # noqa: E402
+from modeling_moss_speech.threads import add_threads_argument, set_threads  # noqa: E402
 
 AUDIO_SPLITS = ("train", "validation", "test", "test_seen")
 ROW_COLUMNS = ("utt_id", "fact_id", "category", "kind", "text", "question", "answer", "voice", "canonical")
@@ -430,13 +431,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sft-t2s-repeats", type=int, default=4, help="Copies of each T->S conversation.")
     parser.add_argument("--sft-t2t-repeats", type=int, default=4, help="Copies of each T->T conversation.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the SFT shuffle.")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
+    add_threads_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     summary = prepare(args.corpus, args.codec, args.tokenizer, args.output, batch_size=args.batch_size,
                       reencode=args.reencode, qa_t2s_repeats=args.qa_t2s_repeats,
                       sft_t2s_repeats=args.sft_t2s_repeats, sft_t2t_repeats=args.sft_t2t_repeats, seed=args.seed,

@@ -471,6 +471,9 @@ def save_corpus(corpus: datasets.DatasetDict, output: str | Path, overwrite: boo
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line entry point: build, save and print the JSON summary (also returned)."""
+    # Imported here, not at module level: the spawned synthesis workers import this module and need none of it.
+    from modeling_moss_speech.threads import add_threads_argument, set_threads
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="directory for DatasetDict.save_to_disk")
     parser.add_argument("--seed", type=int, default=0)
@@ -482,7 +485,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus at --output")
     parser.add_argument("--no-progress", action="store_true")
+    add_threads_argument(parser)  # this process (with --num-workers 0); each worker process uses one thread
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     if Path(args.output).exists() and not args.overwrite:  # fail before minutes of synthesis, not after
         parser.error(f"--output {args.output} exists: pass --overwrite to replace it.")
     start = time.perf_counter()

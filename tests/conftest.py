@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from modeling_moss_speech import MossSpeechConfig, MossSpeechForCausalLM
+# One torch thread per process, for this process and every subprocess a test starts (CLI runs, training scripts):
+# on a busy machine more threads than idle cores make the same work many times slower (issue 16). Set before torch
+# starts its thread pool; tests that need more threads set them explicitly.
+os.environ["OMP_NUM_THREADS"] = "1"
+# Tests never download: the Hub client reads this once, at import, so it is set before anything imports it (a test
+# that sets it later with monkeypatch would not take effect).
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from modeling_moss_speech import MossSpeechConfig, MossSpeechForCausalLM  # noqa: E402
+
+torch.set_num_threads(1)  # torch may have been imported (and its pool sized) before this file ran
 
 # Tiny special ids, mirroring the release's roles: text pad / im_end stop the turn, sosp opens speech,
 # modality_pad marks speech rows; in the audio vocabulary, codes < EOSP, then eosp, then unused ids.

@@ -19,6 +19,7 @@ from modeling_moss_speech.feature_extraction_moss_speech import (
     split_into_chunks,
 )
 from modeling_moss_speech.modeling_moss_speech_codec_encoder import (
+    MAX_BATCH_SECONDS,
     MossSpeechCodecEncoder,
     MossSpeechCodecEncoderOutput,
     encode_waveforms,
@@ -286,6 +287,30 @@ def test_batched_codes_equal_codes_alone(encoder, feature_extractor):
         assert len(alone) == 1 and torch.equal(codes, alone[0])
 
 
+def test_long_audio_is_encoded_in_bounded_groups(encoder, feature_extractor):
+    """Ten 30 s chunks go through the encoder a few at a time (peak memory bounded), with the same codes."""
+    sizes: list[int] = []
+    hook = encoder.register_forward_hook(lambda module, args, output: sizes.append(args[0].shape[0]))
+    wave = tone(300.0)
+    try:
+        reference = encode_waveforms(encoder, feature_extractor, wave, SR, max_batch_seconds=1e9)
+        assert sizes == [10]
+        for kwargs, groups in (({}, [4, 4, 2]),  # default: 120 s of audio per call
+                               ({"max_batch_seconds": 60}, [2] * 5), ({"max_batch_seconds": 1}, [1] * 10),
+                               ({"batch_size": 3}, [3, 3, 3, 1])):
+            sizes.clear()
+            (codes,) = encode_waveforms(encoder, feature_extractor, wave, SR, **kwargs)
+            assert sizes == groups and torch.equal(codes, reference[0]), kwargs
+        # short utterances share a call up to the budget in padded audio (the longest of the group sets it)
+        sizes.clear()
+        encode_waveforms(encoder, feature_extractor, [tone(2.0)] + [tone(1.0, seed=s) for s in range(5)], SR,
+                         max_batch_seconds=4)
+        assert sizes == [2, 4]
+    finally:
+        hook.remove()
+    assert MAX_BATCH_SECONDS == 120.0
+
+
 def test_other_sampling_rates_and_stereo(encoder, feature_extractor):
     for rate in (8000, 44100):
         wave = tone(1.2, rate, seed=rate)
@@ -303,6 +328,9 @@ def test_other_sampling_rates_and_stereo(encoder, feature_extractor):
 def test_encode_waveforms_rejects_bad_arguments(encoder, feature_extractor):
     with pytest.raises(ValueError, match="batch_size"):
         encode_waveforms(encoder, feature_extractor, tone(0.5), SR, batch_size=0)
+    for budget in (0, -1.0, float("inf"), "60", True):
+        with pytest.raises(ValueError, match="`max_batch_seconds` must be a positive number of seconds, got"):
+            encode_waveforms(encoder, feature_extractor, tone(0.5), SR, max_batch_seconds=budget)
     with pytest.raises(ValueError, match="sampling_rate"):
         encode_waveforms(encoder, feature_extractor, tone(0.5), None)
     with pytest.raises(TypeError, match="float dtype"):

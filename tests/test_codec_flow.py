@@ -222,3 +222,28 @@ def test_release_size_parameter_names_and_shapes():
     assert sorted(shapes) == sorted(release["flow"])
     assert shapes == release["flow"]
     assert sum(p.numel() for p in model.parameters()) == release["numel"]["flow"]
+
+
+def test_inference_noise_scale_sets_the_odes_starting_noise(flow):
+    """Scale 0 integrates from zeros (the nano codec's setting): the fixed noise no longer matters; the default 1.0
+    is the release's unit noise."""
+    token, token_len = codes([8, 5])
+    inputs = voice_prompt([4, 2])
+    assert MossSpeechCodecFlowConfig().inference_noise_scale == 1.0
+    results = {}
+    for scale in (1.0, 0.0):
+        flow.config.inference_noise_scale = scale
+        try:
+            per_seed = []
+            for seed in (0, 1):
+                flow.config.noise_seed = seed
+                flow.reset_noise()
+                per_seed.append(flow.inference(token, token_len, **inputs)[0])
+        finally:
+            flow.config.inference_noise_scale, flow.config.noise_seed = 1.0, 0
+            flow.reset_noise()
+        results[scale] = per_seed
+    assert not torch.allclose(*results[1.0])  # unit noise: the draw shapes the mel
+    assert torch.equal(*results[0.0])  # no noise: one deterministic path whatever the draw
+    with pytest.raises(ValueError, match="inference_noise_scale"):
+        tiny_flow_config(inference_noise_scale=-0.5)

@@ -3,9 +3,11 @@
 A tiny corpus is built in a temporary directory: five spoken questions (tones whose lengths make 7..11 codes,
 one at 22.05 kHz) about four facts. An oracle wraps `generate`: it recognises each prompt (a speech question by its
 number of codes, a text question by its tokens) and forces a planned answer through per-channel logits processors,
-right for some questions and wrong for others. A stand-in for the codec's CTC recogniser (`transcribe`) hears a
+right for some questions and wrong for others. Stand-ins for the independent recogniser (`IndependentRecognizer.
+recognize`; its grammar is still built from the corpus) and for the codec's CTC recogniser (`transcribe`) hear a
 waveform by its length: n codes decode to n × 80 ms of speech, so a spoken answer of n codes is heard as the word
-planned for n. Every accuracy is then known exactly.
+planned for n; the CTC stand-in also mishears some decoded speech, so the two columns differ. Every accuracy is then
+known exactly.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import io
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +33,11 @@ from transformers import LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechFeatureExtractor, MossSpeechForCausalLM
 from modeling_moss_speech.cli import build_parser, main
 from modeling_moss_speech.evaluation import (
+    SCHEMA,
     TASKS,
     EvalSplit,
     Fact,
+    IndependentRecognizer,
     character_error_rate,
     edit_distance,
     evaluate,
@@ -63,7 +68,8 @@ WORD_CODES = {"no": 1, "five": 2, "two": 3, "paris": 4, "blue": 5}  # a spoken a
 HEARD = {n: word for word, n in WORD_CODES.items()} | {
     7: "what is two plus three", 8: "what is one plus one", 9: "what is the capital of paris",  # q2 misheard
     10: "what color is the sea", 11: "what is two plus three"}
-HEARD_AFTER_CODEC = {10: "what color is the"}  # q3 misheard once encoded and decoded
+HEARD_AFTER_CODEC = {10: "what color is the",  # the CTC head mishears q3 once encoded and decoded,
+                     4: "pairs"}  # and the decoded spoken answer "paris" (the independent recogniser hears both)
 FRAME = 1280  # samples of one code (80 ms) at 16 kHz
 
 ANSWERS = {
@@ -73,7 +79,7 @@ ANSWERS = {
     "t2t": {"add_1": "five", "add_2": "three", "cap_1": "Paris!", "col_1": "blue"},           # 3 / 4
     "baseline": {"add_1": "five", "add_2": "two", "cap_1": "paris", "col_1": "blue"},         # 4 / 4
 }
-EXPECTED = {"s2t": (3, 5), "s2s": (4, 5), "t2s": (2, 4), "t2t": (3, 4)}
+EXPECTED = {"s2t": (3, 5), "s2s": (4, 5), "t2s": (2, 4), "t2t": (3, 4)}  # spoken answers: independent score
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -213,6 +219,12 @@ def _text_plan(row: int, answer: str, tokenizer, first_step: int = 1) -> dict[tu
     return {(row, first_step + i): token for i, token in enumerate(ids)}
 
 
+def _codes_heard(wave, sampling_rate: int) -> tuple[int, bool]:
+    """(codes a waveform is long, whether it is decoded speech: a whole number of codes) at any rate."""
+    frames = len(wave) * 16000 / sampling_rate / FRAME
+    return math.ceil(frames - 1e-9), abs(frames - round(frames)) < 1e-9
+
+
 def oracle(monkeypatch, calls: list) -> None:
     """Patch both models' generate so that every prompt gets its planned answer (see the module docstring)."""
     tokenizer = tiny_tokenizer()
@@ -254,16 +266,21 @@ def oracle(monkeypatch, calls: list) -> None:
         assert sampling_rate == 16000
         texts = []
         for wave in audio if isinstance(audio, list) else [audio]:
-            n = math.ceil(len(wave) / FRAME - 1e-9)
-            decoded = len(wave) % FRAME == 0  # decoded speech is a whole number of codes long
+            n, decoded = _codes_heard(wave, 16000)
             texts.append(HEARD_AFTER_CODEC.get(n, HEARD.get(n, "")) if decoded else HEARD.get(n, ""))
         return texts
+
+    def recognize(self, waveform, sampling_rate):
+        n, _ = _codes_heard(waveform, sampling_rate)
+        heard = HEARD.get(n, "")  # a closed grammar hears its own phrases only, else nothing
+        return heard if normalize_answer(heard) in {normalize_answer(p) for p in self.vocabulary} else ""
 
     monkeypatch.setattr(MossSpeechForCausalLM, "generate", generate)
     monkeypatch.setattr(Qwen3ForCausalLM, "generate", baseline_generate)
     def transcribe_codes(self, codes, lengths=None):
         return [HEARD.get(len(c), "") for c in codes]
 
+    monkeypatch.setattr(IndependentRecognizer, "recognize", recognize)
     monkeypatch.setattr(MossSpeechCodecModel, "transcribe", transcribe, raising=False)
     monkeypatch.setattr(MossSpeechCodecModel, "transcribe_codes", transcribe_codes, raising=False)
     monkeypatch.setattr(MossSpeechCodecModel, "can_transcribe", property(lambda self: True), raising=False)
@@ -306,12 +323,20 @@ def check_results(results: dict, tasks: tuple[str, ...] = TASKS) -> None:
     # Records are in corpus order whatever the batching, and carry what was asked and answered.
     assert [r["id"] for r in s2t["examples"]] == ["q0", "q1", "q2", "q3", "q4"][:len(s2t["examples"])]
     assert [(r["id"], r["prediction"]) for r in s2t["errors"]] == [("q2", "the sea"), ("q4", "three")]
-    # The answer codes read directly by the recogniser (no vocoder) are scored beside the decoded speech.
-    assert results["modes"]["s2s"]["from_codes"] == {"correct": 4, "total": 5, "accuracy": 0.8}
+    # Spoken answers: the independent recogniser's score first, then the CTC head's on the decoded speech (it
+    # mishears q2's "paris") and on the answer codes directly (no vocoder).
+    s2s = results["modes"]["s2s"]
+    assert list(s2s)[:7] == ["label", "input", "output", "scorer", "correct", "total", "accuracy"]
+    assert s2s["scorer"].startswith("PocketSphinx ")  # the answers of the corpus' facts:
+    assert s2s["scorer"].endswith("JSGF grammar of 4 phrases")
+    assert s2s["ctc"] == {"correct": 3, "total": 5, "accuracy": 0.6}
+    assert s2s["from_codes"] == {"correct": 4, "total": 5, "accuracy": 0.8}
+    assert results["modes"]["t2s"]["ctc"] == {"correct": 2, "total": 4, "accuracy": 0.5}
     assert results["modes"]["t2s"]["from_codes"] == {"correct": 2, "total": 4, "accuracy": 0.5}
-    assert "from_codes" not in results["modes"]["s2t"]
-    s2s_errors = results["modes"]["s2s"]["errors"]
-    assert [(r["id"], r["prediction"], r["num_codes"]) for r in s2s_errors] == [("q1", "no", 1)]
+    assert not {"from_codes", "ctc", "scorer"} & set(results["modes"]["s2t"])
+    assert [(r["id"], r["prediction"], r["ctc_transcript"], r["num_codes"]) for r in s2s["errors"]] == [
+        ("q1", "", "no", 1)]  # "no" is not an answer of the corpus: not in the recogniser's grammar
+    assert {r["id"]: r["ctc_transcript"] for r in s2s["examples"]}["q2"] == "pairs"
     t2s = {r["id"]: r for r in results["modes"]["t2s"]["examples"]}
     assert (t2s["col_1"]["prediction"], t2s["col_1"]["num_codes"]) == ("", 0)  # no speech: nothing decoded
     assert t2s["add_1"]["question"] == "what is two plus three" and t2s["add_1"]["reference"] == "five"
@@ -324,17 +349,24 @@ def check_results(results: dict, tasks: tuple[str, ...] = TASKS) -> None:
     assert retention["baseline"]["correct"] == 4
 
     codec = results["codec_roundtrip"]
-    assert codec["total"] == 5
-    assert (codec["original"]["correct"], codec["roundtrip"]["correct"]) == (4, 3)
-    assert codec["accuracy_gap_points"] == pytest.approx(20.0)
+    assert list(codec)[:6] == ["total", "scorer", "original", "roundtrip", "accuracy_gap_points", "ctc"]
+    assert codec["total"] == 5 and codec["scorer"].endswith("grammar of 4 phrases")  # the corpus' questions
+    # Independent: q2 misheard before and after the round trip; the CTC head also loses q3 in the round trip.
+    assert (codec["original"]["correct"], codec["roundtrip"]["correct"]) == (4, 4)
+    assert codec["accuracy_gap_points"] == pytest.approx(0.0)
+    ctc = codec["ctc"]
+    assert (ctc["original"]["correct"], ctc["roundtrip"]["correct"]) == (4, 3)
+    assert ctc["accuracy_gap_points"] == pytest.approx(20.0)
     references = [normalize_answer(q[4]) for q in QUESTIONS]
     heard = [HEARD[CODES_OF[q[0]]] for q in QUESTIONS]
-    assert codec["original"]["cer"] == pytest.approx(character_error_rate(references, heard))
+    assert ctc["original"]["cer"] == pytest.approx(character_error_rate(references, heard))
     heard[3] = HEARD_AFTER_CODEC[10]
-    assert codec["roundtrip"]["cer"] == pytest.approx(character_error_rate(references, heard))
-    assert codec["original"]["cer"] > 0 and codec["cer_gap_points"] > 0
+    assert ctc["roundtrip"]["cer"] == pytest.approx(character_error_rate(references, heard))
+    assert ctc["original"]["cer"] > 0 and ctc["cer_gap_points"] > 0
     assert codec["examples"][3] == {"id": "q3", "reference": "what color is the sea",
-                                    "original": "what color is the sea", "roundtrip": "what color is the"}
+                                    "original": "what color is the sea", "roundtrip": "what color is the sea",
+                                    "ctc_original": "what color is the sea", "ctc_roundtrip": "what color is the"}
+    assert results["schema"] == SCHEMA == "moss-speech-eval/2" and results["settings"]["ctc_columns"] is True
     assert results["settings"]["decoding"] == "greedy"
     json.dumps(results)  # JSON-ready
 
@@ -384,9 +416,14 @@ def test_evaluate_selected_tasks_and_input_checks(tiny, corpus, monkeypatch):
         evaluate(model, processor, no_speech, tasks=["s2t"])
     assert evaluate(model, processor, no_speech, tasks=["t2t"])["modes"]["t2t"]["total"] == 4
 
+    with pytest.raises(TypeError, match=r"answer_recognizer must have a recognize\(waveform, sampling_rate\)"):
+        evaluate(model, processor, data, tasks=["t2s"], answer_recognizer=object())
+    # A codec without a CTC head (the release's) is scored by the independent recogniser alone.
     monkeypatch.setattr(MossSpeechCodecModel, "can_transcribe", property(lambda self: False), raising=False)
-    with pytest.raises(ValueError, match="has none"):
-        evaluate(model, processor, data, tasks=["s2s"])
+    alone = evaluate(model, processor, data, tasks=["s2s"], batch_size=8, max_new_tokens=8)
+    assert (alone["modes"]["s2s"]["correct"], alone["modes"]["s2s"]["total"]) == EXPECTED["s2s"]
+    assert not {"ctc", "from_codes"} & set(alone["modes"]["s2s"]) and alone["settings"]["ctc_columns"] is False
+    assert alone["modes"]["s2s"]["examples"][0]["ctc_transcript"] is None
     codec_less = MossSpeechProcessor.from_model_config(model.config, tiny_tokenizer())
     with pytest.raises(ValueError, match="need a speech codec"):
         evaluate(model, codec_less, data, tasks=["s2t"])
@@ -420,8 +457,14 @@ def test_evaluate_with_the_codecs_own_recogniser_is_deterministic(corpus):
         assert isinstance(record["prediction"], str) and 0 <= record["num_codes"] <= 6
     roundtrip = results["codec_roundtrip"]
     waves = [prepare_waveforms(q.waveform, q.sampling_rate, target_rate=16000)[0] for q in data.questions]
-    assert [e["original"] for e in roundtrip["examples"]] == codec.transcribe(waves, sampling_rate=16000)
-    assert 0 <= roundtrip["original"]["accuracy"] <= 1 and roundtrip["roundtrip"]["cer"] >= 0
+    assert [e["ctc_original"] for e in roundtrip["examples"]] == codec.transcribe(waves, sampling_rate=16000)
+    assert 0 <= roundtrip["ctc"]["original"]["accuracy"] <= 1 and roundtrip["ctc"]["roundtrip"]["cer"] >= 0
+    # PocketSphinx (real, not a stand-in) hears only phrases of its grammar, or nothing, in the tones.
+    questions = {normalize_answer(q) for q in data.question_vocabulary}
+    assert all(normalize_answer(e[k]) in questions | {""} for e in roundtrip["examples"] for k in ("original",
+                                                                                                  "roundtrip"))
+    answers = {normalize_answer(a) for a in data.answer_vocabulary} | {""}
+    assert all(normalize_answer(r["prediction"]) in answers for r in results["modes"]["s2s"]["examples"])
     json.dumps(results)
 
 
@@ -460,9 +503,10 @@ def test_cli_eval_prints_the_table_and_writes_json(checkpoint, corpus, monkeypat
     assert results["baseline_text_model"] == str(checkpoint["text"]) and results["settings"]["batch_size"] == 3
     assert results["timing"]["total_seconds"] > 0 and results["timing"]["load_seconds"] > 0
     assert out == format_table(results) + "\n"
-    assert [line.split()[:3] for line in out.splitlines()[2:7]] == [
-        ["S->T", "3", "5"], ["T->S", "2", "4"], ["answer", "codes", "read"], ["T->T", "3", "4"],
-        ["T->T", "text-only", "baseline"]]
+    assert [line.split()[:3] for line in out.splitlines()[2:8]] == [
+        ["S->T", "3", "5"], ["T->S", "2", "4"], ["decoded", "speech", "read"], ["answer", "codes", "read"],
+        ["T->T", "3", "4"], ["T->T", "text-only", "baseline"]]
+    assert "speech heard by: PocketSphinx " in out  # which recogniser scored T->S
     assert f"results in {output}" in err
 
 
@@ -533,3 +577,40 @@ def test_markdown_comparison_puts_runs_side_by_side():
     assert table[4].endswith("| 50.0 % -> 25.0 % (CER 10.0 % -> 20.0 %) | 50.0 % -> 25.0 % (CER 10.0 % -> 20.0 %) |")
     with pytest.raises(ValueError, match="empty"):
         markdown_comparison({})
+
+
+def test_markdown_comparison_puts_the_independent_recogniser_first():
+    from modeling_moss_speech.evaluation import markdown_comparison
+
+    spoken = {"label": "S->S", "input": "speech", "output": "speech", "scorer": "PocketSphinx", "correct": 3,
+              "total": 4, "accuracy": 0.75, "ctc": {"correct": 1, "total": 4, "accuracy": 0.25},
+              "from_codes": {"correct": 2, "total": 4, "accuracy": 0.5}}
+    trip = {"total": 4, "scorer": "PocketSphinx", "original": {"correct": 4, "accuracy": 1.0},
+            "roundtrip": {"correct": 2, "accuracy": 0.5}, "accuracy_gap_points": 50.0,
+            "ctc": {"original": {"accuracy": 0.5, "cer": 0.1}, "roundtrip": {"accuracy": 0.25, "cer": 0.2}}}
+    legacy = {"label": "S->S", "input": "speech", "output": "speech", "correct": 1, "total": 4, "accuracy": 0.25,
+              "from_codes": {"correct": 2, "total": 4, "accuracy": 0.5}}  # schema /1: the CTC head only
+    legacy_trip = dict(trip["ctc"])
+    table = markdown_comparison({"new": {"modes": {"s2s": spoken}, "codec_roundtrip": trip},
+                                 "old": {"modes": {"s2s": legacy}, "codec_roundtrip": legacy_trip}}).splitlines()
+    assert table[2:] == [
+        "| S->S: spoken answer heard by the independent recogniser | 75.0 % (3/4) | n/a |",
+        "| S->S: spoken answer read by the codec's CTC head | 25.0 % (1/4) | 25.0 % (1/4) |",
+        "| S->S: answer codes read by the CTC head (no vocoder) | 50.0 % (2/4) | 50.0 % (2/4) |",
+        "| codec round trip: heard by the independent recogniser, original -> encode/decode "
+        "| 100.0 % -> 50.0 % | n/a |",
+        "| codec: CTC exact match, original -> encode/decode | 50.0 % -> 25.0 % (CER 10.0 % -> 20.0 %) "
+        "| 50.0 % -> 25.0 % (CER 10.0 % -> 20.0 %) |"]
+
+
+def test_cli_eval_without_pocketsphinx_names_the_extra(checkpoint, corpus, monkeypatch, capsys):
+    oracle(monkeypatch, [])
+    monkeypatch.setitem(sys.modules, "pocketsphinx", None)  # `import pocketsphinx` now raises ImportError
+    for tasks in (["s2s"], ["t2s"], ["codec"]):
+        code, out, err = run(capsys, "eval", "--model", checkpoint["lm"], "--corpus", corpus, "--tasks", *tasks)
+        assert code == 2 and out == "", tasks
+        assert "pip install 'moss-speech[eval]'" in err and len(err.strip().splitlines()) == 1
+    # Text answers need no recogniser.
+    code, out, err = run(capsys, "-q", "eval", "--model", checkpoint["lm"], "--corpus", corpus, "--tasks", "s2t",
+                         "--max-examples", 2)
+    assert code == 0, err

@@ -7,7 +7,7 @@ import torch
 from conftest import AUDIO_PAD, EOSP, IM_END, MODALITY_PAD, PAD, SOSP, left_pad, make_prompt
 from transformers.generation.streamers import BaseStreamer
 
-from modeling_moss_speech import MossSpeechForCausalLM, MossSpeechGenerationConfig
+from modeling_moss_speech import MossSpeechConfig, MossSpeechForCausalLM, MossSpeechGenerationConfig
 from modeling_moss_speech.generation_moss_speech import seen_tokens
 
 GREEDY = {"do_sample": False, "repetition_penalty": 1.1}
@@ -194,7 +194,9 @@ def test_release_sampling_defaults(model):
     gen = MossSpeechForCausalLM(model.config).generation_config
     assert (gen.do_sample, gen.temperature, gen.top_p, gen.top_k, gen.repetition_penalty) == (True, 0.6, 0.95, 20, 1.1)
     assert gen.max_new_tokens == 500 and gen.eos_token_id == [PAD, IM_END]
-    release = MossSpeechGenerationConfig()
+    bare = MossSpeechGenerationConfig()  # no model config: no special ids are made up
+    assert bare.eos_token_id is None and bare.pad_token_id is None and bare.bos_token_id is None
+    release = MossSpeechGenerationConfig.from_model_config(MossSpeechConfig())
     assert release.eos_token_id == [151643, 151645] and release.pad_token_id == 151643
 
 
@@ -235,3 +237,181 @@ def test_repetition_history_ignores_padding_but_keeps_real_ids():
     assert seen[1].nonzero().flatten().tolist() == [3, 7, 9]
     mask[0, 3] = False
     assert seen_tokens(ids, mask, 12)[0].nonzero().flatten().tolist() == [5]
+
+
+# ------------------------------------------------------------------ standard generation fields (issue 15, item 8)
+
+
+class Push:
+    """A per-channel processor that makes `token` the most likely id at every step (processors run after the
+    built-in n-gram / bad-word bans, and -inf + 1000 stays -inf, so a ban still wins)."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[:, self.token] += 1000.0
+        return scores
+
+
+def _channel_ids(out, modality: str) -> list[int]:
+    """The generated ids of one channel on the rows sampled in that modality (element 0)."""
+    rows = out.sequences[0].tolist()
+    return [rows[i][int(modality == "audio")] for m, start, end in out.modality_spans[0] if m == modality
+            for i in range(start, end)]
+
+
+def test_num_return_sequences_equals_repeated_prompts(model):
+    prompts = [make_prompt(20, 8), make_prompt(21, 10, ends_in_speech=True)]
+    grid, mask = left_pad(prompts)
+    settings = dict(max_new_tokens=6, do_sample=True, temperature=1.5, top_k=0, top_p=1.0)
+    out = model.generate(grid, attention_mask=mask, num_return_sequences=3, return_dict_in_generate=True,
+                         generator=torch.Generator().manual_seed(5), **settings)
+    assert out.sequences.shape[0] == 6 and out.lengths.shape == (6,)
+    # Element i * n + j continues prompt i: the same as passing each prompt n times in a row.
+    repeated = model.generate(grid.repeat_interleave(3, 0), attention_mask=mask.repeat_interleave(3, 0),
+                              return_dict_in_generate=True, generator=torch.Generator().manual_seed(5), **settings)
+    assert torch.equal(out.sequences, repeated.sequences)
+    assert out.modality_spans[3][0][0] == "audio" and out.modality_spans[0][0][0] == "text"
+    assert len({tuple(map(tuple, s.tolist())) for s in out.sequences[3:]}) > 1  # sampled, so they differ
+
+
+def test_num_return_sequences_needs_sampling(model):
+    prompt = make_prompt(22, 8).unsqueeze(0)
+    with pytest.raises(ValueError, match="num_return_sequences=2 with greedy decoding"):
+        model.generate(prompt, num_return_sequences=2, **GREEDY)
+    with pytest.raises(ValueError, match="num_return_sequences must be an integer >= 1"):
+        model.generate(prompt, num_return_sequences=0)
+    # One sampling channel is enough for different sequences.
+    out = model.generate(prompt, num_return_sequences=2, max_new_tokens=3, do_sample=False, audio_do_sample=True)
+    assert out.shape[0] == 2 and out.shape[2] == 2
+
+
+def test_output_scores_are_what_each_channel_chose_from(model):
+    prompts = [make_prompt(23, 9), make_prompt(24, 12, ends_in_speech=True)]
+    grid, mask = left_pad(prompts)
+    out = model.generate(grid, attention_mask=mask, max_new_tokens=10, return_dict_in_generate=True,
+                         output_scores=True, output_logits=True,
+                         text_logits_processor=[Force({(0, 3): SOSP}, suppress=(PAD, IM_END, SOSP))],
+                         audio_logits_processor=[Force({(0, 4): EOSP, (1, 5): EOSP}, suppress=(EOSP,))], **GREEDY)
+    assert len(out.text_scores) == len(out.audio_scores) == out.sequences.shape[1]
+    checked = {"text": 0, "audio": 0}
+    for element, spans in enumerate(out.modality_spans):
+        for modality, start, end in spans:
+            channel = int(modality == "audio")
+            for step in range(start, end):
+                scores = getattr(out, f"{modality}_scores")[step]
+                assert scores.shape[-1] == (300 if modality == "text" else 80)
+                # Greedy: the chosen id is the arg-max of the processed scores, which differ from the raw logits.
+                assert int(scores[element].argmax()) == int(out.sequences[element, step, channel])
+                checked[modality] += 1
+    assert checked["text"] > 3 and checked["audio"] > 3
+    audio = next(s for s in out.audio_scores if s is not None)
+    assert torch.isinf(audio[:, EOSP + 1 :]).all()
+    assert any(s is None for s in out.text_scores)  # a step where every element spoke: no text was sampled
+    with pytest.raises(ValueError, match="output_scores=True needs return_dict_in_generate=True"):
+        model.generate(grid, attention_mask=mask, output_scores=True)
+
+
+def test_bad_words_ids_per_channel(model):
+    text_prompt = make_prompt(25, 8).unsqueeze(0)
+    pushed = dict(max_new_tokens=8, return_dict_in_generate=True, text_logits_processor=[Push(5)], **GREEDY)
+    assert set(_channel_ids(model.generate(text_prompt, **pushed), "text")) == {5}
+    banned = model.generate(text_prompt, bad_words_ids=[[5]], **pushed)
+    assert 5 not in _channel_ids(banned, "text")
+    # A two-token bad word bans only its completion: 5 still comes, never twice in a row.
+    pair = _channel_ids(model.generate(text_prompt, bad_words_ids=[[5, 5]], **pushed), "text")
+    assert 5 in pair and all(not (a == b == 5) for a, b in zip(pair, pair[1:]))
+
+    speech_prompt = make_prompt(26, 10, ends_in_speech=True).unsqueeze(0)
+    spoken = dict(max_new_tokens=6, return_dict_in_generate=True, audio_logits_processor=[Push(7)], **GREEDY)
+    # The shared bad_words_ids are tokenizer ids: they leave the audio channel alone.
+    assert set(_channel_ids(model.generate(speech_prompt, bad_words_ids=[[7]], **spoken), "audio")) == {7}
+    codes = _channel_ids(model.generate(speech_prompt, audio_bad_words_ids=[[7]], **spoken), "audio")
+    assert codes and 7 not in codes
+
+
+def test_no_repeat_ngram_size_per_channel(model):
+    text_prompt = make_prompt(27, 8).unsqueeze(0)
+    pushed = dict(max_new_tokens=8, return_dict_in_generate=True, text_logits_processor=[Push(5)], **GREEDY)
+    text = _channel_ids(model.generate(text_prompt, no_repeat_ngram_size=2, **pushed), "text")
+    pairs = list(zip(text, text[1:]))
+    assert text.count(5) > 1 and len(pairs) == len(set(pairs))  # no bigram twice, though 5 is pushed every step
+
+    speech_prompt = make_prompt(28, 10, ends_in_speech=True).unsqueeze(0)
+    spoken = dict(max_new_tokens=6, return_dict_in_generate=True, audio_logits_processor=[Push(7)], **GREEDY)
+    assert set(_channel_ids(model.generate(speech_prompt, no_repeat_ngram_size=2, **spoken), "audio")) == {7}
+    codes = _channel_ids(model.generate(speech_prompt, audio_no_repeat_ngram_size=2, **spoken), "audio")
+    assert len(list(zip(codes, codes[1:]))) == len(set(zip(codes, codes[1:])))
+    with pytest.raises(ValueError, match="audio no_repeat_ngram_size must be an integer >= 0"):
+        model.generate(speech_prompt, audio_no_repeat_ngram_size=-1)
+    with pytest.raises(ValueError, match=r"audio bad_words_ids holds ids \[99\] outside the audio vocabulary"):
+        model.generate(speech_prompt, audio_bad_words_ids=[[99]])
+    with pytest.raises(ValueError, match="text bad_words_ids: `bad_words_ids` has to be a list of lists"):
+        model.generate(speech_prompt, bad_words_ids=[5])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_beams": 2}, "num_beams=2: beam search is not supported"),
+        ({"max_length": 30}, "max_length=30: use max_new_tokens"),
+        ({"output_hidden_states": True}, "output_hidden_states=True: generate\\(\\) does not return hidden states"),
+        ({"output_attentions": True}, "output_attentions=True: generate\\(\\) does not return attentions"),
+        ({"force_words_ids": [[5]]}, "force_words_ids=\\[\\[5\\]\\]: constrained beam search"),
+        ({"constraints": ["x"]}, "constraints=\\['x'\\]: constrained beam search"),
+        ({"prompt_lookup_num_tokens": 3}, "prompt_lookup_num_tokens=3: assisted decoding"),
+        ({"assistant_early_exit": 2}, "assistant_early_exit=2: assisted decoding"),
+        ({"penalty_alpha": 0.6}, "penalty_alpha=0.6: contrastive search"),
+        ({"typical_p": 0.5}, "typical_p=0.5: not supported by MOSS-Speech"),
+        ({"stop_strings": ["bye"]}, "stop_strings=\\['bye'\\]: pass stopping_criteria"),
+        ({"suppress_tokens": [3]}, "suppress_tokens=\\[3\\]: not supported"),
+        ({"assistant_model": object()}, "does not take assistant_model \\(assisted decoding"),
+        ({"logits_processor": []}, "does not take logits_processor \\(pass per-channel text_logits_processor"),
+        ({"inputs_embeds": torch.zeros(1, 2, 32)}, "does not take inputs_embeds"),
+    ],
+)
+def test_standard_fields_that_do_not_apply_are_refused(model, kwargs, message):
+    prompt = make_prompt(29, 8).unsqueeze(0)
+    with pytest.raises(ValueError, match=message):
+        model.generate(prompt, max_new_tokens=2, **kwargs)
+
+
+def test_refusal_also_reads_a_generation_config_and_accepts_no_op_values(model):
+    prompt = make_prompt(30, 8).unsqueeze(0)
+    with pytest.raises(ValueError, match="output_hidden_states=True"):
+        model.generate(prompt, generation_config=MossSpeechGenerationConfig(output_hidden_states=True))
+    no_ops = dict(num_beams=1, output_attentions=False, output_hidden_states=False, typical_p=1.0, min_length=0,
+                  length_penalty=1.0, num_return_sequences=1, suppress_tokens=[])
+    assert model.generate(prompt, max_new_tokens=2, **no_ops, **GREEDY).shape == (1, 2, 2)
+
+
+def test_every_standard_field_is_read_or_refused():
+    """A field transformers adds later is refused too, until generate() learns it (no silent ignoring)."""
+    from transformers import GenerationConfig
+
+    from modeling_moss_speech.generation_moss_speech import SUPPORTED_FIELDS, unsupported_generation_fields
+
+    config = MossSpeechGenerationConfig()
+    public = [f for f in vars(GenerationConfig()) if not f.startswith("_")]
+    for field in public:
+        setattr(config, field, "surely-not-a-neutral-value")
+    refused = set(unsupported_generation_fields(config))
+    assert refused == set(public) - SUPPORTED_FIELDS
+    assert {"num_beams", "output_hidden_states", "constraints", "max_length"} <= refused
+
+
+def test_small_vocabulary_model_generates_without_made_up_ids():
+    """A config with a small vocabulary and no special ids: valid, and generate() invents no eos / pad."""
+    config = MossSpeechConfig(vocab_size=99, audio_vocab_size=40, hidden_size=32, intermediate_size=37,
+                              num_hidden_layers=3, num_shared_layers=2, num_modality_layers=1, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8)
+    torch.manual_seed(0)
+    model = MossSpeechForCausalLM(config).eval()
+    gen = model.generation_config
+    assert gen.eos_token_id is None and gen.pad_token_id is None
+    prompt = torch.tensor([[[5, config.audio_pad_token_id], [6, config.audio_pad_token_id]]])
+    out = model.generate(prompt, max_new_tokens=4, **GREEDY)
+    assert out.shape == (1, 4, 2)
+    with pytest.raises(ValueError, match="pad_token_id is unset"):
+        model.generate(prompt, max_new_tokens=4, stopping_criteria=[lambda ids, scores: torch.ones(1).bool()])

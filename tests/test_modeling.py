@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import AUDIO_PAD, EOSP, MODALITY_PAD, SOSP, audio_rows, left_pad, make_prompt, text_rows, tiny_config
-from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, Qwen3Config, Qwen3ForCausalLM, StaticCache
 
 from modeling_moss_speech import MossSpeechConfig, MossSpeechForCausalLM, MossSpeechModel
 
@@ -220,7 +220,11 @@ def test_one_cache_for_all_layers_reorders_like_any_cache(model):
 
 
 def test_cache_sized_for_fewer_layers_is_rejected(model):
-    cache = DynamicCache(config=model.config)  # sized from num_hidden_layers: no slots for the second tail
+    c = model.config
+    # A Qwen3 config with the release's layer count (trunk + one tail): no slots for the second tail.
+    qwen3 = Qwen3Config(num_hidden_layers=c.num_hidden_layers, hidden_size=c.hidden_size,
+                        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads)
+    cache = DynamicCache(config=qwen3)
     with pytest.raises(ValueError, match="layer slots but MOSS-Speech needs 4"):
         model(make_prompt(22, 5).unsqueeze(0), cache=cache, use_cache=True)
 
@@ -234,3 +238,270 @@ def test_casting_to_bf16_keeps_rotary_frequencies_float32(model, tmp_path):
     grid = make_prompt(23, 40).unsqueeze(0)
     # bf16 outputs of two loads: bf16 tolerance (the summation order may differ with the weights' alignment)
     torch.testing.assert_close(cast(grid).text_logits, loaded(grid).text_logits)
+
+
+# ----------------------------------------------------------------------------- transformers integration (issue 15)
+
+
+def test_caches_built_from_the_model_config_hold_every_runtime_layer(model):
+    config = model.config
+    grid = make_prompt(30, 12).unsqueeze(0)
+    full = model(grid)
+    caches = {"dynamic": DynamicCache(config=config), "static": StaticCache(config=config, max_cache_len=16)}
+    for name, cache in caches.items():
+        assert len(cache.layers) == config.num_runtime_layers == 4, name
+        first = model(grid[:, :8], cache=cache, use_cache=True)
+        logits = [first.text_logits]
+        for t in range(8, grid.shape[1]):
+            mask = torch.ones(1, t + 1, dtype=torch.long) if name == "static" else None
+            logits.append(model(grid[:, t : t + 1], cache=cache, use_cache=True, attention_mask=mask).text_logits)
+        torch.testing.assert_close(torch.cat(logits, dim=1), full.text_logits, atol=1e-5, rtol=1e-5)
+    # Only the decoder view counts every runtime layer; the config itself (and its config.json) keeps the release's
+    # trunk + one tail.
+    assert config.get_text_config() is config
+    assert config.get_text_config(decoder=True).num_hidden_layers == 4
+    assert config.num_hidden_layers == 3 and len(config.layer_types) == 3
+    assert config.to_dict()["num_hidden_layers"] == 3 and len(config.to_dict()["layer_types"]) == 3
+
+
+def test_sliding_window_tails_get_sliding_cache_slots():
+    config = tiny_config(use_sliding_window=True, sliding_window=4, max_window_layers=1,
+                         layer_types=["sliding_attention", "full_attention", "full_attention"])
+    cache = DynamicCache(config=config)
+    # trunk: sliding, full; each tail reads layer_types[0]: sliding.
+    kinds = [type(layer).__name__ for layer in cache.layers]
+    assert kinds[0] == kinds[2] == kinds[3] != kinds[1]
+
+
+def test_hidden_states_are_recorded_per_layer_in_execution_order(model):
+    c = model.config
+    grid = make_prompt(31, 10).unsqueeze(0)
+    out = model(grid, output_hidden_states=True)
+    states = out.hidden_states
+    assert len(states) == 1 + c.num_runtime_layers
+    assert all(s.shape == (1, grid.shape[1], c.hidden_size) for s in states)
+    torch.testing.assert_close(states[0], model.model.embed_grid(grid))
+    # Each path (trunk, then one tail) records what a plain Qwen3 model of those layers records.
+    for modality, tail in (("text", states[1 + c.num_shared_layers : 1 + c.num_hidden_layers]),
+                           ("audio", states[1 + c.num_hidden_layers :])):
+        twin = qwen3_twin(model, modality)
+        expected = twin(inputs_embeds=states[0], output_hidden_states=True).hidden_states
+        path = states[: 1 + c.num_shared_layers] + tail
+        for got, want in zip(path[:-1], expected[:-1]):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        # Qwen3 reports its final norm's output last; here the norm's output is the tail's last_hidden_state.
+        norm = model.model.tail(modality)[1]
+        torch.testing.assert_close(norm(path[-1]), expected[-1], atol=1e-5, rtol=1e-5)
+    # Nothing recorded unless asked for.
+    plain = model(grid)
+    assert plain.hidden_states is None and plain.attentions is None
+
+
+def test_hidden_states_of_a_lazy_tail_and_of_a_cached_step(model):
+    c = model.config
+    grid = make_prompt(32, 9).unsqueeze(0)
+    both = model(grid, output_hidden_states=True).hidden_states
+    audio_only = model(grid, modalities=("audio",), output_hidden_states=True).hidden_states
+    # One tail ran: trunk + that tail, no placeholder for the skipped one.
+    assert len(audio_only) == 1 + c.num_shared_layers + c.num_modality_layers
+    for got, want in zip(audio_only, both[: 1 + c.num_shared_layers] + both[1 + c.num_hidden_layers :]):
+        torch.testing.assert_close(got, want)
+    # A cached decode step records the new row only.
+    cache = DynamicCache(config=c)
+    model(grid[:, :-1], cache=cache, use_cache=True)
+    step = model(grid[:, -1:], cache=cache, use_cache=True, output_hidden_states=True).hidden_states
+    assert len(step) == 1 + c.num_runtime_layers and all(s.shape == (1, 1, c.hidden_size) for s in step)
+    for got, want in zip(step, both):
+        torch.testing.assert_close(got, want[:, -1:], atol=1e-5, rtol=1e-5)
+    # Selecting by index (negative indices count over both tails).
+    picked = model(grid, output_hidden_states=[0, -1]).hidden_states
+    assert [i for i, s in enumerate(picked) if s is not None] == [0, c.num_runtime_layers]
+
+
+def test_generate_is_unchanged_once_recording_hooks_are_installed(model):
+    prompt = make_prompt(33, 8).unsqueeze(0)
+    gen = {"max_new_tokens": 6, "do_sample": False}
+    before = model.generate(prompt, **gen)
+    model(prompt, output_hidden_states=True, output_attentions=True)  # installs the recording hooks
+    # generate runs its tails lazily through run_block/run_tail, outside a recording forward: nothing is collected
+    # and decoding is the same.
+    after = model.generate(prompt, **gen)
+    assert torch.equal(before, after)
+
+
+def test_attentions_are_recorded_with_eager_attention(model):
+    model.set_attn_implementation("eager")
+    grid = make_prompt(34, 7).unsqueeze(0)
+    length = grid.shape[1]
+    out = model(grid, output_attentions=True)
+    c = model.config
+    assert len(out.attentions) == c.num_runtime_layers
+    assert all(a.shape == (1, c.num_attention_heads, length, length) for a in out.attentions)
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(1, c.num_attention_heads, length))
+    assert torch.all(out.attentions[0].triu(1) == 0)  # causal
+    model.config.output_attentions = True  # the config flag works as well
+    assert len(model(grid).attentions) == c.num_runtime_layers
+
+
+def test_return_dict_false_returns_tuples(model):
+    grid = make_prompt(35, 6).unsqueeze(0)
+    labels = grid.clone()
+    out = model(grid, labels=labels)
+    as_tuple = model(grid, labels=labels, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(out.to_tuple())
+    for got, want in zip(as_tuple, out.to_tuple()):
+        if isinstance(want, torch.Tensor):
+            torch.testing.assert_close(got, want)
+    base = model.model(grid, return_dict=False, output_hidden_states=True)
+    assert isinstance(base, tuple) and isinstance(base[-1], tuple)  # the hidden states, last
+    model.config.return_dict = False
+    assert isinstance(model(grid), tuple) and isinstance(model.model(grid), tuple)
+
+
+def test_unknown_keyword_arguments_raise_type_error(model):
+    grid = make_prompt(36, 5).unsqueeze(0)
+    with pytest.raises(TypeError, match="MossSpeechForCausalLM.forward\\(\\) got unexpected keyword argument\\(s\\) "
+                                        "'decoder_input_ids', 'tempreature'"):
+        model(grid, tempreature=0.7, decoder_input_ids=grid)
+    with pytest.raises(TypeError, match="MossSpeechModel.forward\\(\\) got unexpected .* 'shift_labels'"):
+        model.model(grid, shift_labels=grid)  # the loss kwargs belong to the LM head
+    # What transformers passes through to attention stays accepted.
+    model(grid, output_attentions=False, output_hidden_states=False, cu_seq_lens_q=None, max_length_q=None)
+
+
+def test_past_key_values_is_the_deprecated_name_of_cache(model):
+    grid = make_prompt(37, 6).unsqueeze(0)
+    cache = DynamicCache(config=model.config)
+    with pytest.warns(FutureWarning, match="`past_key_values` is deprecated"):
+        out = model(grid, past_key_values=cache, use_cache=True)
+    assert out.cache is cache and cache.get_seq_length() == grid.shape[1]
+
+
+def test_loss_goes_through_the_causal_lm_loss_contract(model):
+    grid = make_prompt(38, 12).unsqueeze(0)
+    labels = grid.clone()
+    labels[..., 1][grid[..., 0] != MODALITY_PAD] = -100
+    out = model(grid, labels=labels)
+    # shift_labels: targets already aligned with the logits replace labels entirely.
+    shift = torch.nn.functional.pad(labels[:, 1:], (0, 0, 0, 1), value=-100)
+    same = model(grid, labels=torch.zeros_like(labels), shift_labels=shift)
+    torch.testing.assert_close(same.loss, out.loss)
+    torch.testing.assert_close(same.text_loss, out.text_loss)
+    other = model(grid, shift_labels=shift.roll(1, dims=1))
+    assert not torch.allclose(other.loss, out.loss)
+    # num_items_in_batch: summed over both channels, divided by the given count (gradient accumulation).
+    ce = torch.nn.functional.cross_entropy
+    text_sum = ce(out.text_logits[0, :-1], labels[0, 1:, 0], reduction="sum")
+    audio_sum = ce(out.audio_logits[0, :-1], labels[0, 1:, 1], reduction="sum", ignore_index=-100)
+    summed = model(grid, labels=labels, num_items_in_batch=torch.tensor(7))
+    torch.testing.assert_close(summed.loss, (text_sum + audio_sum) / 7)
+    # ignore_index: another ignore id behaves like -100.
+    relabelled = labels.masked_fill(labels == -100, -1)
+    torch.testing.assert_close(model(grid, labels=relabelled, ignore_index=-1).loss, out.loss)
+    # The loss is the model's loss_function (swappable, as for any transformers model).
+    calls = []
+    default = model.loss_function
+
+    def spy(**kwargs):
+        calls.append(kwargs["vocab_size"])
+        return default(**kwargs)
+
+    model.loss_function = spy
+    model(grid, labels=labels)
+    assert calls == [model.config.vocab_size, model.config.audio_vocab_size]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"input_ids": torch.zeros(0, 4, 2, dtype=torch.long)}, ValueError, "input_ids is empty"),
+        ({"inputs_embeds": torch.zeros(0, 4, 32)}, ValueError, "inputs_embeds is empty"),
+        ({"input_ids": torch.tensor([[[5, 0], [6, 0]]]), "labels": torch.tensor([[[5, 0], [300, 0]]])}, ValueError,
+         "labels\\[0, 1, 0\\] = 300 is outside the text vocabulary \\[0, 300\\)"),
+        ({"input_ids": torch.tensor([[[5, 0], [6, 0]]]), "labels": torch.tensor([[[5, 0], [6, 80]]])}, ValueError,
+         "labels\\[0, 1, 1\\] = 80 is outside the audio vocabulary"),
+        ({"input_ids": torch.tensor([[[5, 0], [6, 0]]]), "labels": torch.tensor([[[5, -5], [6, 0]]])}, ValueError,
+         "labels\\[0, 0, 1\\] = -5 .* not the ignore index -100"),
+        ({"input_ids": torch.tensor([[[5, 0], [6, 0]]]), "labels": torch.tensor([[[5, 0]]])}, ValueError,
+         "labels shape \\(1, 1, 2\\) does not match"),
+        ({"input_ids": torch.tensor([[[5, 0], [6, 0]]]), "labels": torch.zeros(1, 2, 2)}, TypeError,
+         "labels must hold integer"),
+        ({"input_ids": torch.tensor([[[5, 0], [6, 0]]]), "shift_labels": torch.tensor([[[5, 0], [999, 0]]])},
+         ValueError, "shift_labels\\[0, 1, 0\\] = 999"),
+        ({"input_ids": torch.tensor([[[5, 0], [6, 0]]]), "labels": torch.tensor([[[5, 0], [6, 0]]]),
+          "logits_to_keep": 1}, ValueError, "use logits_to_keep=0"),
+        ({"input_ids": torch.tensor([[[5, 0], [6, 0]]]), "position_ids": torch.arange(3)[None]}, ValueError,
+         "position_ids must have shape \\(batch, length\\) = \\(1, 2\\)"),
+        ({"input_ids": torch.tensor([[[5, 0], [6, 0]]]), "position_ids": torch.arange(2)}, ValueError,
+         "position_ids must have shape"),
+        ({"input_ids": torch.zeros(2, 2, 2, dtype=torch.long), "position_ids": torch.zeros(3, 2, dtype=torch.long)},
+         ValueError, "position_ids must have shape"),
+    ],
+)
+def test_forward_level_bad_inputs_name_the_argument(model, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        model(**kwargs)
+
+
+def test_meta_device_construction_then_to_empty_and_init_weights(model):
+    from transformers import initialization as init
+
+    config = model.config
+    with torch.device("meta"):
+        meta = MossSpeechForCausalLM(config)
+    meta.to_empty(device="cpu")
+    # Poison every tensor: whatever init_weights does not write stays NaN.
+    with torch.no_grad():
+        for tensor in [*meta.parameters(), *meta.buffers()]:
+            tensor.fill_(float("nan"))
+    meta.init_weights()
+    assert not any(t.isnan().any() for t in [*meta.parameters(), *meta.buffers()])
+    with init.no_init_weights():
+        fresh = MossSpeechForCausalLM(config)
+    for (name, got), (_, want) in zip(meta.named_buffers(), fresh.named_buffers()):
+        assert got.dtype == torch.float32 and torch.equal(got, want), name
+    meta.load_state_dict(model.state_dict())
+    grid = make_prompt(39, 8).unsqueeze(0)
+    assert torch.equal(meta.eval()(grid).text_logits, model(grid).text_logits)
+
+
+def test_forward_exports_and_compiles_as_one_graph(model):
+    grid = make_prompt(40, 8).unsqueeze(0)
+    labels = grid.clone()
+    reference = model(grid, labels=labels, use_cache=False)
+    exported = torch.export.export(model, (), {"input_ids": grid, "labels": labels, "use_cache": False})
+    out = exported.module()(input_ids=grid, labels=labels, use_cache=False)
+    torch.testing.assert_close(out.text_logits, reference.text_logits)
+    torch.testing.assert_close(out.loss, reference.loss)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph: any graph break is an error
+    out = compiled(input_ids=grid, labels=labels, use_cache=False)
+    torch.testing.assert_close(out.audio_logits, reference.audio_logits)
+    torch.testing.assert_close(out.loss, reference.loss)
+    assert MossSpeechForCausalLM._can_compile_fullgraph
+
+
+def test_inputs_embeds_of_the_grid(model):
+    grid = make_prompt(41, 9).unsqueeze(0)
+    embeds = model.model.embed_grid(grid)
+    from_ids, from_embeds = model(grid), model(inputs_embeds=embeds)
+    torch.testing.assert_close(from_embeds.text_logits, from_ids.text_logits)
+    torch.testing.assert_close(from_embeds.audio_logits, from_ids.audio_logits)
+
+
+@pytest.mark.parametrize("scaling", ["linear", "dynamic", "yarn"])
+def test_rope_scaling_from_config(scaling):
+    grids = {"short": make_prompt(42, 9).unsqueeze(0), "long": make_prompt(43, 1200).unsqueeze(0)}
+    outputs = {}
+    for name, rope in (("plain", {"rope_type": "default", "rope_theta": 10_000.0}),
+                       ("scaled", {"rope_type": scaling, "factor": 10.0, "rope_theta": 10_000.0})):
+        torch.manual_seed(0)
+        model = MossSpeechForCausalLM(tiny_config(max_position_embeddings=1024, rope_parameters=rope)).eval()
+        with torch.no_grad():
+            outputs[name] = {k: model.model(g).audio_last_hidden_state for k, g in grids.items()}
+    plain, scaled = outputs["plain"], outputs["scaled"]
+    if scaling == "dynamic":  # unchanged until the input outgrows max_position_embeddings
+        torch.testing.assert_close(plain["short"], scaled["short"])
+    else:
+        assert not torch.allclose(plain["short"], scaled["short"], atol=1e-5)
+    assert not torch.allclose(plain["long"], scaled["long"], atol=1e-5)

@@ -113,3 +113,21 @@ def test_config_replaces_the_decoder_and_drops_the_speaker_encoder(corpus, token
     assert codec.speaker_encoder is None and summary["steps"] == 3
     with pytest.raises(ValueError, match="--batch-size must be positive"):
         train_speech_decoder.main(["--codec", "x", "--corpus", "y", "--output", "z", "--batch-size", "0"])
+
+
+def test_canonical_fine_tune_continues_the_flow_on_the_assistant_voice(corpus, tokenizer_codec, tmp_path):
+    first = tmp_path / "codec"
+    train_speech_decoder.main(["--codec", str(tokenizer_codec), "--corpus", str(corpus), "--output", str(first),
+                               "--max-steps", "2", "--batch-size", "2", "--threads", "1", "--eval-examples", "1"])
+    summary = train_speech_decoder.main([
+        "--codec", str(first), "--corpus", str(corpus), "--output", str(tmp_path / "voice"), "--canonical-only",
+        "--inference-noise-scale", "0", "--max-steps", "1", "--batch-size", "1", "--threads", "1",
+        "--learning-rate", "1e-9", "--warmup-steps", "1", "--eval-examples", "1",
+    ])
+    assert summary["train_utterances"] == sum(canonical for *_, canonical in ROWS)
+    before, after = (MossSpeechCodecModel.from_pretrained(p) for p in (first, tmp_path / "voice"))
+    assert after.config.flow_config.inference_noise_scale == 0.0
+    assert before.config.flow_config.inference_noise_scale == 1.0
+    # a changed inference setting keeps the trained weights (one step at lr 1e-9 leaves them within 1e-6)
+    for a, b in zip(before.flow.parameters(), after.flow.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

@@ -43,6 +43,7 @@ from modeling_moss_speech import (  # noqa: E402
     MossSpeechVoicePrompt,
 )
 from modeling_moss_speech.generation_moss_speech import MossSpeechGenerationConfig  # noqa: E402
+from modeling_moss_speech.threads import add_threads_argument, set_threads  # noqa: E402
 
 CANONICAL_VOICE = "en-us"
 
@@ -159,7 +160,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                            "(made with the same codec).")
     parser.add_argument("--voice-seconds", type=float, default=3.0, help="Length of each voice prompt's audio.")
     parser.add_argument("--max-mb", type=float, default=30.0, help="Largest allowed total size (MB).")
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     info = assemble(args.model, args.processor, args.codec, args.output, args.corpus, args.data, args.voices,
                     args.voice_seconds, args.voices_dir, args.max_mb)
     print(json.dumps(info), flush=True)

@@ -53,6 +53,8 @@ Optimisation
     ddp_find_unused_parameters  DDP's find_unused_parameters (default true, the safe choice with frozen branches;
                            this loop's graph reaches every trainable parameter, so false saves a graph traversal).
     seed                   Seeds model initialisation and the data order (epoch e uses seed + e).
+    threads                torch CPU threads of each process (`--threads N`; default: $OMP_NUM_THREADS if set,
+                           else half the usable CPUs; see `modeling_moss_speech.threads`).
 Evaluation, checkpoints, logging
     eval_every             Steps between evaluations (0 = only at the end when eval_datasets are given).
     eval_batch_size        Rows per eval batch per process (default: per_device_batch_size).
@@ -92,6 +94,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from modeling_moss_speech import MossSpeechConfig, MossSpeechForCausalLM
+from modeling_moss_speech.threads import set_threads
 from modeling_moss_speech.training_utils import TRAINING_STAGES, apply_training_stage, from_text_model, grid_labels
 
 logger = logging.getLogger("moss_speech.pretrain")
@@ -139,6 +142,7 @@ class PretrainConfig:
     gradient_checkpointing: bool = False
     ddp_find_unused_parameters: bool = True
     seed: int = 42
+    threads: int | None = None
     # evaluation, checkpoints, logging
     eval_every: int = 0
     eval_batch_size: int | None = None
@@ -153,8 +157,8 @@ class PretrainConfig:
 
 
 _INT_FIELDS = {"num_shared_layers", "audio_vocab_size", "max_length", "num_workers", "per_device_batch_size",
-               "gradient_accumulation_steps", "warmup_steps", "max_steps", "seed", "eval_every", "eval_batch_size",
-               "save_every", "save_total_limit", "log_every"}
+               "gradient_accumulation_steps", "warmup_steps", "max_steps", "seed", "threads", "eval_every",
+               "eval_batch_size", "save_every", "save_total_limit", "log_every"}
 _FLOAT_FIELDS = {"text_mix_ratio", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
                  "max_grad_norm"}
 _BOOL_FIELDS = {"pack", "gradient_checkpointing", "ddp_find_unused_parameters", "progress_bar"}
@@ -250,6 +254,8 @@ def validate_config(cfg: PretrainConfig) -> PretrainConfig:
             raise ValueError(f"recipe key {key!r} must be >= 0, got {getattr(cfg, key)}.")
     if cfg.eval_batch_size is not None and cfg.eval_batch_size < 1:
         raise ValueError(f"recipe key 'eval_batch_size' must be >= 1, got {cfg.eval_batch_size}.")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"recipe key 'threads' must be >= 1 or null, got {cfg.threads}.")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
         raise ValueError(f"recipe key 'save_total_limit' must be >= 1 or null, got {cfg.save_total_limit}.")
     if cfg.learning_rate <= 0:
@@ -690,6 +696,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from transformers import get_cosine_schedule_with_warmup
 
     cfg = load_config(argv)
+    set_threads(cfg.threads)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(

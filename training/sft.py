@@ -22,6 +22,7 @@ from transformers.utils import logging
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from modeling_moss_speech import MossSpeechForCausalLM, MossSpeechProcessor
+from modeling_moss_speech.threads import THREADS_HELP, set_threads
 from modeling_moss_speech.training_utils import (
     LORA_PRESETS,
     TRAINING_STAGES,
@@ -55,6 +56,7 @@ class MossSpeechSFTArguments(ScriptArguments):
     truncation: str = field(
         default="left", metadata={"help": "Conversations over --max_length rows: drop their first rows ('left', with "
                                           "a warning) or fail ('error').", "choices": ["left", "error"]})
+    threads: int | None = field(default=None, metadata={"help": THREADS_HELP})
 
 
 def load_split(name: str, config: str | None, split: str, streaming: bool = False) -> Dataset | IterableDataset:
@@ -82,6 +84,7 @@ def main(
         raise ValueError("--model_name_or_path (a MOSS-Speech checkpoint) is required.")
     if not script_args.dataset_name:
         raise ValueError("--dataset_name (a dataset with a 'messages' column) is required.")
+    set_threads(script_args.threads)
     training_args = prepare_sft_config(training_args)
 
     model = MossSpeechForCausalLM.from_pretrained(

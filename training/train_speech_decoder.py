@@ -39,10 +39,12 @@ from tqdm.auto import tqdm
 from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel
 from modeling_moss_speech.evaluation import edit_distance
 from modeling_moss_speech.modeling_moss_speech_codec import prompt_mel_spectrogram
+from modeling_moss_speech.threads import add_threads_argument, set_threads
 
 logger = logging.getLogger("train_speech_decoder")
 
 CONFIG_KEYS = ("flow_config", "vocoder_config", "vocoder_type", "griffin_lim_iters", "speaker_config")
+INFERENCE_ONLY = ("n_timesteps", "inference_cfg_rate", "inference_noise_scale")
 
 
 @dataclass
@@ -78,7 +80,8 @@ def read_split(corpus: str, split: str, limit: int | None = None, seed: int = 0)
     return rows
 
 
-def build_codec(source_dir: str, config_path: str | None, vocoder_type: str, seed: int) -> MossSpeechCodecModel:
+def build_codec(source_dir: str, config_path: str | None, vocoder_type: str, seed: int,
+                inference_noise_scale: float | None = None) -> MossSpeechCodecModel:
     """The codec to train: the source codec's config with the decoder fields of `config_path` (if any) and the
     requested vocoder; its tokenizer (and any HiFT / speaker encoder) weights copied, and the flow's too when its
     config is unchanged (continuing a training)."""
@@ -88,10 +91,15 @@ def build_codec(source_dir: str, config_path: str | None, vocoder_type: str, see
         override = json.loads(Path(config_path).read_text())
         values.update({key: override[key] for key in CONFIG_KEYS if key in override})
     values["vocoder_type"] = vocoder_type
+    if inference_noise_scale is not None:
+        values["flow_config"] = {**values["flow_config"], "inference_noise_scale": inference_noise_scale}
     torch.manual_seed(seed)
     codec = MossSpeechCodecModel(MossSpeechCodecConfig.from_dict(values))
     codec.encoder.load_state_dict(source.encoder.state_dict())
-    if codec.config.flow_config.to_dict() == source.config.flow_config.to_dict():
+    # Inference-only settings (ODE steps, guidance, starting noise) do not change the weights a flow needs.
+    weights_config = [{k: v for k, v in c.flow_config.to_dict().items() if k not in INFERENCE_ONLY}
+                      for c in (codec.config, source.config)]
+    if weights_config[0] == weights_config[1]:
         codec.flow.load_state_dict(source.flow.state_dict())
         logger.info("flow: continuing from the weights in %s", source_dir)
     else:
@@ -235,10 +243,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--canonical-weight", type=int, default=2, help="draws of each canonical-voice row per epoch")
+    parser.add_argument("--inference-noise-scale", type=float, default=None,
+                        help="the saved flow's starting-noise scale at inference (default: the source codec's)")
+    parser.add_argument("--canonical-only", action="store_true",
+                        help="train on the assistant's (canonical) voice only: the voice every spoken answer uses")
     parser.add_argument("--max-train-examples", type=int, default=None, help="random subset of train (smoke runs)")
     parser.add_argument("--eval-examples", type=int, default=20)
     parser.add_argument("--save-voices", default=None, help="directory for canonical/female/male voice prompts")
-    parser.add_argument("--threads", type=int, default=None)
+    add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=50)
     args = parser.parse_args(argv)
@@ -248,17 +260,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise ValueError(f"--max-minutes must be positive, got {args.max_minutes}.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     rng = random.Random(args.seed)
     started = time.monotonic()
 
-    codec = build_codec(args.codec, args.config, args.vocoder_type, args.seed)
+    codec = build_codec(args.codec, args.config, args.vocoder_type, args.seed, args.inference_noise_scale)
     train_rows = read_split(args.corpus, "train", args.max_train_examples, args.seed)
     eval_rows = read_split(args.corpus, "validation", args.eval_examples, args.seed)
     codes, mels = decoder_targets(codec, train_rows)
     eval_codes, eval_mels = decoder_targets(codec, eval_rows)
-    usable = [i for i, c in enumerate(codes) if c.numel() > 0]
+    usable = [i for i, c in enumerate(codes) if c.numel() > 0 and (train_rows[i].canonical or not args.canonical_only)]
     index = [i for i in usable for _ in range(args.canonical_weight if train_rows[i].canonical else 1)]
     if not index:
         raise ValueError(f"{args.corpus}: no usable training utterance (all shorter than one code).")

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel
 from modeling_moss_speech.evaluation import edit_distance
+from modeling_moss_speech.threads import add_threads_argument, set_threads
 
 VQ_START_FRACTION = 0.15
 
@@ -194,14 +195,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-examples", type=int, default=200)
     parser.add_argument("--max-train-examples", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=None)
+    add_threads_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for name in ("max_steps", "batch_size", "eval_every", "eval_examples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     started = time.monotonic()

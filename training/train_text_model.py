@@ -47,6 +47,8 @@ for _path in (_REPO, _REPO / "processing"):
 
 from build_nano_tokenizer import nano_processor, read_facts, special_ids  # noqa: E402
 
+from modeling_moss_speech.threads import add_threads_argument, set_threads  # noqa: E402
+
 IGNORE = -100
 
 
@@ -185,8 +187,7 @@ def evaluate_facts(model: Qwen3ForCausalLM, processor: Any, facts: Sequence[dict
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train, evaluate and save the text model; returns the final evaluation with training statistics."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -300,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default).")
+    add_threads_argument(parser)
     parser.add_argument("--limit-facts", type=int, default=0, help="Use only the first N facts (tests).")
     parser.add_argument("--audio-system-prompt", action=argparse.BooleanOptionalAction, default=True,
                         help="Also train each chat under the audio-output system prompt (answer in text).")

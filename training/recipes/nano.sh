@@ -4,7 +4,7 @@
 #   bash training/recipes/nano.sh
 #
 # corpus (espeak-ng) -> speech tokenizer (encoder + VQ + CTC) -> speech decoder (flow, Griffin-Lim) -> recogniser
-# head on decoded speech -> text tokenizer
+# head on decoded speech -> the flow fine-tuned on the assistant's voice -> text tokenizer
 # -> text model (every fact as text) -> codes and training data -> stage I (frozen text backbone) -> stage II (joint,
 # text mixed in) -> SFT (TRL, four modes) -> checkpoint outputs/nano/final; then the ablation (the same recipe with
 # stage I unfrozen) -> outputs/nano/ablation_final; then `moss-speech eval` of both on the held-out test split.
@@ -18,7 +18,7 @@
 #                             pre-training from its last checkpoint; 0: run every step from scratch
 #   NANO_STEPS [all]          run only these steps (space-separated names, as printed), e.g. "stage1 stage2"
 #   NANO_DRY_RUN [0]          1: print each step's command without running anything
-#   Budgets: CODEC_TOKENIZER_MINUTES [20] CODEC_DECODER_MINUTES [18] TEXT_MINUTES [6] STAGE1_STEPS [1100]
+#   Budgets: CODEC_TOKENIZER_MINUTES [20] CODEC_DECODER_MINUTES [18] CODEC_VOICE_MINUTES [25, twice] TEXT_MINUTES [6] STAGE1_STEPS [1100]
 #            STAGE2_STEPS [750] SFT_STEPS [1000] (steps measured at ~0.8 s (stage I/II) and ~0.55 s (SFT) per step on
 #            a busy 2-core machine: <= 15, 10 and 10 minutes), EVAL_SPLITS ["test test_seen"] (held-out facts; trained facts), both in the unseen test voice
 set -euo pipefail
@@ -33,6 +33,7 @@ NANO_RESUME=${NANO_RESUME:-1}
 NANO_STEPS=${NANO_STEPS:-}
 CODEC_TOKENIZER_MINUTES=${CODEC_TOKENIZER_MINUTES:-20}
 CODEC_DECODER_MINUTES=${CODEC_DECODER_MINUTES:-18}
+CODEC_VOICE_MINUTES=${CODEC_VOICE_MINUTES:-25}
 TEXT_MINUTES=${TEXT_MINUTES:-6}
 STAGE1_STEPS=${STAGE1_STEPS:-1100}
 STAGE2_STEPS=${STAGE2_STEPS:-750}
@@ -116,6 +117,15 @@ run_step codec_recognizer "$PY" training/train_speech_recognizer.py --codec "$NA
   --corpus "$NANO_DATA/corpus" --voice "$NANO_OUT/voices/canonical.safetensors" --output "$NANO_OUT/codec_asr" \
   --max-train-examples 4000 --max-steps 2000 --threads "$THREADS"
 
+# the assistant speaks every answer in the canonical voice: the flow is fine-tuned on that voice alone, in two phases
+# (the second at half the learning rate), and integrates from zero noise (a small flow leaves unit noise in its mel)
+run_step codec_voice_a "$PY" training/train_speech_decoder.py --codec "$NANO_OUT/codec_asr" \
+  --corpus "$NANO_DATA/corpus" --output "$NANO_OUT/codec_voice_a" --canonical-only --inference-noise-scale 0 \
+  --max-minutes "$CODEC_VOICE_MINUTES" --learning-rate 1e-3 --warmup-steps 20 --eval-examples 4 --threads "$THREADS"
+run_step codec_voice "$PY" training/train_speech_decoder.py --codec "$NANO_OUT/codec_voice_a" \
+  --corpus "$NANO_DATA/corpus" --output "$NANO_OUT/codec_voice" --canonical-only --inference-noise-scale 0 \
+  --max-minutes "$CODEC_VOICE_MINUTES" --learning-rate 5e-4 --warmup-steps 20 --eval-examples 4 --threads "$THREADS"
+
 # ---------------------------------------------------------------------------------------------- text LLM
 run_step tokenizer "$PY" processing/build_nano_tokenizer.py --corpus "$NANO_DATA/corpus" \
   --output "$NANO_OUT/tokenizer"
@@ -146,7 +156,7 @@ for run in main ablation; do
     --dataset_name "$NANO_DATA/sft" --output_dir "$root/sft" --max_steps "$SFT_STEPS"
   # the shipped layout: LLM + processor + codec/ + voices/ (the decoder step's canonical/female/male prompts)
   run_step "${prefix}assemble" "$PY" training/assemble_nano.py --model "$root/sft" \
-    --processor "$NANO_OUT/tokenizer" --codec "$NANO_OUT/codec_asr" --corpus "$NANO_DATA/corpus" --data "$NANO_DATA" \
+    --processor "$NANO_OUT/tokenizer" --codec "$NANO_OUT/codec_voice" --corpus "$NANO_DATA/corpus" --data "$NANO_DATA" \
     --voices-dir "$NANO_OUT/voices" --voices --output "$final"
 done
 
@@ -155,7 +165,7 @@ for split in $EVAL_SPLITS; do
   for name in final ablation_final; do
     run_step "eval_${name}_$split" "$PY" -m modeling_moss_speech.cli eval --model "$NANO_OUT/$name" \
       --corpus "$NANO_DATA/corpus" --split "$split" --baseline-text-model "$NANO_OUT/text_model" \
-      --voice canonical -o "$NANO_OUT/eval/${name}_$split.json"
+      -o "$NANO_OUT/eval/${name}_$split.json"
   done
 done
 
@@ -164,7 +174,7 @@ for name in stage1 ablation_stage1; do
   src=$NANO_OUT/${name/ablation_/ablation/}
   run_step "eval_${name}_t2t" bash -c "rm -rf '$NANO_OUT/eval_$name' && mkdir -p '$NANO_OUT/eval_$name' && \
     cp '$src/config.json' '$src/model.safetensors' '$NANO_OUT/tokenizer/'* '$NANO_OUT/eval_$name/' && \
-    cp -r '$NANO_OUT/codec_asr' '$NANO_OUT/eval_$name/codec' && '$PY' -m modeling_moss_speech.cli eval \
+    cp -r '$NANO_OUT/codec_voice' '$NANO_OUT/eval_$name/codec' && '$PY' -m modeling_moss_speech.cli eval \
     --model '$NANO_OUT/eval_$name' --corpus '$NANO_DATA/corpus' --split test --tasks t2t \
     --baseline-text-model '$NANO_OUT/text_model' -o '$NANO_OUT/eval/${name}_test_t2t.json'"
 done
