@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # processing/ is a
 import torch  # noqa: E402
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechVoicePrompt  # noqa: E402
-from modeling_moss_speech.evaluation import IndependentRecognizer, score_spoken_answers  # noqa: E402
+from modeling_moss_speech.evaluation import IndependentRecognizer, decode_speech, score_spoken_answers  # noqa: E402
 from modeling_moss_speech.pretrained import nano_path  # noqa: E402
 from modeling_moss_speech.threads import add_threads_argument, set_threads  # noqa: E402
 from processing.synthesize_espeak import (  # noqa: E402
@@ -47,9 +47,8 @@ def round_trip(codec_path: str, voice_prompt: str | None, items: list, recognize
     prompt = MossSpeechVoicePrompt.load(voice_prompt) if voice_prompt else None
     with torch.no_grad():
         codes = codec.encode([wave for wave, _, _ in items], sampling_rate=SAMPLING_RATE).codes
-        out = codec.decode(codes, voice_prompt=prompt)
-    decoded = [(out.waveforms[i, : int(out.lengths[i])], out.sampling_rate, expected)
-               for i, (_, _, expected) in enumerate(items)]
+        waves, rate = decode_speech(codec, codes, batch_size=len(codes), voice_prompt=prompt)
+    decoded = [(wave, rate, expected) for wave, (_, _, expected) in zip(waves, items)]
     scored = score_spoken_answers(decoded, recognizer, num_examples=errors)
     return {"codec": codec_dir, "voice_prompt": voice_prompt, "correct": scored["correct"], "total": scored["total"],
             "accuracy": round(scored["accuracy"], 4),

@@ -141,7 +141,8 @@ class MossSpeechCodecFlowConfig(PretrainedConfig):
     noise_max_frames: int = 15000
     # Scale of the starting noise of the ODE at inference (Matcha-TTS's "temperature"). The release integrates from
     # unit noise (1.0). A small flow leaves that noise partly in its mel: the nano codec integrates from 0.0 (the
-    # deterministic mean path), which an independent recogniser hears 77 % right vs 31 % from unit noise.
+    # deterministic mean path); for the first nano flow that alone took the round trip of the 135 clean answer words
+    # from 12 to 37 heard right by an independent recogniser.
     inference_noise_scale: float = 1.0
     initializer_range: float = 0.02
 

@@ -16,7 +16,7 @@ import torch
 import torchaudio
 from conftest import espeak
 
-from modeling_moss_speech.evaluation import score_spoken_answers
+from modeling_moss_speech.evaluation import decode_speech, score_spoken_answers
 from modeling_moss_speech.recognition import IndependentRecognizer, normalize_answer, to_recognizer_input
 
 PROCESSING = Path(__file__).resolve().parents[1] / "processing"
@@ -155,8 +155,7 @@ def test_shipped_nano_codec_round_trip_is_intelligible(world, spoken_sample):
     assert codec.config.flow_config.inference_noise_scale == 0.0
     with torch.no_grad():
         codes = codec.encode([wave for wave, _, _ in spoken_sample], sampling_rate=spoken_sample[0][1]).codes
-        out = codec.decode(codes)
-    decoded = [(out.waveforms[i, : int(out.lengths[i])], out.sampling_rate, word)
-               for i, (_, _, word) in enumerate(spoken_sample)]
+        waves, rate = decode_speech(codec, codes, batch_size=len(codes))
+    decoded = [(wave, rate, word) for wave, (_, _, word) in zip(waves, spoken_sample)]
     scored = score_spoken_answers(decoded, world, num_examples=20)
     assert scored["accuracy"] >= 0.7, scored["errors"]
