@@ -37,6 +37,7 @@ from modeling_moss_speech import (
     MossSpeechVoicePrompt,
 )
 from modeling_moss_speech.pretrained import nano_path
+from modeling_moss_speech.threads import add_threads_argument, set_threads
 
 
 class Only:
@@ -160,7 +161,9 @@ def main() -> None:
                         help="answer length for the release-size codec (its flow caches ~230 MB per second)")
     parser.add_argument("--chunk-size", type=int, default=25)
     parser.add_argument("--prompt-len", type=int, default=64)
+    add_threads_argument(parser)
     args = parser.parse_args()
+    set_threads(args.threads)
     load_start = os.getloadavg()
     lm = MossSpeechForCausalLM.from_pretrained(nano_path()).eval()
     results = {}

@@ -29,6 +29,7 @@ import torch
 from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel, MossSpeechVoicePrompt
 from modeling_moss_speech.modeling_moss_speech_codec import prompt_mel_spectrogram
 from modeling_moss_speech.pretrained import nano_path
+from modeling_moss_speech.threads import add_threads_argument, set_threads
 
 
 def snr_db(reference: torch.Tensor, estimate: torch.Tensor) -> float:
@@ -81,7 +82,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--chunk-size", type=int, default=10)
     parser.add_argument("--only", choices=["release", "nano"], default=None)
+    add_threads_argument(parser)
     args = parser.parse_args()
+    set_threads(args.threads)
     n_codes = math.ceil(args.seconds * 12.5)
     results = {}
     with torch.inference_mode():

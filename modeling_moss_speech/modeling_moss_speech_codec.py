@@ -532,15 +532,21 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
 class MossSpeechStreamDecoder:
     """Incremental speech decoding for one utterance: `push` codes as they are generated, get audio back.
 
-    Each time `chunk_size` new codes plus the flow's lookahead (3 codes) are available, the flow decodes them in its
-    chunked (streaming) mode with cached keys/values ([`MossSpeechFlowStream`]: each code is computed once, and the
-    mel equals a re-run of the streaming flow over everything received); `flush()` decodes the rest the same way,
-    the last codes without lookahead. HiFT vocodes the mel seamlessly ([`MossSpeechVocoderStream`]: the excitation's
-    phase is carried across chunks and each piece is vocoded with `overlap_frames` of context each side, default
-    the vocoder's receptive field, so the stream equals a one-pass vocoding of its mel); its last ~17 frames wait for
-    the next chunk. Griffin-Lim vocodes the new frames with `overlap_frames` (default 8) frames of left context and
-    cross-fades them with the held-back tail of the previous chunk. All chunks together have exactly
-    `samples_per_code` × codes samples.
+    The flow decodes codes in its chunked (streaming) mode with cached keys/values ([`MossSpeechFlowStream`]: each
+    code is computed once, and the mel equals a re-run of the streaming flow over everything received); `flush()`
+    decodes the rest the same way, the last codes without lookahead. HiFT vocodes the mel seamlessly
+    ([`MossSpeechVocoderStream`]: the excitation's phase is carried across chunks and each piece is vocoded with
+    `overlap_frames` of context each side, default the vocoder's receptive field, so the stream equals a one-pass
+    vocoding of its mel); its last `latency_frames` (~17) mel frames wait for the next chunk. Griffin-Lim vocodes
+    the new frames with `overlap_frames` (default 8) frames of left context and cross-fades them with the held-back
+    tail of the previous chunk.
+
+    Chunk schedule: the vocoder always holds back `held_codes` codes of audio (HiFT: its latency frames; Griffin-Lim:
+    the cross-fade), so the first chunk is decoded once `chunk_size + held_codes + 3` (flow lookahead) codes are in,
+    and every later one `chunk_size` codes after the previous: each chunk but the flush's carries at least
+    `chunk_size` codes of audio (a chunk_size below the hold-back would otherwise give empty first chunks). A
+    `chunk_size` that is a multiple of the flow's attention chunk (5 codes) spares recomputing a partial chunk at
+    every step. All chunks together have exactly `samples_per_code` × codes samples.
     """
 
     def __init__(
@@ -566,6 +572,8 @@ class MossSpeechStreamDecoder:
                                                                                       overlap_frames)
         overlap_frames = 8 if overlap_frames is None else overlap_frames
         self.overlap_frames = overlap_frames
+        held_frames = overlap_frames if self.vocoder_stream is None else self.vocoder_stream.latency_frames
+        self.held_codes = -(-held_frames // self.ratio)
         self.received: list[int] = []
         self.done_tokens = 0  # codes whose mel frames were vocoded
         self.mel_history: torch.Tensor | None = None
@@ -593,8 +601,11 @@ class MossSpeechStreamDecoder:
             raise ValueError(f"codes hold id {bad[0]}, outside the codebook [0, {self.codec.config.num_codes}).")
         self.received.extend(new)
         chunks = []
-        while len(self.received) - self.done_tokens >= self.chunk_size + self.lookahead:
-            target = self.done_tokens + self.chunk_size
+        while True:
+            # The first step also covers the codes whose audio the vocoder holds back (see the class docstring).
+            target = self.done_tokens + self.chunk_size + (self.held_codes if self.done_tokens == 0 else 0)
+            if len(self.received) < target + self.lookahead:
+                break
             mel = self.flow_stream.step(self.received[: target + self.lookahead], target)
             chunk = self._vocode(mel, last=False)
             self.done_tokens = target
