@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modeling_moss_speech_codec_flow import (
-    ESTIMATOR_MASK_BIAS,
     MossSpeechCodecFlow,
     _RelPositionAttention,
     _sinusoidal_time_embedding,
@@ -98,8 +97,37 @@ def _causal_conv(conv: nn.Conv1d, x: torch.Tensor, tails: dict, key: object, sta
     return F.conv1d(full, conv.weight, conv.bias)
 
 
+class _PositionTable:
+    """`linear_pos` of the sinusoidal embedding of relative distances, computed once per distance: it depends on
+    the distance only, and projecting every distance at every call made each call's cost grow with the utterance
+    as length × d_model² (the attention itself grows as length × d_model). Rows are stored by descending distance,
+    so a call's range [low, high) is a view; the table grows by half when a call needs more."""
+
+    def __init__(self, attn: _RelPositionAttention) -> None:
+        self.attn = attn
+        self.table: torch.Tensor | None = None  # (1, H, high - low, D), distances high-1 down to low
+        self.low = self.high = 0
+
+    def view(self, low: int, high: int, like: torch.Tensor) -> torch.Tensor:
+        """(1, H, high - low, D): the projected embeddings of distances high-1 down to low."""
+        if self.table is None or low < self.low or high > self.high:
+            span = self.high - self.low
+            self.low = min(low, self.low - span // 2) if self.table is not None else low
+            self.high = max(high, self.high + span // 2) if self.table is not None else high
+            attn = self.attn
+            distance = torch.arange(self.high - 1, self.low - 1, -1, device=like.device,
+                                    dtype=torch.float32).unsqueeze(1)
+            d_model = attn.num_heads * attn.head_dim
+            inv_freq = torch.exp(torch.arange(0, d_model, 2, device=like.device, dtype=torch.float32)
+                                 * -(math.log(10000.0) / d_model))
+            angles = distance * inv_freq
+            pos_emb = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1).unsqueeze(0).to(like.dtype)
+            self.table = attn._heads(attn.linear_pos(pos_emb)).transpose(1, 2)
+        return self.table[:, :, self.high - high : self.high - low]
+
+
 def _rel_attention(attn: _RelPositionAttention, x: torch.Tensor, cache: _KeyValueCache, state: _StreamState,
-                   chunk: int) -> torch.Tensor:
+                   chunk: int, positions: _PositionTable) -> torch.Tensor:
     """`_RelPositionAttention` for window queries against cached + window keys (static chunks of `chunk`)."""
     batch, length, _ = x.shape
     start, end = state.start, state.end
@@ -108,13 +136,7 @@ def _rel_attention(attn: _RelPositionAttention, x: torch.Tensor, cache: _KeyValu
     v = attn._heads(attn.linear_v(x)).transpose(1, 2)
     keys, values = cache.extended(k, v)
     # Relative distances i - j for queries in [start, end) and keys in [0, end): from end-1 down to start-end+1.
-    distance = torch.arange(end - 1, start - end, -1, device=x.device, dtype=torch.float32).unsqueeze(1)
-    d_model = attn.num_heads * attn.head_dim
-    inv_freq = torch.exp(torch.arange(0, d_model, 2, device=x.device, dtype=torch.float32)
-                         * -(math.log(10000.0) / d_model))
-    angles = distance * inv_freq
-    pos_emb = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1).unsqueeze(0).to(x.dtype)
-    p = attn._heads(attn.linear_pos(pos_emb)).transpose(1, 2)
+    p = positions.view(start - end + 1, end, x)
     content = torch.matmul((q + attn.pos_bias_u).transpose(1, 2), keys.transpose(-2, -1))  # (B, H, n, end)
     position = torch.matmul((q + attn.pos_bias_v).transpose(1, 2), p.transpose(-2, -1))
     # Score (i, j) reads distance i - j, at column (end - 1) - (i - j).
@@ -192,6 +214,8 @@ class MossSpeechFlowStream:
         encoder = flow.encoder
         self.encoder_caches = [_KeyValueCache() for _ in encoder.encoders]
         self.up_caches = [_KeyValueCache() for _ in encoder.up_encoders]
+        self.position_tables = {layer: _PositionTable(layer.self_attn)
+                                for layer in [*encoder.encoders, *encoder.up_encoders]}
         self.encoder_tail: torch.Tensor | None = None  # encoded codes just before `code_done` (upsampling context)
         self.code_done = 0  # codes (prompt included) whose encoder states are committed
         self.mu = torch.zeros(1, config.output_size, 0, device=self.device, dtype=self.dtype)
@@ -231,7 +255,7 @@ class MossSpeechFlowStream:
         code_commit = (end // self.code_chunk) * self.code_chunk - start
         state = _StreamState(start, end, max(code_commit, 0))
         for layer, cache in zip(encoder.encoders, self.encoder_caches):
-            x = self._conformer(layer, x, cache, state, self.code_chunk)
+            x = self._conformer(layer, x, cache, state, self.code_chunk, self.position_tables[layer])
 
         # Upsampling: causal conv over the codes repeated `ratio` times, with the two previous codes as context.
         ratio = self.ratio
@@ -248,14 +272,15 @@ class MossSpeechFlowStream:
         up = encoder.up_embed.out(up) * encoder.up_embed.pos_enc.xscale
         frame_state = _StreamState(start * ratio, end * ratio, state.commit * ratio)
         for layer, cache in zip(encoder.up_encoders, self.up_caches):
-            up = self._conformer(layer, up, cache, frame_state, self.code_chunk * ratio)
+            up = self._conformer(layer, up, cache, frame_state, self.code_chunk * ratio, self.position_tables[layer])
         mu = self.flow.encoder_proj(encoder.after_norm(up)).transpose(1, 2)
         self.mu = torch.cat([self.mu[:, :, : start * ratio], mu], dim=2)
         self.code_done = start + state.commit
 
     @staticmethod
-    def _conformer(layer, x: torch.Tensor, cache: _KeyValueCache, state: _StreamState, chunk: int) -> torch.Tensor:
-        x = x + _rel_attention(layer.self_attn, layer.norm_mha(x), cache, state, chunk)
+    def _conformer(layer, x: torch.Tensor, cache: _KeyValueCache, state: _StreamState, chunk: int,
+                   positions: _PositionTable) -> torch.Tensor:
+        x = x + _rel_attention(layer.self_attn, layer.norm_mha(x), cache, state, chunk, positions)
         return x + layer.feed_forward(layer.norm_ff(x))
 
     # ------------------------------------------------------------------ estimator
@@ -270,8 +295,6 @@ class MossSpeechFlowStream:
                        torch.cat([self.spks, torch.zeros_like(self.spks)]).unsqueeze(-1).expand(-1, -1, length),
                        torch.cat([cond, torch.zeros_like(cond)])], dim=1)
         time = estimator.time_mlp(_sinusoidal_time_embedding(t.expand(2), 4 * self.config.output_size))
-        visible = _visible_keys(state.start, state.end, self.frame_chunk, h)
-        bias = ((1.0 - visible.to(h.dtype)) * ESTIMATOR_MASK_BIAS)[None, None]
 
         def block(module, h: torch.Tensor) -> torch.Tensor:  # _CausalBlock1D (mask = 1 on every frame here)
             h = _causal_conv(module.block[0], h, tails, module, state)
@@ -286,7 +309,7 @@ class MossSpeechFlowStream:
         def transformers(blocks, h: torch.Tensor) -> torch.Tensor:
             h = h.transpose(1, 2)
             for transformer in blocks:
-                h = h + self._self_attention(transformer.attn1, transformer.norm1(h), caches, bias, state)
+                h = h + self._self_attention(transformer.attn1, transformer.norm1(h), caches, self.frame_chunk, state)
                 h = h + transformer.ff(transformer.norm3(h))
             return h.transpose(1, 2)
 
@@ -306,7 +329,7 @@ class MossSpeechFlowStream:
         return (1.0 + rate) * v_cond - rate * v_uncond
 
     @staticmethod
-    def _self_attention(attn, x: torch.Tensor, caches: dict, bias: torch.Tensor, state: _StreamState) -> torch.Tensor:
+    def _self_attention(attn, x: torch.Tensor, caches: dict, chunk: int, state: _StreamState) -> torch.Tensor:
         batch, length, _ = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
@@ -315,9 +338,18 @@ class MossSpeechFlowStream:
         cache = caches.setdefault(attn, _KeyValueCache())
         k, v = heads(attn.to_k(x)), heads(attn.to_v(x))
         keys, values = cache.extended(k, v)
-        out = F.scaled_dot_product_attention(heads(attn.to_q(x)), keys, values, attn_mask=bias)
+        q = heads(attn.to_q(x))
+        # One unmasked attention per static chunk of the window: its queries see exactly the keys before the chunk's
+        # end (the offline mask's -1e10 bias gives the hidden keys weight 0), so no (window x all keys) bias is built
+        # and read at every call and every ODE step, and the hidden keys are not computed at all.
+        outs, position = [], state.start
+        while position < state.end:
+            chunk_end = min((position // chunk + 1) * chunk, state.end)
+            outs.append(F.scaled_dot_product_attention(q[:, :, position - state.start : chunk_end - state.start],
+                                                       keys[:, :, :chunk_end], values[:, :, :chunk_end]))
+            position = chunk_end
         cache.commit(state.commit)
-        out = out.transpose(1, 2).reshape(batch, length, -1)
+        out = torch.cat(outs, dim=2).transpose(1, 2).reshape(batch, length, -1)
         return attn.to_out[1](attn.to_out[0](out))
 
     # ------------------------------------------------------------------ public
