@@ -5,7 +5,8 @@ that length) from a question prompt, and a `generate` streamer pushes each code 
 `MossSpeechStreamDecoder` as it comes, as `MossSpeechChat(stream_to=...)` does. Measured on this machine, float32:
 
 - `time_to_first_audio_s`: from the `generate` call (the end of the question) to the first audio sample returned:
-  prefill + generating chunk_size + 3 lookahead codes + the first chunk's decode;
+  prefill + generating chunk_size + the vocoder's held-back codes (Griffin-Lim 2, HiFT 5) + 3 lookahead codes +
+  the first chunk's decode;
 - `chunk_decode_s`: the decode time of every chunk along the answer (flow + vocoder), the flush separately;
 - `rtf`: whole-answer wall time (generation and decoding, sequential as in `generate`) / seconds of audio.
 
