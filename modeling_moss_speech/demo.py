@@ -225,7 +225,7 @@ class MossSpeechDemo:
     """
 
     def __init__(self, model: Any, processor: Any, voices: Mapping[str, str | os.PathLike] | None = None,
-                 default_voice: str | None = None, chunk_size: int = 8, max_question_seconds: float = 60.0,
+                 default_voice: str | None = None, chunk_size: int = 10, max_question_seconds: float = 60.0,
                  system_prompt: str | None = None) -> None:
         if not hasattr(model, "generate") or not hasattr(model, "config"):
             raise TypeError(f"model must be a MossSpeechForCausalLM, got {type(model).__name__}")
@@ -551,7 +551,7 @@ def _wav_bytes(samples: np.ndarray, rate: int) -> bytes:
 
 
 def build_demo(model: Any, processor: Any, *, voices: Mapping[str, str | os.PathLike] | None = None,
-               default_voice: str | None = None, title: str = "MOSS-Speech", chunk_size: int = 8,
+               default_voice: str | None = None, title: str = "MOSS-Speech", chunk_size: int = 10,
                max_question_seconds: float = 60.0, system_prompt: str | None = None):
     """The demo page as a `gradio.Blocks`: `.launch()` it, or use it as a Space's `demo`.
 

@@ -29,6 +29,7 @@ from .modeling_moss_speech_codec_encoder import MAX_BATCH_SECONDS, MossSpeechCod
 from .modeling_moss_speech_codec_flow import MossSpeechCodecFlow, MossSpeechCodecFlowCFM
 from .modeling_moss_speech_codec_griffin_lim import MossSpeechCodecGriffinLim
 from .modeling_moss_speech_codec_speaker import MossSpeechCodecSpeakerEncoder
+from .modeling_moss_speech_codec_stream import MossSpeechFlowStream, MossSpeechVocoderStream
 from .modeling_moss_speech_codec_vocoder import MossSpeechCodecVocoder, MossSpeechCodecVocoderSnake
 
 logger = logging.get_logger(__name__)
@@ -496,7 +497,7 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
         self,
         voice_prompt: MossSpeechVoicePrompt | None = None,
         chunk_size: int = 25,
-        overlap_frames: int = 8,
+        overlap_frames: int | None = None,
         generator: torch.Generator | None = None,
     ) -> MossSpeechStreamDecoder:
         """A push-style streaming decoder for one utterance (see [`MossSpeechStreamDecoder`])."""
@@ -507,7 +508,7 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
         codes: Iterable[int | Sequence[int] | torch.Tensor],
         voice_prompt: MossSpeechVoicePrompt | None = None,
         chunk_size: int = 25,
-        overlap_frames: int = 8,
+        overlap_frames: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Iterator[torch.FloatTensor]:
         """Yield 24 kHz speech chunks (1-D float32) while codes arrive from `codes` (ids or groups of ids).
@@ -531,11 +532,21 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
 class MossSpeechStreamDecoder:
     """Incremental speech decoding for one utterance: `push` codes as they are generated, get audio back.
 
-    Each time `chunk_size` new codes plus the flow's lookahead (3 codes) are available, the flow runs in its chunked
-    (streaming) mode over everything received and the new mel frames are vocoded with `overlap_frames` frames of
-    left context; the vocoder's overlapping samples are cross-faded with the held-back tail of the previous chunk.
-    `flush()` decodes the rest with the final (non-streaming) flow pass. All chunks together have exactly
-    `samples_per_code` × codes samples.
+    The flow decodes codes in its chunked (streaming) mode with cached keys/values ([`MossSpeechFlowStream`]: each
+    code is computed once, and the mel equals a re-run of the streaming flow over everything received); `flush()`
+    decodes the rest the same way, the last codes without lookahead. HiFT vocodes the mel seamlessly
+    ([`MossSpeechVocoderStream`]: the excitation's phase is carried across chunks and each piece is vocoded with
+    `overlap_frames` of context each side, default the vocoder's receptive field, so the stream equals a one-pass
+    vocoding of its mel); its last `latency_frames` (~17) mel frames wait for the next chunk. Griffin-Lim vocodes
+    the new frames with `overlap_frames` (default 8) frames of left context and cross-fades them with the held-back
+    tail of the previous chunk.
+
+    Chunk schedule: the vocoder always holds back `held_codes` codes of audio (HiFT: its latency frames; Griffin-Lim:
+    the cross-fade), so the first chunk is decoded once `chunk_size + held_codes + 3` (flow lookahead) codes are in,
+    and every later one `chunk_size` codes after the previous: each chunk but the flush's carries at least
+    `chunk_size` codes of audio (a chunk_size below the hold-back would otherwise give empty first chunks). A
+    `chunk_size` that is a multiple of the flow's attention chunk (5 codes) spares recomputing a partial chunk at
+    every step. All chunks together have exactly `samples_per_code` × codes samples.
     """
 
     def __init__(
@@ -543,16 +554,26 @@ class MossSpeechStreamDecoder:
         codec: MossSpeechCodecModel,
         voice_prompt: MossSpeechVoicePrompt | None = None,
         chunk_size: int = 25,
-        overlap_frames: int = 8,
+        overlap_frames: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        if chunk_size < 1 or overlap_frames < 0:
-            raise ValueError(f"chunk_size must be >= 1 and overlap_frames >= 0, got {chunk_size}, {overlap_frames}.")
+        if chunk_size < 1 or (overlap_frames is not None and overlap_frames < 0):
+            raise ValueError(f"chunk_size must be >= 1 and overlap_frames None or >= 0, got {chunk_size}, "
+                             f"{overlap_frames}.")
         self.codec, self.chunk_size, self.overlap_frames, self.generator = codec, chunk_size, overlap_frames, generator
         cfg = codec.config.flow_config
         self.ratio, self.hop = cfg.token_mel_ratio, codec.config.vocoder_config.hop_length
         self.lookahead = cfg.pre_lookahead_len
         self.prompt = codec._prompt_batch(voice_prompt, 1, codec.device)
+        tokens, token_len, mel, mel_len, embedding = self.prompt
+        self.flow_stream = MossSpeechFlowStream(codec.flow, tokens[0, : int(token_len[0])], mel[0, : int(mel_len[0])],
+                                                embedding[0], num_codes=codec.config.num_codes)
+        self.vocoder_stream = None if codec.hift is None else MossSpeechVocoderStream(codec.hift, generator,
+                                                                                      overlap_frames)
+        overlap_frames = 8 if overlap_frames is None else overlap_frames
+        self.overlap_frames = overlap_frames
+        held_frames = overlap_frames if self.vocoder_stream is None else self.vocoder_stream.latency_frames
+        self.held_codes = -(-held_frames // self.ratio)
         self.received: list[int] = []
         self.done_tokens = 0  # codes whose mel frames were vocoded
         self.mel_history: torch.Tensor | None = None
@@ -580,10 +601,13 @@ class MossSpeechStreamDecoder:
             raise ValueError(f"codes hold id {bad[0]}, outside the codebook [0, {self.codec.config.num_codes}).")
         self.received.extend(new)
         chunks = []
-        while len(self.received) - self.done_tokens >= self.chunk_size + self.lookahead:
-            target = self.done_tokens + self.chunk_size
-            mel = self._flow_mel(target, finalize=False)
-            chunk = self._vocode(mel[:, :, self.done_tokens * self.ratio :], last=False)
+        while True:
+            # The first step also covers the codes whose audio the vocoder holds back (see the class docstring).
+            target = self.done_tokens + self.chunk_size + (self.held_codes if self.done_tokens == 0 else 0)
+            if len(self.received) < target + self.lookahead:
+                break
+            mel = self.flow_stream.step(self.received[: target + self.lookahead], target)
+            chunk = self._vocode(mel, last=False)
             self.done_tokens = target
             if chunk.numel():
                 chunks.append(chunk.float())
@@ -591,27 +615,20 @@ class MossSpeechStreamDecoder:
 
     @torch.no_grad()
     def flush(self) -> torch.FloatTensor:
-        """Decode whatever is left (final flow pass) and release the held-back tail."""
+        """Decode whatever is left (the last codes without lookahead) and release the held-back audio."""
         self.finished = True
         device = self.codec.device
         if not self.received:
             return torch.zeros(0, device=device)
-        if self.done_tokens == len(self.received):
-            held, self.held = self.held, None
-            return (held if held is not None else torch.zeros(0, device=device)).float()
-        mel = self._flow_mel(len(self.received), finalize=True)
-        return self._vocode(mel[:, :, self.done_tokens * self.ratio :], last=True).float()
-
-    def _flow_mel(self, n_tokens: int, finalize: bool) -> torch.Tensor:
-        codec, device = self.codec, self.codec.device
-        token = torch.tensor([self.received[: n_tokens + (0 if finalize else self.lookahead)]], device=device)
-        mel, _ = codec.flow.inference(
-            token, torch.tensor([token.shape[1]], device=device), *self.prompt[:2], *self.prompt[2:4],
-            self.prompt[4], finalize=finalize, streaming=not finalize, num_codes=codec.config.num_codes,
-        )
-        return mel[:, :, : n_tokens * self.ratio]
+        mel = self.flow_stream.step(self.received, len(self.received), finalize=True)
+        return self._vocode(mel, last=True).float()
 
     def _vocode(self, new_mel: torch.Tensor, last: bool) -> torch.Tensor:
+        if self.vocoder_stream is not None:
+            return self.vocoder_stream.push(new_mel, final=last)
+        if not new_mel.shape[-1]:
+            held, self.held = self.held, None
+            return held if held is not None and last else torch.zeros(0, device=new_mel.device)
         hop = self.hop
         context = 0 if self.mel_history is None else min(self.overlap_frames, self.mel_history.shape[-1])
         mel_in = new_mel if context == 0 else torch.cat([self.mel_history[:, :, -context:], new_mel], dim=-1)

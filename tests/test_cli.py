@@ -141,13 +141,15 @@ def test_streamed_answer_has_the_offline_length(assets, capsys, tmp_path):
         out = tmp_path / f"answer_{stream}.wav"
         extra = ["--stream", "--chunk-size", 3] if stream else []
         code, _, stderr = run(capsys, "chat", "--wav", assets["question"], "--model", assets["lm"], "--out", out,
-                              "--min-new-tokens", 8, "--max-new-tokens", 10, "--greedy", *extra)
+                              "--min-new-tokens", 16, "--max-new-tokens", 18, "--greedy", *extra)
         assert code == 0, stderr
         lengths[stream] = read_speech(out).size
         chunk_lines[stream] = [line for line in stderr.splitlines() if line.startswith("moss-speech: chunk ")]
-    assert lengths[True] == lengths[False] == 8 * SAMPLES_PER_CODE
-    assert len(chunk_lines[True]) >= 2 and not chunk_lines[False]
-    assert "(total 0.64 s)" in chunk_lines[True][-1]
+    assert lengths[True] == lengths[False] == 16 * SAMPLES_PER_CODE
+    # 16 codes, chunks of 3: the first once 3 + 5 (HiFT's held-back audio) + 3 (flow lookahead) codes are in, the
+    # next 3 codes later, then the flush.
+    assert len(chunk_lines[True]) == 3 and not chunk_lines[False]
+    assert "(total 1.28 s)" in chunk_lines[True][-1]
 
 
 def test_streaming_progress_is_silenced_by_quiet(assets, capsys, tmp_path):

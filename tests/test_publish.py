@@ -26,12 +26,14 @@ LM_CODE = ["configuration_moss_speech.py", "configuration_moss_speech_codec.py",
            "generation_moss_speech.py", "loading.py", "modeling_moss_speech.py", "modeling_moss_speech_codec.py",
            "modeling_moss_speech_codec_encoder.py", "modeling_moss_speech_codec_flow.py",
            "modeling_moss_speech_codec_griffin_lim.py", "modeling_moss_speech_codec_speaker.py",
-           "modeling_moss_speech_codec_vocoder.py", "processing_moss_speech.py", "training_utils.py"]
+           "modeling_moss_speech_codec_stream.py", "modeling_moss_speech_codec_vocoder.py", "processing_moss_speech.py",
+           "training_utils.py"]
 CODEC_FILES = ["config.json", "model.safetensors", "preprocessor_config.json"]
 CODEC_CODE = ["configuration_moss_speech_codec.py", "feature_extraction_moss_speech.py", "loading.py",
               "modeling_moss_speech_codec.py", "modeling_moss_speech_codec_encoder.py",
               "modeling_moss_speech_codec_flow.py", "modeling_moss_speech_codec_griffin_lim.py",
-              "modeling_moss_speech_codec_speaker.py", "modeling_moss_speech_codec_vocoder.py"]
+              "modeling_moss_speech_codec_speaker.py", "modeling_moss_speech_codec_stream.py",
+              "modeling_moss_speech_codec_vocoder.py"]
 
 
 @pytest.fixture(scope="module")
