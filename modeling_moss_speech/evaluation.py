@@ -116,9 +116,11 @@ def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> flo
 
 
 def transcription_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, Any]:
-    """Transcripts against their references: `correct` / `total` / `accuracy` (exact match of the normalised
-    strings; `accuracy` is None without references), `cer` ([`character_error_rate`]) and `wer`
-    ([`word_error_rate`])."""
+    """Scores of transcripts against their references, all on [`normalize_answer`]-normalised strings.
+
+    Returns `correct` / `total` / `accuracy` (exact match; `accuracy` is None without references), `cer`
+    ([`character_error_rate`]) and `wer` ([`word_error_rate`]).
+    """
     cer = character_error_rate(references, hypotheses)  # checks the arguments first
     correct = sum(normalize_answer(h) == normalize_answer(r) for r, h in zip(references, hypotheses))
     return {"correct": correct, "total": len(references), "accuracy": _accuracy(correct, len(references)),
