@@ -6,7 +6,6 @@ headers, so describing a 9B checkpoint loads no weights.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 
 from .configuration_moss_speech import MossSpeechConfig
 from .configuration_moss_speech_codec import MossSpeechCodecConfig
+from .loading import read_json_file
 from .modeling_moss_speech import MossSpeechForCausalLM
 from .modeling_moss_speech_codec import MossSpeechCodecModel
 from .processing_moss_speech import MossSpeechProcessor
@@ -65,7 +65,10 @@ def _weights_summary(directory: Path, model: torch.nn.Module) -> dict[str, Any]:
 
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        files = [directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        weight_map = read_json_file(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} is not a safetensors index (no weight_map).")
+        files = [directory / name for name in sorted(set(weight_map.values()))]
     else:
         files = sorted(directory.glob("model*.safetensors"))
     shapes: dict[str, list[int]] = {}
@@ -91,8 +94,8 @@ def _lm_info(directory: Path) -> dict[str, Any]:
             "special_ids": {name: getattr(config, name, None) for name in LM_SPECIAL_IDS},
             "dtype": str(getattr(config, "dtype", None) or "unspecified").replace("torch.", ""),
             "parameters": _count_by_prefix(model, LM_BRANCHES), "weights": _weights_summary(directory, model)}
-    if (directory / "generation_config.json").is_file():
-        values = json.loads((directory / "generation_config.json").read_text())
+    values = read_json_file(directory / "generation_config.json", "generation config", missing_ok=True)
+    if values is not None:
         info["generation"] = {k: v for k, v in values.items()
                               if k in GENERATION_FIELDS or (k.startswith(("text_", "audio_")) and v is not None)}
     return info
@@ -215,13 +218,7 @@ def _format_info(report: dict[str, Any]) -> str:
 
 def read_config(directory: Path) -> dict | None:
     """config.json of `directory` as a dict, `None` if there is none; `ValueError` if it is not valid JSON."""
-    path = directory / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from error
+    return read_json_file(directory / "config.json", missing_ok=True)
 
 
 def describe_checkpoint(directory: str | Path) -> dict[str, Any]:

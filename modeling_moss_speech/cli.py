@@ -50,6 +50,7 @@ from .convert_moss_speech_original_to_hf import add_convert_arguments, format_co
 from .evaluation import TASKS as EVAL_TASKS
 from .evaluation import format_table, run_evaluation
 from .hub import CARD_TEMPLATES, publish, stage_upload
+from .loading import one_line, read_json_file
 from .modeling_moss_speech import MossSpeechForCausalLM
 from .modeling_moss_speech_codec import MossSpeechCodecModel, MossSpeechVoicePrompt
 from .processing_moss_speech import CODEC_SUBFOLDER, MossSpeechProcessor
@@ -491,7 +492,7 @@ def _read_audio(path: Path, option: str) -> tuple[np.ndarray, int]:
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as error:  # soundfile raises LibsndfileError (RuntimeError), TypeError, ValueError, ...
-        raise CLIError(f"{option}: cannot read {str(path)!r} as audio ({_one_line(error)})") from error
+        raise CLIError(f"{option}: cannot read {str(path)!r} as audio ({one_line(error)})") from error
     if data.shape[0] == 0:
         raise CLIError(f"{option}: {str(path)!r} holds no audio samples")
     if not np.isfinite(data).all():
@@ -546,7 +547,7 @@ def _check_voice(value: str | None) -> MossSpeechVoicePrompt | tuple[np.ndarray,
         try:
             return MossSpeechVoicePrompt.load(str(path))
         except Exception as error:
-            raise CLIError(f"--voice: {value!r} is not a MOSS-Speech voice prompt file ({_one_line(error)})") from error
+            raise CLIError(f"--voice: {value!r} is not a MOSS-Speech voice prompt file ({one_line(error)})") from error
     return _read_audio(path, "--voice")
 
 
@@ -719,7 +720,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         try:
             sf.info(str(path))
         except Exception as error:
-            raise CLIError(f"encode: cannot read {str(path)!r} as audio ({_one_line(error)})") from error
+            raise CLIError(f"encode: cannot read {str(path)!r} as audio ({one_line(error)})") from error
     codec_dir = _check_checkpoint(args.codec, "--codec", CODEC_MODEL_TYPE)
     codec = _load_codec(codec_dir, _resolve_device(args.device))
 
@@ -765,9 +766,9 @@ def _read_codes(path: Path) -> list[tuple[str, np.ndarray]]:
         return [(path.stem, _as_codes(array, f"decode: {str(path)!r}"))]
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise CLIError(f"decode: {str(path)!r} is not valid JSON ({error})") from error
+            data = read_json_file(path, "codes", expect=(list, dict))
+        except ValueError as error:
+            raise CLIError(f"decode: {one_line(error)}") from error
         if isinstance(data, list):
             return [(path.stem, _as_codes(data, f"decode: {str(path)!r}"))]
         if isinstance(data, dict) and data:
@@ -953,16 +954,11 @@ def _cmd_push(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------ main
 
 
-def _one_line(error: BaseException) -> str:
-    """The message of `error` on one line (its type name if it has no message)."""
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _describe(error: BaseException) -> str:
     """One line for an error: the message of expected errors, type and message otherwise."""
     if isinstance(error, (CLIError, ValueError, TypeError, OSError, RuntimeError)) and str(error).strip():
-        return _one_line(error)
-    return f"{type(error).__name__}: {_one_line(error)} (run with --debug for the traceback)"
+        return one_line(error)
+    return f"{type(error).__name__}: {one_line(error)} (run with --debug for the traceback)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

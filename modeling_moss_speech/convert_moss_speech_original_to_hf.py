@@ -45,12 +45,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging
-from transformers.utils.hub import convert_file_size_to_int
 
 from .configuration_moss_speech import MossSpeechConfig
 from .configuration_moss_speech_codec import MossSpeechCodecConfig, MossSpeechCodecEncoderConfig
 from .feature_extraction_moss_speech import MossSpeechFeatureExtractor
 from .generation_moss_speech import MossSpeechGenerationConfig
+from .loading import read_json_file
 from .modeling_moss_speech import MossSpeechForCausalLM
 from .modeling_moss_speech_codec import MossSpeechCodecModel
 from .modeling_moss_speech_codec_vocoder import convert_legacy_weight_norm_keys
@@ -175,10 +175,9 @@ def safetensors_sources(directory: Path, files: Sequence[str] | None = None) -> 
     if files is None:
         index = directory / SAFETENSORS_INDEX
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as error:
-                raise ConversionError(f"{index} is not a safetensors index (no weight_map): {error}") from error
+            weight_map = read_json_file(index, "safetensors index", error=ConversionError).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{index} is not a safetensors index (no weight_map).")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in directory.glob("*.safetensors"))
@@ -336,6 +335,25 @@ def match_sources(
 
 # --------------------------------------------------------------------------------------------- streamed writing
 
+# Size units of `max_shard_size`, case-insensitive: decimal (KB, MB, GB) and binary (KiB, MiB, GiB), all in bytes.
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes of a size given as an int or a string of digits and an optional unit: `"5GB"`, `"500MiB"`, `"1000"`.
+
+    Units are case-insensitive and always bytes (`"5gb"` is `"5GB"`). Raises `ConversionError` otherwise.
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", size) if isinstance(size, str) else None
+    unit = match.group(2).lower() if match else None
+    if unit not in _SIZE_UNITS:
+        raise ConversionError(f"max_shard_size must be bytes or digits with a unit (KB, MB, GB, KiB, MiB, GiB), e.g. "
+                              f"'5GB', got {size!r}.")
+    return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
 
 def write_sharded_safetensors(
     plan: Mapping[str, SourceTensor],
@@ -349,7 +367,7 @@ def write_sharded_safetensors(
     Returns `(files, bytes)`. One shard is `model.safetensors`; several are `model-0000i-of-0000n.safetensors` plus
     `model.safetensors.index.json`. Floating-point tensors are cast to `dtype` when given.
     """
-    limit = convert_file_size_to_int(max_shard_size)
+    limit = parse_size(max_shard_size)
     if limit <= 0:
         raise ConversionError(f"max_shard_size must be positive, got {max_shard_size!r}.")
     keys = list(order) if order is not None else list(plan)
@@ -405,18 +423,6 @@ def write_sharded_safetensors(
 
 
 # --------------------------------------------------------------------------------------------- configs
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConversionError(f"{path.parent}: no {path.name} ({what}).")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as error:
-        raise ConversionError(f"{path} is not valid JSON ({error}).") from error
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path} must hold a JSON object, got {type(data).__name__}.")
-    return data
 
 
 def lm_config_from_release(
@@ -495,7 +501,7 @@ def feature_extractor_from_release(directory: Path, config: MossSpeechCodecConfi
     path = directory / "preprocessor_config.json"
     if not path.is_file():
         return expected
-    values = _read_json(path, "feature extractor")
+    values = read_json_file(path, "feature extractor", error=ConversionError)
     differing = [f"{name}={values[name]!r} (codec uses {getattr(expected, name)!r})" for name in _FEATURE_FIELDS
                  if name in values and values[name] != getattr(expected, name)]
     if differing:
@@ -534,7 +540,7 @@ def write_portable_tokenizer_config(
     if not (directory / "tokenizer.json").is_file():
         raise ConversionError(f"{directory}: no tokenizer.json; only fast (tokenizers-backed) tokenizers can be "
                               "exported for transformers 4.x and 5.x alike.")
-    values = _read_json(path, "tokenizer config")
+    values = read_json_file(path, "tokenizer config", error=ConversionError)
     values.pop("backend", None)  # 5.x-only key
     for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
         token = getattr(tokenizer, name)
@@ -570,7 +576,7 @@ def set_processor_codec_reference(directory: str | os.PathLike, codec_path: str 
                                   codec_subfolder: str | None) -> None:
     """Point a saved processor at its codec: a path / repo id, or a subfolder of the processor's own directory."""
     path = Path(directory) / "processor_config.json"
-    values = _read_json(path, "processor config")
+    values = read_json_file(path, "processor config", error=ConversionError)
     values["codec_path"], values["codec_subfolder"] = codec_path, codec_subfolder
     if path.is_symlink():  # never write through a link into another directory
         path.unlink()
@@ -603,7 +609,8 @@ def convert_codec(
     if not source_dir.is_dir():
         raise ConversionError(f"codec_dir must be an existing directory, got {str(source_dir)!r}.")
     report = ConversionReport(str(out))
-    config = codec_config_from_release(_read_json(source_dir / "config.json", "codec config"), base_config)
+    release_config = read_json_file(source_dir / "config.json", "codec config", error=ConversionError)
+    config = codec_config_from_release(release_config, base_config)
     feature_extractor = feature_extractor_from_release(source_dir, config)
     refuse_pickled_weights(source_dir, "codec encoder")
     needed = [source_dir / "flow" / name for name in ("flow.pt", "hift.pt", "campplus.onnx")]
@@ -698,7 +705,7 @@ def convert_checkpoint(
 
     report = ConversionReport(str(out))
     config, report.extra_config_fields = lm_config_from_release(
-        _read_json(source_dir / "config.json", "language-model config"), config_overrides)
+        read_json_file(source_dir / "config.json", "language-model config", error=ConversionError), config_overrides)
     if report.extra_config_fields:
         logger.warning(f"config.json fields unknown to MossSpeechConfig, kept as attributes: "
                        f"{report.extra_config_fields}")
@@ -735,7 +742,7 @@ def convert_checkpoint(
     generation_config = MossSpeechGenerationConfig.from_model_config(config)
     release_generation = source_dir / "generation_config.json"
     if release_generation.is_file():
-        for key, value in _read_json(release_generation, "generation config").items():
+        for key, value in read_json_file(release_generation, "generation config", error=ConversionError).items():
             if key not in ("transformers_version", "_from_model_config"):
                 setattr(generation_config, key, value)
     generation_config.save_pretrained(str(out))
@@ -862,6 +869,7 @@ __all__ = [
     "lm_config_from_release",
     "load_pickled_state_dict",
     "match_sources",
+    "parse_size",
     "set_processor_codec_reference",
     "write_portable_tokenizer_config",
     "write_sharded_safetensors",

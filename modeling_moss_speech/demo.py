@@ -45,6 +45,7 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
 from .chat_moss_speech import MossSpeechChat
+from .loading import one_line
 from .modeling_moss_speech_codec import MossSpeechVoicePrompt
 from .processing_moss_speech import CODEC_SUBFOLDER, MossSpeechProcessor
 
@@ -69,10 +70,6 @@ def require_gradio():
 def _page_error(gr: Any, message: str) -> Exception:
     """A `gr.Error` for the page; its traceback is not printed (unexpected errors are logged where caught)."""
     return gr.Error(message, print_exception=False)
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 # ------------------------------------------------------------------------------------------------- settings
@@ -120,7 +117,7 @@ class SamplingSettings:
             out = SamplingSettings(float(self.temperature), float(self.top_p), int(self.top_k),
                                    float(self.repetition_penalty), int(self.max_new_tokens), bool(self.greedy))
         except (TypeError, ValueError) as error:
-            raise ValueError(f"sampling settings must be numbers ({_one_line(error)})") from error
+            raise ValueError(f"sampling settings must be numbers ({one_line(error)})") from error
         for name, ok, expected in (
             ("temperature", out.temperature > 0, "> 0"), ("top_p", 0 < out.top_p <= 1, "in (0, 1]"),
             ("top_k", out.top_k >= 0, ">= 0"), ("repetition_penalty", out.repetition_penalty > 0, "> 0"),
@@ -291,7 +288,7 @@ class MossSpeechDemo:
             raise
         except Exception as error:  # never a stack trace in the page: log it, show one line
             logger.exception("moss-speech demo: answering failed")
-            raise _page_error(gr, f"Something went wrong: {_one_line(error)}") from error
+            raise _page_error(gr, f"Something went wrong: {one_line(error)}") from error
 
     def stop(self, session: DemoSession) -> tuple[list[dict[str, Any]], DemoSession]:
         """Stop the answer being generated (it keeps what was said so far); returns `(chat messages, session)`."""
@@ -398,7 +395,7 @@ class MossSpeechDemo:
             error = turn.error
             yield _shown(session), skip, session, skip, skip
             logger.error("moss-speech demo: generation failed", exc_info=(type(error), error, error.__traceback__))
-            raise _page_error(gr, f"The model could not answer: {_one_line(error)}")
+            raise _page_error(gr, f"The model could not answer: {one_line(error)}")
         yield _shown(session), skip, session, skip, skip
 
     @staticmethod
@@ -419,7 +416,7 @@ class MossSpeechDemo:
             stopped = turn.stopped_by_user
             if turn.error is not None:
                 session.conversation.pop()  # the model never answered it
-                session.messages[-1]["content"] = f"⚠️ No answer: {_one_line(turn.error)}"
+                session.messages[-1]["content"] = f"⚠️ No answer: {one_line(turn.error)}"
                 return
             reply = turn.reply
             answer, shown = self._answer(reply, turn.modality)
@@ -495,14 +492,14 @@ class MossSpeechDemo:
         try:
             key = (str(path.resolve()), path.stat().st_mtime_ns)
         except OSError as error:
-            raise _page_error(gr, f"Cannot read {what}: {_one_line(error)}") from error
+            raise _page_error(gr, f"Cannot read {what}: {one_line(error)}") from error
         if key not in self._voice_cache:
             if path.suffix == ".safetensors":
                 try:
                     prompt = MossSpeechVoicePrompt.load(str(path))
                 except Exception as error:
                     raise _page_error(gr, f"{what.capitalize()} is not a MOSS-Speech voice prompt file "
-                                   f"({_one_line(error)}).") from error
+                                   f"({one_line(error)}).") from error
             else:
                 wave, rate = _read_audio(gr, str(path), what)
                 prompt = self.codec.voice_prompt(wave, sampling_rate=rate)
@@ -526,7 +523,7 @@ def _read_audio(gr: Any, path: str, what: str) -> tuple[np.ndarray, int]:
             scale = float(np.iinfo(samples.dtype).max) if samples.dtype.kind in "iu" else 1.0
             data = (samples.astype(np.float32) / scale).reshape(len(samples), -1)
         except Exception:
-            raise _page_error(gr, f"Cannot read {what} as audio ({_one_line(sf_error)}).") from sf_error
+            raise _page_error(gr, f"Cannot read {what} as audio ({one_line(sf_error)}).") from sf_error
     if data.shape[0] == 0:
         raise _page_error(gr, f"{what.capitalize()} holds no sound (0 samples).")
     if not np.isfinite(data).all():

@@ -78,20 +78,53 @@ def edit_distance(reference: Sequence, hypothesis: Sequence) -> int:
     return previous[-1]
 
 
-def character_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
-    """Corpus character error rate of normalised strings: total edit distance ÷ total reference characters.
+def _error_rate(references: Sequence[str], hypotheses: Sequence[str], split: Callable[[str], Sequence],
+                name: str) -> float:
+    """Total edit distance ÷ total reference length over the normalised strings, each cut into units by `split`.
 
-    An empty reference set (no characters) gives 0.0 when every hypothesis is empty too, 1.0 otherwise.
+    No reference units at all gives 0.0 when every hypothesis is empty too, 1.0 otherwise.
     """
+    if isinstance(references, str) or isinstance(hypotheses, str):
+        raise TypeError(f"{name}: pass lists of strings, not one string.")
     if len(references) != len(hypotheses):
-        raise ValueError(f"character_error_rate: {len(references)} references but {len(hypotheses)} hypotheses.")
-    refs = [normalize_answer(r) for r in references]
-    hyps = [normalize_answer(h) for h in hypotheses]
+        raise ValueError(f"{name}: {len(references)} references but {len(hypotheses)} hypotheses.")
+    refs = [split(normalize_answer(r)) for r in references]
+    hyps = [split(normalize_answer(h)) for h in hypotheses]
     edits = sum(edit_distance(r, h) for r, h in zip(refs, hyps))
-    chars = sum(len(r) for r in refs)
-    if chars == 0:
+    units = sum(len(r) for r in refs)
+    if units == 0:
         return 0.0 if edits == 0 else 1.0
-    return edits / chars
+    return edits / units
+
+
+def character_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Corpus character error rate: total edit distance ÷ total reference characters, of normalised strings.
+
+    Normalisation is [`normalize_answer`] (lowercase, letters and single spaces only), the one every score of the
+    package uses: case, punctuation (including the apostrophe), digits and extra whitespace never count. An empty
+    reference set (no characters) gives 0.0 when every hypothesis is empty too, 1.0 otherwise.
+    """
+    return _error_rate(references, hypotheses, str, "character_error_rate")
+
+
+def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Corpus word error rate: total word edit distance ÷ total reference words, of normalised strings.
+
+    Same normalisation and empty-reference rule as [`character_error_rate`].
+    """
+    return _error_rate(references, hypotheses, str.split, "word_error_rate")
+
+
+def transcription_scores(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, Any]:
+    """Scores of transcripts against their references, all on [`normalize_answer`]-normalised strings.
+
+    Returns `correct` / `total` / `accuracy` (exact match; `accuracy` is None without references), `cer`
+    ([`character_error_rate`]) and `wer` ([`word_error_rate`]).
+    """
+    cer = character_error_rate(references, hypotheses)  # checks the arguments first
+    correct = sum(normalize_answer(h) == normalize_answer(r) for r, h in zip(references, hypotheses))
+    return {"correct": correct, "total": len(references), "accuracy": _accuracy(correct, len(references)),
+            "cer": cer, "wer": word_error_rate(references, hypotheses)}
 
 
 def _accuracy(correct: int, total: int) -> float | None:
@@ -653,11 +686,8 @@ def evaluate(
         heard_after = _hear(question_recognizer, decoded, rate)
 
         def summary(hypotheses: list[str], cer: bool = False) -> dict[str, Any]:
-            correct = sum(normalize_answer(h) == normalize_answer(r) for h, r in zip(hypotheses, references))
-            result = {"correct": correct, "accuracy": _accuracy(correct, len(references))}
-            if cer:
-                result["cer"] = character_error_rate(references, hypotheses)
-            return result
+            scores = transcription_scores(references, hypotheses)
+            return {key: scores[key] for key in ("correct", "accuracy", "cer") if cer or key != "cer"}
 
         before, after = summary(heard_before), summary(heard_after)
         roundtrip = {"total": len(references), "scorer": describe_recognizer(question_recognizer),
@@ -958,4 +988,6 @@ __all__ = [
     "score_spoken_answers",
     "speak_and_transcribe",
     "transcribe_waveforms",
+    "transcription_scores",
+    "word_error_rate",
 ]

@@ -58,6 +58,7 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import ModelOutput, logging
 
+from ._compat import compile_on_any_device
 from .configuration_moss_speech import MODALITIES
 
 logger = logging.get_logger(__name__)
@@ -138,8 +139,8 @@ class MossSpeechGenerationConfig(GenerationConfig):
     `cache_implementation` is `"dynamic"` (default) or `"static"`; `compile` (default `None`) compiles the
     single-row decode step with `torch.compile` (`compile_config`): `True` forces it (and a static cache),
     `False` forbids it, `None` compiles as transformers does, i.e. with a static cache on an accelerator, or on
-    CPU when `compile_config._compile_all_devices` is set. Saved as `generation_config.json` like any generation
-    config.
+    CPU when transformers' compile-on-every-device flag is set (`_compat.compile_on_any_device`). Saved as
+    `generation_config.json` like any generation config.
 
     Example:
 
@@ -768,9 +769,7 @@ class MossSpeechGenerationMixin(GenerationMixin):
         offloaded = "disk" in devices or ("cpu" in devices and len(devices) > 1)
         if gen.compile is None:
             compile_config = gen.compile_config
-            on_accelerator = device.type in ("cuda", "xpu") or bool(
-                compile_config is not None and compile_config._compile_all_devices
-            )
+            on_accelerator = device.type in ("cuda", "xpu") or compile_on_any_device(compile_config)
             if gen.cache_implementation != "static" or not on_accelerator or offloaded:
                 return None
         elif offloaded:

@@ -49,11 +49,13 @@ from typing import Any
 from huggingface_hub import CommitInfo, HfApi, ModelCardData
 from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
+from ._compat import registered_auto_class, restore_auto_class
 from .checkpoint_info import describe_checkpoint
 from .configuration_moss_speech import MossSpeechConfig
 from .configuration_moss_speech_codec import MossSpeechCodecConfig
 from .convert_moss_speech_original_to_hf import set_processor_codec_reference, write_portable_tokenizer_config
 from .feature_extraction_moss_speech import MossSpeechFeatureExtractor
+from .loading import read_json_file
 from .modeling_moss_speech import MossSpeechForCausalLM
 from .modeling_moss_speech_codec import MossSpeechCodecModel
 from .processing_moss_speech import CODEC_SUBFOLDER, MossSpeechProcessor
@@ -131,16 +133,6 @@ _REGISTRATIONS = ((MossSpeechConfig, "AutoConfig"), (MossSpeechForCausalLM, "Aut
                   (MossSpeechProcessor, "AutoProcessor"), (MossSpeechFeatureExtractor, "AutoFeatureExtractor"))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}).") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object.")
-    return data
-
-
 def _write_text(path: Path, text: str) -> None:
     """Write `text`, replacing a symlink by a file instead of writing through it."""
     if path.is_symlink():
@@ -213,7 +205,7 @@ def export_remote_code(directory: str | os.PathLike) -> list[str]:
     edits: list[tuple[Path, dict[str, Any]]] = []
     config_path = directory / "config.json"
     if config_path.is_file():
-        values = _read_json(config_path)
+        values = read_json_file(config_path)
         model_type = values.get("model_type")
         if model_type == MossSpeechConfig.model_type:
             _set_auto_map(values, LM_AUTO_MAP)
@@ -225,7 +217,7 @@ def export_remote_code(directory: str | os.PathLike) -> list[str]:
         entry_modules += [entry.split(".")[0] for entry in values["auto_map"].values()]
     processor_path = directory / "processor_config.json"
     if processor_path.is_file():
-        values = _read_json(processor_path)
+        values = read_json_file(processor_path)
         _set_auto_map(values, PROCESSOR_AUTO_MAP)
         if isinstance(values.get("feature_extractor"), dict):
             _set_auto_map(values["feature_extractor"], PROCESSOR_FEATURE_EXTRACTOR_AUTO_MAP)
@@ -233,7 +225,7 @@ def export_remote_code(directory: str | os.PathLike) -> list[str]:
         entry_modules.append(PROCESSOR_AUTO_MAP["AutoProcessor"].split(".")[0])
     feature_path = directory / "preprocessor_config.json"
     if feature_path.is_file():
-        values = _read_json(feature_path)
+        values = read_json_file(feature_path)
         if values.get("feature_extractor_type") == MossSpeechFeatureExtractor.__name__:
             _set_auto_map(values, FEATURE_EXTRACTOR_AUTO_MAP)
             edits.append((feature_path, values))
@@ -261,18 +253,14 @@ def remote_code_auto_classes() -> Iterator[None]:
     code files. Prefer `save_pretrained_with_remote_code`, which also completes what the mechanism cannot express
     (a second auto class per model, stubs for package-only modules, the import check).
     """
-    previous = {cls: cls.__dict__.get("_auto_class", _MISSING) for cls, _ in _REGISTRATIONS}
+    previous = {cls: registered_auto_class(cls) for cls, _ in _REGISTRATIONS}
     try:
         for cls, auto_class in _REGISTRATIONS:
             cls.register_for_auto_class(auto_class)
         yield
     finally:
         for cls, value in previous.items():
-            if value is _MISSING:
-                with contextlib.suppress(AttributeError):
-                    delattr(cls, "_auto_class")
-            else:
-                cls._auto_class = value
+            restore_auto_class(cls, value)
 
 
 def _auto_map_holders(obj: Any) -> list[Any]:
@@ -532,7 +520,8 @@ def _portable_tokenizer(directory: Path) -> None:
     path = directory / "tokenizer_config.json"
     if not path.is_file():
         return
-    if _read_json(path).get("tokenizer_class") in ("Qwen2TokenizerFast", "Qwen2Tokenizer", "PreTrainedTokenizerFast"):
+    tokenizer_class = read_json_file(path).get("tokenizer_class")
+    if tokenizer_class in ("Qwen2TokenizerFast", "Qwen2Tokenizer", "PreTrainedTokenizerFast"):
         return
     from transformers import AutoTokenizer
 
@@ -577,7 +566,7 @@ def stage_upload(
     codec_location = None
     processor_path = stage / "processor_config.json"
     if processor_path.is_file():
-        processor = _read_json(processor_path)
+        processor = read_json_file(processor_path)
         if codec_dir is not None:
             set_processor_codec_reference(stage, None, CODEC_SUBFOLDER)
             codec_location = CODEC_SUBFOLDER

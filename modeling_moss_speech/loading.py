@@ -32,6 +32,46 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is: pickled, corrupt or truncated, or not matching the model."""
 
 
+def one_line(error: BaseException) -> str:
+    """The message of `error` on one line (its type name if it has no message): how apps show an error inline."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def read_json_file(
+    path: str | os.PathLike,
+    what: str | None = None,
+    *,
+    expect: type | tuple[type, ...] = dict,
+    error: type[Exception] = ValueError,
+    missing_ok: bool = False,
+) -> Any:
+    """The JSON value stored in `path` (a config, index or manifest file), checked to be an `expect`.
+
+    The one reader of the package's JSON files. Raises `error` (default `ValueError`; callers pass their own error
+    class) naming the file when it is missing (`None` instead with `missing_ok`), unreadable, not JSON, or holds
+    another type than `expect` (a JSON object by default). `what` names the file's role in the messages.
+    """
+    path = Path(path)
+    role = f" ({what})" if what else ""
+    if not path.is_file():
+        if missing_ok:
+            return None
+        raise error(f"{path.parent}: no {path.name}{role}.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as cause:
+        raise error(f"{path}{role} is not valid JSON ({one_line(cause)}).") from cause
+    if not isinstance(data, expect):
+        kinds = " or ".join(_JSON_KINDS.get(kind, kind.__name__) for kind in (expect if isinstance(expect, tuple)
+                                                                               else (expect,)))
+        raise error(f"{path}{role} must hold a JSON {kinds}, got {_JSON_KINDS.get(type(data), type(data).__name__)}.")
+    return data
+
+
+_JSON_KINDS = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
 def _with_variant(name: str, variant: str | None) -> str:
     """The variant's file name, as transformers builds it (the variant goes before the last suffix)."""
     if not variant:
@@ -223,5 +263,7 @@ __all__ = [
     "check_safetensors_file",
     "checked_from_pretrained",
     "local_weight_files",
+    "one_line",
     "pickled_weight_files",
+    "read_json_file",
 ]

@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from ._compat import allocate_cache_layer, cache_adds_layers
 from .configuration_moss_speech import MODALITIES, MossSpeechConfig, is_tracing
 from .generation_moss_speech import MossSpeechGenerationConfig, MossSpeechGenerationMixin
 from .loading import checked_from_pretrained
@@ -247,13 +248,15 @@ class MossSpeechRotaryEmbedding(Qwen3RotaryEmbedding):
     """
 
     def _apply(self, fn, recurse: bool = True):
-        frequencies = {name: buffer.float() for name, buffer in self._buffers.items() if buffer is not None}
+        # torch's `.to()` / `.half()` / `.bfloat16()` all cast through `_apply` (pinned in test_upstream_contract).
+        frequencies = {name: buffer.float() for name, buffer in self.named_buffers(recurse=False)}
         super()._apply(fn, recurse)
         for name, value in frequencies.items():
-            moved = self._buffers[name]
+            moved = getattr(self, name)
             # A meta buffer has no values to restore (`to_empty()` after meta-device construction): keep the new
-            # storage, in float32; `init_weights()` then computes the frequencies.
-            self._buffers[name] = moved.float() if value.is_meta else value.to(moved.device)
+            # storage, in float32; `init_weights()` then computes the frequencies. Assigning a tensor to a buffer's
+            # name replaces the buffer and keeps its persistence.
+            setattr(self, name, moved.float() if value.is_meta else value.to(moved.device))
         return self
 
 
@@ -340,9 +343,8 @@ class MossSpeechPreTrainedModel(PreTrainedModel):
             config = self.config
             for slot, attention in zip(cache.layers, attentions):
                 device = module_device(attention) or torch.device("cpu")
-                empty = torch.zeros(batch_size, config.num_key_value_heads, 0, config.head_dim,
-                                    dtype=dtype or attention.k_proj.weight.dtype, device=device)
-                slot.lazy_initialization(empty, empty)
+                allocate_cache_layer(slot, batch_size, config.num_key_value_heads, config.head_dim,
+                                     dtype=dtype or attention.k_proj.weight.dtype, device=device)
         return cache
 
 
@@ -530,7 +532,7 @@ class MossSpeechModel(MossSpeechPreTrainedModel):
             raise TypeError(f"cache must be a transformers Cache, got {type(cache).__name__}.")
         if (
             cache is not None
-            and getattr(cache, "layer_class_to_replicate", None) is None
+            and not cache_adds_layers(cache)
             and len(cache.layers) < self.config.num_runtime_layers
         ):
             raise ValueError(

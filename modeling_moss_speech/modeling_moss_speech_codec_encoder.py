@@ -85,9 +85,9 @@ class MossSpeechCodecEncoder(nn.Module):
             dropout=getattr(config, "dropout", 0.0),
             attention_dropout=getattr(config, "attention_dropout", 0.0),
             activation_dropout=getattr(config, "activation_dropout", 0.0),
+            # SDPA with `is_causal` and no mask: the release's kernel call, hence its numerics.
+            attn_implementation="sdpa",
         )
-        # SDPA with `is_causal` and no mask: the release's kernel call, hence its numerics.
-        layer_config._attn_implementation = "sdpa"
         self.layers = nn.ModuleList(WhisperEncoderLayer(layer_config) for _ in range(config.num_layers_built))
         for layer in self.layers:
             layer.self_attn.is_causal = True

@@ -410,7 +410,7 @@ class MossSpeechProcessor(ProcessorMixin):
         batch, is_batched = self._as_batch(conversation)
         modalities = self._per_conversation(output_modality, len(batch))
         prompts = self._system_prompts(system_prompt, len(batch))
-        template = self._resolve_chat_template(chat_template)
+        template = self._template_source(chat_template)
         rendered = []
         for (messages, where), modality, prompt in zip(batch, modalities, prompts):
             turns = self._parse_conversation(messages, where, load=False)
@@ -483,6 +483,26 @@ class MossSpeechProcessor(ProcessorMixin):
         return out
 
     # ------------------------------------------------------------------------------------- input validation
+
+    def _template_source(self, chat_template: str | None) -> str:
+        """The Jinja source `apply_chat_template` renders.
+
+        `chat_template` is the name of one of the processor's templates or a template itself; `None` picks the
+        processor's template (the one named "default" when it holds several, as transformers saves them).
+        """
+        templates = self.chat_template
+        if isinstance(templates, Mapping):
+            if chat_template is not None:
+                return templates.get(chat_template, chat_template)
+            if "default" not in templates:
+                raise ValueError(f"this processor has several chat templates ({', '.join(templates)}) and none is "
+                                 "named 'default': pass chat_template=<name>.")
+            return templates["default"]
+        if chat_template is not None:
+            return chat_template
+        if templates is None:
+            raise ValueError("this processor has no chat template: pass chat_template=<Jinja template>.")
+        return templates
 
     @staticmethod
     def _as_batch(conversations: Any) -> tuple[list[tuple[Sequence[Mapping], str]], bool]:

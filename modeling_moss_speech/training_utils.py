@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -368,6 +369,14 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     _TRL_AVAILABLE = False
 
 
+_NO_FORWARD = object()
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The model under a PEFT wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 class MossSpeechSFTTrainer(_SFTTrainerBase):
     """TRL's `SFTTrainer` for MOSS-Speech: the loss is the model's own two-channel loss, logged per channel.
 
@@ -408,15 +417,22 @@ class MossSpeechSFTTrainer(_SFTTrainerBase):
         args = prepare_sft_config(args)
         if data_collator is None:
             data_collator = MossSpeechDataCollator(processing_class, max_length=args.max_length)
+        # SFTTrainer patches a fused single-head forward onto the model instance; our loss needs the model's own
+        # forward, so whatever instance `forward` the model had before (usually none) is put back afterwards.
+        before = vars(_base_model(model)).get("forward", _NO_FORWARD) if isinstance(model, nn.Module) else _NO_FORWARD
         super().__init__(model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
-        # TRL patches a fused single-head forward onto the model instance; our loss needs the model's own forward.
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        patched = getattr(vars(base).get("forward"), "__func__", None)
-        if getattr(getattr(patched, "__code__", None), "co_name", None) == "_fused_forward":
-            del base.forward
+        base = _base_model(self.model)
+        if vars(base).get("forward", _NO_FORWARD) is not before:
+            if before is _NO_FORWARD:
+                del base.forward
+            else:
+                base.forward = before
         # The model normalises by num_items_in_batch (compute_loss below), so Trainer must not divide by GA steps again.
         self.model_accepts_loss_kwargs = True
+        # Per-channel losses and the token count, logged by `log` (kept here, not in the parent's metric store).
+        self._channel_logs: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._trained_tokens = 0
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
         """Trainer's micro-batches of one optimizer step; `num_items_in_batch` is the (2,) per-channel target count."""
@@ -462,18 +478,32 @@ class MossSpeechSFTTrainer(_SFTTrainerBase):
             stats = torch.stack([value * local[channel], local[channel].to(value.dtype)])
             stats = self.accelerator.gather(stats.unsqueeze(0)).reshape(-1, 2).sum(dim=0)
             if stats[1] > 0:
-                self._metrics[mode][name].append((stats[0] / stats[1]).item())
+                self._channel_logs[mode][name].append((stats[0] / stats[1]).item())
         if mode == "train" and "attention_mask" in inputs:
             tokens = self.accelerator.gather(inputs["attention_mask"].sum().unsqueeze(0)).sum().item()
-            self._total_train_tokens += tokens // self._tp_size
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            # Tensor-parallel ranks see the same batch: count its tokens once.
+            self._trained_tokens += tokens // max(self.get_tp_size(), 1)
+            self._channel_logs[mode]["num_tokens"] = [self._trained_tokens]
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean `text_loss` / `audio_loss` (`eval_`-prefixed in evaluation) and `num_tokens` to `logs`."""
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({f"{prefix}{key}": sum(values) / len(values)
+                     for key, values in self._channel_logs[mode].items() if values})
+        self._channel_logs[mode].clear()
+        super().log(logs, start_time)
 
     def prediction_step(
         self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None
     ) -> tuple[torch.Tensor, Any, Any]:
         """Evaluation: the two-channel loss, and with `prediction_loss_only=False` the (text, audio) logits."""
-        inputs = self._prepare_inputs(inputs)
+        from accelerate.utils import send_to_device
+
+        # The collator's batches hold integer tensors only, so moving them to the device is all the preparation
+        # they need.
+        inputs = send_to_device(inputs, self.args.device)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
         if prediction_loss_only:

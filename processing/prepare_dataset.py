@@ -72,6 +72,7 @@ import soundfile as sf
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from modeling_moss_speech._compat import dataset_fingerprint
 from modeling_moss_speech.feature_extraction_moss_speech import prepare_waveforms
 from modeling_moss_speech.modeling_moss_speech_codec import MossSpeechCodecModel
 from modeling_moss_speech.processing_moss_speech import MossSpeechProcessor
@@ -472,7 +473,7 @@ def prepare_dataset(
         raise ValueError("the input dataset has no rows.")
     num_shards = min(num_shards, len(dataset))
 
-    fingerprint = getattr(dataset, "_fingerprint", None)
+    fingerprint = dataset_fingerprint(dataset)
     data = dataset.select_columns(columns)
     for name in audio_columns(settings, columns):
         if isinstance(data.features[name], datasets.Audio):

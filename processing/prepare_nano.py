@@ -65,6 +65,7 @@ import prepare_dataset  # noqa: E402
 from build_nano_tokenizer import nano_processor, special_ids  # noqa: E402
 from prepare_dataset import load_audio_value, speech_segment_rows, text_segment_rows  # noqa: E402
 
+from modeling_moss_speech._compat import dataset_fingerprint  # noqa: E402
 from modeling_moss_speech.feature_extraction_moss_speech import prepare_waveforms  # noqa: E402
 from modeling_moss_speech.modeling_moss_speech_codec import MossSpeechCodecModel  # noqa: E402
 from modeling_moss_speech.threads import add_threads_argument, set_threads  # noqa: E402
@@ -156,7 +157,7 @@ def codec_fingerprint(codec_dir: str | os.PathLike) -> str:
 
 def corpus_fingerprint(corpus: datasets.DatasetDict) -> dict[str, str]:
     """The datasets fingerprint of every audio split (changes when the corpus is rebuilt)."""
-    return {name: split._fingerprint for name, split in corpus.items() if name in AUDIO_SPLITS}
+    return {name: dataset_fingerprint(split) for name, split in corpus.items() if name in AUDIO_SPLITS}
 
 
 @torch.inference_mode()

@@ -26,6 +26,7 @@ from modeling_moss_speech.convert_moss_speech_original_to_hf import (
     convert_checkpoint,
     convert_codec,
     load_pickled_state_dict,
+    parse_size,
     write_portable_tokenizer_config,
 )
 from modeling_moss_speech.processing_moss_speech import MossSpeechProcessor
@@ -494,3 +495,12 @@ def test_cli_convert(release, tmp_path, capsys):
     assert "give --model" in capsys.readouterr().err
     assert main(["convert", "--model", str(tmp_path / "absent"), "-o", str(tmp_path / "y")]) == 2
     assert "--model: directory" in capsys.readouterr().err
+
+
+def test_parse_size():
+    assert parse_size(123) == parse_size("123") == 123
+    assert parse_size("5GB") == parse_size("5gb") == 5 * 10**9
+    assert parse_size("40KB") == 40_000 and parse_size("2MiB") == 2 * 2**20 and parse_size("1 GiB") == 2**30
+    for bad in ("5 TB", "GB", "-5GB", "1.5GB", None, 2.0, True):
+        with pytest.raises(ConversionError, match="max_shard_size"):
+            parse_size(bad)

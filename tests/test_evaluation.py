@@ -45,6 +45,8 @@ from modeling_moss_speech.evaluation import (
     load_eval_split,
     normalize_answer,
     score_answers,
+    transcription_scores,
+    word_error_rate,
 )
 from modeling_moss_speech.feature_extraction_moss_speech import prepare_waveforms
 from modeling_moss_speech.processing_moss_speech import MossSpeechProcessor
@@ -105,6 +107,19 @@ def test_edit_distance_and_character_error_rate():
     assert character_error_rate([""], ["x"]) == 1.0
     with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
         character_error_rate(["a", "b"], ["a"])
+
+
+def test_word_error_rate_and_transcription_scores():
+    # One substituted word of 2 + 1 reference words; normalisation as for the CER.
+    assert word_error_rate(["the red", "Blue!"], ["the bed", "blue"]) == pytest.approx(1 / 3)
+    assert word_error_rate([""], [""]) == 0.0 and word_error_rate([""], ["x"]) == 1.0
+    with pytest.raises(TypeError, match="lists of strings"):
+        word_error_rate("abc", "abd")
+    scores = transcription_scores(["red blue", "it's green"], ["Red  blue.", "its gren"])
+    assert scores["correct"] == 1 and scores["total"] == 2 and scores["accuracy"] == 0.5
+    # The apostrophe is dropped by the normalisation, so "it's" == "its"; "gren" misses one of 8 + 9 characters.
+    assert scores["cer"] == pytest.approx(1 / 17) and scores["wer"] == pytest.approx(1 / 4)
+    assert transcription_scores([], [])["accuracy"] is None
 
 
 def test_score_answers_counts_categories_and_keeps_examples():

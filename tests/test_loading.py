@@ -14,7 +14,7 @@ from test_codec import tiny_codec_config
 from transformers import AutoModel, AutoModelForCausalLM
 
 from modeling_moss_speech import CheckpointError, MossSpeechCodecModel, MossSpeechForCausalLM, MossSpeechModel
-from modeling_moss_speech.loading import check_safetensors_file
+from modeling_moss_speech.loading import check_safetensors_file, one_line, read_json_file
 
 MODELS = {
     "lm": (MossSpeechForCausalLM, AutoModelForCausalLM, tiny_config, "text_lm_head.weight"),
@@ -201,3 +201,28 @@ def test_check_safetensors_file_accepts_a_good_file(tmp_path):
     path.write_bytes(path.read_bytes() + b"tail")
     with pytest.raises(CheckpointError, match="ok.safetensors is not a readable safetensors file"):
         check_safetensors_file(path)
+
+
+def test_read_json_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"a": 1}')
+    assert read_json_file(path) == {"a": 1}
+    assert read_json_file(tmp_path / "absent.json", missing_ok=True) is None
+    with pytest.raises(ValueError, match=r"no absent.json \(codec config\)"):
+        read_json_file(tmp_path / "absent.json", "codec config")
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object, got array"):
+        read_json_file(path)
+    assert read_json_file(path, expect=(list, dict)) == [1, 2]
+
+    class OwnError(Exception):
+        pass
+
+    path.write_text("{not json")
+    with pytest.raises(OwnError, match="config.json is not valid JSON"):
+        read_json_file(path, error=OwnError)
+
+
+def test_one_line():
+    assert one_line(ValueError("two\n  lines ")) == "two lines"
+    assert one_line(KeyboardInterrupt()) == "KeyboardInterrupt"

@@ -118,6 +118,13 @@ def test_stage1_leaves_the_text_backbone_bit_identical(tmp_path, mixed_data):
     assert result["trainable_parameters"] == sum(before[k].numel() for k in trained)
 
 
+def test_scan_grids_reads_the_selected_rows():
+    grids = [speech_only(1, 5), text_only(3, 4), speech_only(2, 7)]
+    data = datasets.Dataset.from_dict({"input_ids": grids}).select([2, 1])  # an indices mapping, reordered
+    lengths, text_only_flags = pretrain._scan_grids(data, MODALITY_PAD, "auto", "memory")
+    assert lengths.tolist() == [len(grids[2]), len(grids[1])] and text_only_flags.tolist() == [False, True]
+
+
 def test_packed_batch_equals_the_sequences_alone(tmp_path):
     torch.manual_seed(0)
     config = tiny_config()

@@ -3,6 +3,7 @@ save/AutoProcessor round trips, and processor → generate → decode end to end
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +20,7 @@ from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechConfig, MossSpeechForCausalLM
 from modeling_moss_speech.processing_moss_speech import (
+    CHAT_TEMPLATE,
     DEFAULT_SYSTEM_PROMPTS,
     MossSpeechProcessor,
     MossSpeechResponse,
@@ -196,6 +198,22 @@ def test_apply_chat_template_matches_call(qwen):
     assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello world<|im_end|>\n"
                     "<|im_start|>assistant\n<audio><|im_end|>\n<|im_start|>user\nWhat is two plus three?<|im_end|>\n"
                     "<|im_start|>assistant\n<|object_ref_start|>")
+
+
+def test_apply_chat_template_picks_a_named_or_given_template(qwen):
+    conversation = [{"role": "user", "content": "Hi"}]
+    processor = copy.copy(qwen)  # the fixture is shared: change a copy's templates only
+    processor.chat_template = {"default": "D{{ messages[0].content }}", "short": "S{{ messages[0].content }}"}
+    assert processor.apply_chat_template(conversation, tokenize=False) == "DHi"
+    assert processor.apply_chat_template(conversation, tokenize=False, chat_template="short") == "SHi"
+    assert processor.apply_chat_template(conversation, tokenize=False, chat_template="X{{ messages|length }}") == "X1"
+    processor.chat_template = {"short": "S"}
+    with pytest.raises(ValueError, match="none is named 'default'"):
+        processor.apply_chat_template(conversation, tokenize=False)
+    processor.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        processor.apply_chat_template(conversation, tokenize=False)
+    assert qwen.chat_template == CHAT_TEMPLATE
 
 
 def test_chat_template_text_tokenizes_to_the_grid_for_text_turns(qwen):

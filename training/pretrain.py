@@ -352,8 +352,6 @@ class GridSource:
                                  "directory.")
             if "input_ids" not in ds.column_names:
                 raise ValueError(f"dataset {entry['path']!r} has no 'input_ids' column (columns: {ds.column_names}).")
-            if ds._indices is not None:
-                ds = ds.flatten_indices()
             length, is_text = _scan_grids(ds, modality_pad_token_id, entry["kind"], entry["path"])
             self.datasets.append(ds.with_format("numpy", columns=["input_ids"]))
             ds_ids.append(np.full(len(ds), d, dtype=np.int64))
@@ -379,7 +377,9 @@ def _scan_grids(ds, modality_pad_token_id: int, kind: str, path: str) -> tuple[n
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    column = ds.data.column("input_ids")
+    # The Arrow view of the selected rows: a zero-copy slice of the table, or the rows an indices mapping
+    # (`select`, `shuffle`) picks, in its order.
+    column = ds.with_format("arrow", columns=["input_ids"])[:]["input_ids"]
     lengths, flags = [], []
     nested = pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
     inner_type = column.type.value_type if nested else None

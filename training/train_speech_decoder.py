@@ -37,7 +37,7 @@ import torchaudio
 from tqdm.auto import tqdm
 
 from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel
-from modeling_moss_speech.evaluation import edit_distance
+from modeling_moss_speech.evaluation import transcription_scores
 from modeling_moss_speech.modeling_moss_speech_codec import prompt_mel_spectrogram
 from modeling_moss_speech.threads import add_threads_argument, set_threads
 
@@ -172,11 +172,9 @@ def validation_loss(codec: MossSpeechCodecModel, codes, mels, batch_size: int) -
 
 
 def recognition(hypotheses: list[str], references: list[str]) -> dict[str, float]:
-    """Exact-match accuracy and character error rate of transcriptions."""
-    exact = sum(h.strip() == r.strip() for h, r in zip(hypotheses, references))
-    errors = sum(edit_distance(r.strip(), h.strip()) for h, r in zip(hypotheses, references))
-    chars = sum(len(r.strip()) for r in references)
-    return {"accuracy": round(exact / max(1, len(references)), 4), "cer": round(errors / max(1, chars), 4)}
+    """Exact-match accuracy and character error rate of transcriptions (evaluation's `transcription_scores`)."""
+    scores = transcription_scores(references, hypotheses)
+    return {"accuracy": round(scores["accuracy"] or 0.0, 4), "cer": round(scores["cer"], 4)}
 
 
 @torch.no_grad()

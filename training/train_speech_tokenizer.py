@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel
-from modeling_moss_speech.evaluation import edit_distance
+from modeling_moss_speech.evaluation import transcription_scores
 from modeling_moss_speech.threads import add_threads_argument, set_threads
 
 VQ_START_FRACTION = 0.15
@@ -165,11 +165,9 @@ class EMACodebook:
 
 
 def recognition_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
-    """Character error rate and whole-utterance exact match of transcripts."""
-    errors = sum(edit_distance(r, h) for h, r in zip(hypotheses, references))
-    chars = max(1, sum(len(r) for r in references))
-    exact = sum(h == r for h, r in zip(hypotheses, references))
-    return {"cer": errors / chars, "exact_match": exact / max(1, len(references))}
+    """Character error rate and whole-utterance exact match of transcripts (evaluation's `transcription_scores`)."""
+    scores = transcription_scores(references, hypotheses)
+    return {"cer": scores["cer"], "exact_match": scores["accuracy"] or 0.0}
 
 
 @torch.no_grad()
