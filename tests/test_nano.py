@@ -1,6 +1,8 @@
 """The shipped MOSS-Speech-Nano checkpoint answers spoken questions: the README's first command, as tests.
 
-The example question (`examples/colour_of_banana.wav`) is a fact trained as speech, asked in the held-out test voice.
+The example question (`examples/colour_of_banana.wav`) is a fact trained as speech, asked in the held-out test voice;
+a second question is spoken here by espeak-ng in the held-out dialect test voice (a dialect and a variant that no
+training voice uses).
 Decoding is greedy, so answers are deterministic. Spoken answers are heard by an independent recogniser
 (PocketSphinx constrained to the world's answers) and read from their codes by the codec's own CTC head.
 """
@@ -16,6 +18,7 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio
+from conftest import espeak
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 from modeling_moss_speech import MossSpeechChat, pretrained
@@ -23,6 +26,7 @@ from modeling_moss_speech.evaluation import IndependentRecognizer, greedy_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = {"colour_of_banana.wav": "yellow"}
+HELD_OUT_DIALECT_QUESTION = ("what is the capital of japan", "tokyo")  # a fact trained as speech
 
 
 @functools.cache
@@ -73,17 +77,33 @@ def test_spoken_question_gets_the_right_text_answer(nano, example):
     assert normalize_answer(answer.text) == EXAMPLES[example]
 
 
-def test_readme_first_command_answers_with_speech_and_text(tmp_path):
+def _readme_first_command(wav: Path, tmp_path: Path) -> tuple[str, str]:
+    """`moss-speech chat --wav WAV --out answer.wav`: (printed answer, spoken answer as heard by PocketSphinx)."""
     out = tmp_path / "answer.wav"
-    result = subprocess.run(
-        [sys.executable, "-m", "modeling_moss_speech.cli", "chat", "--wav", str(ROOT / "examples" /
-         "colour_of_banana.wav"), "--out", str(out)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-    )
+    result = subprocess.run([sys.executable, "-m", "modeling_moss_speech.cli", "chat", "--wav", str(wav), "--out",
+                             str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert normalize_answer(result.stdout) == "yellow"
-    speech, rate = sf.read(str(out))
+    speech, rate = sf.read(str(out), dtype="float32")
     assert rate == 24000 and len(speech) > 0.2 * rate
+    return normalize_answer(result.stdout), answer_recognizer().recognize(torch.from_numpy(speech), rate)
+
+
+def test_readme_first_command_answers_with_speech_and_text(tmp_path):
+    assert _readme_first_command(ROOT / "examples" / "colour_of_banana.wav", tmp_path) == ("yellow", "yellow")
+
+
+def test_readme_first_command_answers_a_held_out_dialect(tmp_path):
+    """A question spoken in a dialect and voice never used in training (espeak-ng en-gb-x-gbcwmd+Annie, West
+    Midlands English) gets the right answer, printed and spoken."""
+    sys.path.insert(0, str(ROOT / "processing"))
+    from synthesize_espeak import DIALECT_TEST_VOICE, QUESTION_VOICES, TRAIN_VOICES
+
+    for voice in (*TRAIN_VOICES, *QUESTION_VOICES):
+        assert not voice.startswith("en-gb-x-gbcwmd") and not voice.endswith("+Annie"), voice
+    question, expected = HELD_OUT_DIALECT_QUESTION
+    wav, rate = espeak(question, DIALECT_TEST_VOICE, speed=150, pitch=60)
+    sf.write(str(tmp_path / "question.wav"), wav.numpy(), rate)
+    assert _readme_first_command(tmp_path / "question.wav", tmp_path) == (expected, expected)
 
 
 @pytest.mark.parametrize("channels", [1, 2])

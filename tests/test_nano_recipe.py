@@ -25,16 +25,18 @@ def test_recipe_steps_in_order(tmp_path):
     steps = [line[3:].split(":", 1)[0] for line in lines]
     order = ["corpus", "codec_tokenizer", "codec_decoder", "codec_voice", "text_model", "prepare", "corpus_voices",
              "prepare_voices", "stage1", "stage2", "sft", "sft_voices", "stage2_voices_1", "sft_voices_1",
-             "stage2_voices_2", "sft_voices_2", "assemble", "ablation_stage1", "ablation_sft_voices_2",
+             "stage2_voices_2", "sft_voices_2", "stage2_voices_4", "sft_voices_4", "assemble", "ablation_stage1",
+             "ablation_sft_voices_4",
              "ablation_assemble", "eval_final_test_seen_dialect", "ship"]
     assert [s for s in steps if s in order] == order
     commands = dict(line[3:].split(": ", 1) for line in lines)
     # the first corpus has no question voices; the voices round reads the corpus that has them
     assert commands["corpus"].endswith("--question-voices --overwrite --no-progress")
     assert "--question-voices" not in commands["corpus_voices"]
-    assert f"{tmp_path}/data/voices/sft" in commands["sft_voices_2"]
-    assert "--model_name_or_path " + f"{tmp_path}/out/stage2_voices_2" in commands["sft_voices_2"]
-    assert f"--model {tmp_path}/out/sft_voices_2 " in commands["assemble"]
+    assert f"{tmp_path}/data/voices/sft" in commands["sft_voices_4"]
+    assert "--model_name_or_path " + f"{tmp_path}/out/stage2_voices_4" in commands["sft_voices_4"]
+    assert f"--model {tmp_path}/out/sft_voices_3 " in commands["stage2_voices_4"]
+    assert f"--model {tmp_path}/out/sft_voices_4 " in commands["assemble"]
     assert f"--corpus {tmp_path}/data/voices/corpus --split test_dialect" in commands["eval_final_test_dialect"]
     assert not (tmp_path / "out" / "final").exists()
 

@@ -22,7 +22,7 @@
 #   NANO_DRY_RUN [0]          1: print each step's command without running anything
 #   Budgets: CODEC_TOKENIZER_MINUTES [20] CODEC_DECODER_MINUTES [18] CODEC_VOICE_MINUTES [25, twice] TEXT_MINUTES [6] STAGE1_STEPS [1100]
 #            STAGE2_STEPS [750] SFT_STEPS [1000] (steps measured at ~0.8 s (stage I/II) and ~0.55 s (SFT) per step on
-#            a busy 2-core machine: <= 15, 10 and 10 minutes), VOICES_ROUNDS [2],
+#            a busy 2-core machine: <= 15, 10 and 10 minutes), VOICES_ROUNDS [4],
 #            EVAL_SPLITS ["test test_seen test_dialect test_seen_dialect"] (held-out facts; trained facts; in the unseen
 #            test voice, then in the unseen dialect test voice)
 set -euo pipefail
@@ -43,7 +43,7 @@ STAGE1_STEPS=${STAGE1_STEPS:-1100}
 STAGE2_STEPS=${STAGE2_STEPS:-750}
 SFT_STEPS=${SFT_STEPS:-1000}
 EVAL_SPLITS=${EVAL_SPLITS:-test test_seen test_dialect test_seen_dialect}
-VOICES_ROUNDS=${VOICES_ROUNDS:-2}
+VOICES_ROUNDS=${VOICES_ROUNDS:-4}
 NANO_DRY_RUN=${NANO_DRY_RUN:-0}
 
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -170,8 +170,9 @@ for run in main ablation; do
   run_step "${prefix}sft" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
     --model_name_or_path "$root/stage2" --processor_name_or_path "$NANO_OUT/tokenizer" \
     --dataset_name "$NANO_DATA/sft" --output_dir "$root/sft" --max_steps "$SFT_STEPS"
-  # the voices round: SFT, then VOICES_ROUNDS x (stage II, SFT), on the corpus with the 35 question voices (S->T on
-  # the unseen test voices: 25 % after the first SFT, 42 % after sft_voices, 64 % after one round)
+  # the voices round: SFT, then VOICES_ROUNDS x (stage II, SFT), on the corpus with the 35 question voices (S->T of
+  # trained facts in the unseen test voice: 25 % after the first SFT, 42 % after sft_voices, then 64, 77, 83, 87 %
+  # after rounds 1-4; each round ~15-25 min on a busy 2-core machine)
   run_step "${prefix}sft_voices" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
     --model_name_or_path "$root/sft" --processor_name_or_path "$NANO_OUT/tokenizer" \
     --dataset_name "$NANO_DATA/voices/sft" --output_dir "$root/sft_voices" --max_steps "$SFT_STEPS"
