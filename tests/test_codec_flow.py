@@ -39,11 +39,11 @@ def tiny_flow_config(**overrides) -> MossSpeechCodecFlowConfig:
     return MossSpeechCodecFlowConfig(**values)
 
 
-@pytest.fixture(scope="module")
-def flow() -> MossSpeechCodecFlow:
+def scaled_flow(**overrides) -> MossSpeechCodecFlow:
+    """A tiny flow with larger-than-default random weights, so that every input (codes, prompt mel, x-vector) and
+    every position's context visibly moves the mel."""
     torch.manual_seed(0)
-    model = MossSpeechCodecFlow(tiny_flow_config()).eval()
-    # Larger-than-default random weights so that every input (codes, prompt mel, x-vector) visibly moves the mel.
+    model = MossSpeechCodecFlow(tiny_flow_config(**overrides)).eval()
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -52,6 +52,11 @@ def flow() -> MossSpeechCodecFlow:
             elif "pos_bias" in name:
                 param.copy_(0.3 * torch.randn(param.shape, generator=generator))
     return model
+
+
+@pytest.fixture(scope="module")
+def flow() -> MossSpeechCodecFlow:
+    return scaled_flow()
 
 
 def voice_prompt(prompt_lens: list[int], seed: int = 0) -> dict[str, torch.Tensor]:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from test_codec import tiny_codec_config
-from test_codec_flow import NUM_CODES, tiny_flow_config
+from test_codec_flow import NUM_CODES, scaled_flow
 
 from modeling_moss_speech import MossSpeechCodecModel
 from modeling_moss_speech.configuration_moss_speech_codec import MossSpeechCodecVocoderConfig
-from modeling_moss_speech.modeling_moss_speech_codec_flow import MossSpeechCodecFlow
 from modeling_moss_speech.modeling_moss_speech_codec_griffin_lim import MossSpeechCodecGriffinLim
 from modeling_moss_speech.modeling_moss_speech_codec_stream import (
     MossSpeechFlowStream,
@@ -20,20 +19,6 @@ from modeling_moss_speech.modeling_moss_speech_codec_stream import (
 from modeling_moss_speech.modeling_moss_speech_codec_vocoder import MossSpeechCodecVocoder
 
 LOOKAHEAD, RATIO = 3, 4
-
-
-def scaled_flow(**overrides) -> MossSpeechCodecFlow:
-    """A tiny flow with weights large enough that every position's context visibly moves the mel."""
-    torch.manual_seed(0)
-    flow = MossSpeechCodecFlow(tiny_flow_config(**overrides)).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in flow.named_parameters():
-            if param.dim() > 1:
-                param.copy_(torch.randn(param.shape, generator=generator) / param[0].numel() ** 0.5)
-            elif "pos_bias" in name:
-                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
-    return flow
 
 
 def rerun_reference(flow, codes, chunk, prompt_token, prompt_feat, embedding) -> list[torch.Tensor]:
