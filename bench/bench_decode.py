@@ -8,8 +8,8 @@ does the same work as one Qwen3 step. Prints one JSON object:
     python bench/bench_decode.py --quick       # smaller, for a smoke run
     python bench/bench_decode.py --no-compile  # skip the static-cache / torch.compile figures (compiling takes minutes)
 
-Targets (issue #3): lazy decode >= 0.95x Qwen3 at batch 1 and 8; batch-8 aggregate >= 5x batch 1; prefill <= 1.15x.
-Issue #10: MOSS decode with a static cache and a `torch.compile`d decode step (`compile=True`), lazy tails on, vs the
+Targets: lazy decode >= 0.95x Qwen3 at batch 1 and 8; batch-8 aggregate >= 5x batch 1; prefill <= 1.15x.
+And MOSS decode with a static cache and a `torch.compile`d decode step (`compile=True`), lazy tails on, vs the
 eager default (dynamic cache, lazy tails): compiled >= 1.5x eager. `compile_s` is the first call (compilation).
 """
 

@@ -4,7 +4,7 @@ The parent process writes a random float32 checkpoint (about 1.1 GB, safetensors
 loads it once per scenario in a fresh subprocess. The child samples its resident set size (RSS, and on Linux the
 anonymous / file-backed split) every millisecond while `from_pretrained` runs and while every weight is then read
 once (so weights left memory-mapped by the loader are counted when they become resident), and reports the peak
-above its RSS just before loading (after imports). Target (issue #10): the plain load peaks at <= 1.15x the
+above its RSS just before loading (after imports). Target: the plain load peaks at <= 1.15x the
 checkpoint size, i.e. no weight is materialised twice.
 
     python bench/bench_load.py              # ~1.1 GB checkpoint in a temporary directory

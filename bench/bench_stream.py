@@ -11,8 +11,8 @@ that length) from a question prompt, and a `generate` streamer pushes each code 
 - `rtf`: whole-answer wall time (generation and decoding, sequential as in `generate`) / seconds of audio.
 
 Two setups: the shipped MOSS-Speech-Nano (LM + codec, Griffin-Lim vocoder, its canonical voice) and the release-size
-codec (random weights, HiFT) driven by the nano LM (a small LM: the codec's cost is what is measured). Targets
-(issue 17): per-chunk cost flat (last chunk <= 1.3x the first), nano TTFA <= 0.5 s and RTF <= 0.5 on 2 cores.
+codec (random weights, HiFT) driven by the nano LM (a small LM: the codec's cost is what is measured). Targets:
+per-chunk cost flat (last chunk <= 1.3x the first), nano TTFA <= 0.5 s and RTF <= 0.5 on 2 cores.
 
     python bench/bench_stream.py                       # both, nano 60 s, release-size 20 s
     python bench/bench_stream.py --only nano --seconds 60

@@ -1,5 +1,5 @@
 """Configurations of the MOSS-Speech codec: speech tokenizer (Whisper-VQ encoder), flow-matching decoder, HiFT
-vocoder and CAM++ speaker encoder. Defaults are the released codec's values (spec §6-§7); the encoder sizes follow
+vocoder and CAM++ speaker encoder. Defaults are the released codec's values; the encoder sizes follow
 the GLM-4-Voice tokenizer the release derives from (20 heads, ffn 5120, 16 quantizer layers, 1500 positions)."""
 
 from __future__ import annotations

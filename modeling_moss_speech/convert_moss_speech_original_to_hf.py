@@ -1,6 +1,6 @@
 """Convert the MOSS-Speech release (language model and codec directories as published) into this package's layout.
 
-Release layout read here (spec §1, §2, §6.1):
+Release layout read here:
 
 - language model: `config.json` (the release's `MossSpeechConfig` fields), safetensors shards (+ index), the Qwen3
   tokenizer files, optionally `generation_config.json`;

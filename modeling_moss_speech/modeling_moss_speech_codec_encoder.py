@@ -27,7 +27,8 @@ _CONV2_STRIDE = 2
 # Cap on the (rows × codebook) distance matrix built at once by `quantize` (128 MiB in float32).
 _MAX_DISTANCE_ELEMENTS = 1 << 25
 # Default audio per encoder call in `encode_waveforms`: four 30 s chunks. Peak memory grows with the audio of one call
-# (features and activations of every chunk in it), so ten minutes of audio cost what two do; measured in issue 16.
+# (features and activations of every chunk in it), so ten minutes of audio cost what two do (measured:
+# release-size encoder, 10 min of audio, peak 1741 MB with one call for everything vs 577 MB in 120 s groups).
 MAX_BATCH_SECONDS = 120.0
 
 

@@ -1,4 +1,4 @@
-"""Flow-matching decoder of the MOSS-Speech codec: speech codes → 80-bin mel at 50 Hz (spec §7.1-§7.5).
+"""Flow-matching decoder of the MOSS-Speech codec: speech codes → 80-bin mel at 50 Hz.
 
 The release's `CausalMaskedDiffWithXvec` (CosyVoice2 recipe): the codes (voice-prompt codes first) are embedded and
 encoded by an `UpsampleConformerEncoder` (pre-lookahead convolution, 6 relative-position conformer layers, ×4

@@ -1,4 +1,4 @@
-"""CAM++ speaker encoder of the MOSS-Speech codec: 16 kHz voice prompt → 192-d x-vector (spec §7.8).
+"""CAM++ speaker encoder of the MOSS-Speech codec: 16 kHz voice prompt → 192-d x-vector.
 
 The release ships this network as `flow/campplus.onnx` (3D-Speaker's CAM++, as in CosyVoice). This is a plain torch
 implementation whose state-dict names follow the upstream PyTorch model (`head.*` for the 2-D convolutional front

@@ -1,4 +1,4 @@
-"""HiFT vocoder of the MOSS-Speech codec: 80-bin log-mel at 50 Hz → 24 kHz waveform (spec §7.6).
+"""HiFT vocoder of the MOSS-Speech codec: 80-bin log-mel at 50 Hz → 24 kHz waveform.
 
 A neural source-filter + iSTFT HiFi-GAN (CosyVoice2's `HiFTGenerator`, HiFTNet): an F0 predictor drives a harmonic
 source whose STFT is fused into every upsampling stage; the last layer predicts an STFT magnitude and phase that an

@@ -1,6 +1,6 @@
 """MossSpeechProcessor: chat conversations → (B, L, 2) token grids, and generated grids → text + 24 kHz speech.
 
-The grid is built segment by segment exactly as the release's processor does (spec §3.3):
+The grid is built segment by segment exactly as the release's processor does:
 
 - every turn is three segments: the text `"<|im_start|>{role}\\n"`, the content, the text `"<|im_end|>\\n"`;
 - a text segment is `tokenizer(s, add_special_tokens=False)` with `audio_pad` in the audio channel; segments are
@@ -694,7 +694,7 @@ class MossSpeechProcessor(ProcessorMixin):
     def _conversation_rows(
         self, turns: list[tuple[str, _Content]], modality: str, system_prompt: str | None, add_generation_prompt: bool
     ) -> tuple[list[int], list[int]]:
-        """Text and audio channels of one prompt, segment by segment (spec §3.3)."""
+        """Text and audio channels of one prompt, segment by segment, as the release builds them."""
         text_ids: list[int] = []
         audio_ids: list[int] = []
 

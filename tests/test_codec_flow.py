@@ -134,7 +134,7 @@ def test_fixed_noise_is_the_release_draw_and_not_in_state_dict():
     a = MossSpeechCodecFlow(config)
     torch.manual_seed(456)
     b = MossSpeechCodecFlow(config)
-    # The release draws it right after seeding the global RNG with 0 (spec §7.3).
+    # The release draws it right after seeding the global RNG with 0 (in its flow decoder's inference code).
     torch.manual_seed(config.noise_seed)
     release = torch.randn(1, MELS, config.noise_max_frames)
     assert torch.equal(a.decoder.rand_noise, release) and torch.equal(b.decoder.rand_noise, release)

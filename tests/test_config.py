@@ -10,7 +10,7 @@ from transformers import AutoConfig
 
 from modeling_moss_speech import MossSpeechConfig
 
-# The released checkpoint's config.json fields and values (spec §1.1), as written by transformers 4.57.
+# The released checkpoint's config.json fields and values, as written by transformers 4.57.
 RELEASE_CONFIG_JSON = {
     "architectures": ["MossSpeechForCausalLM"],
     "attention_bias": False,
@@ -112,7 +112,7 @@ def test_tail_offsets(config):
         config.tail_layer_offset("video")
 
 
-# ------------------------------------------------------------------------ special-id defaults (issue 15, item 7)
+# ------------------------------------------------------------------------ special-id defaults
 
 RELEASE_IDS = {151643, 151645, 151646, 151667}
 

@@ -239,7 +239,7 @@ def test_repetition_history_ignores_padding_but_keeps_real_ids():
     assert seen_tokens(ids, mask, 12)[0].nonzero().flatten().tolist() == [5]
 
 
-# ------------------------------------------------------------------ standard generation fields (issue 15, item 8)
+# ------------------------------------------------------------------ standard generation fields
 
 
 class Push:

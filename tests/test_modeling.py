@@ -11,7 +11,7 @@ from modeling_moss_speech import MossSpeechConfig, MossSpeechForCausalLM, MossSp
 
 
 def release_state_dict_shapes() -> dict[str, tuple[int, ...]]:
-    """The released checkpoint's 446 tensor names and shapes (spec §2.2)."""
+    """The released checkpoint's 446 tensor names and shapes (its model.safetensors index)."""
     hidden, inter, text_vocab, audio_vocab = 4096, 12288, 151680, 16512
     shapes = {
         "model.embed_tokens.weight": (text_vocab, hidden),
@@ -240,7 +240,7 @@ def test_casting_to_bf16_keeps_rotary_frequencies_float32(model, tmp_path):
     torch.testing.assert_close(cast(grid).text_logits, loaded(grid).text_logits)
 
 
-# ----------------------------------------------------------------------------- transformers integration (issue 15)
+# ----------------------------------------------------------------------------- transformers integration
 
 
 def test_caches_built_from_the_model_config_hold_every_runtime_layer(model):

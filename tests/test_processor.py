@@ -26,7 +26,7 @@ from modeling_moss_speech.processing_moss_speech import (
     MossSpeechResponse,
 )
 
-# The release's ids (spec §3.2) and the Qwen3 ids of the fixed turn strings (spec §10).
+# The release's special ids (its config.json and processor) and the Qwen3 ids of the fixed turn strings.
 PAD, IM_START, IM_END, SOSP, MODALITY_PAD = 151643, 151644, 151645, 151646, 151667
 AUDIO_PAD, EOSP = 512, 16384
 USER, ASSISTANT, SYSTEM, NEWLINE = [IM_START, 872, 198], [IM_START, 77091, 198], [IM_START, 8948, 198], 198

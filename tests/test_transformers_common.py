@@ -169,8 +169,9 @@ SKIPPED = {
 
 # Upstream tests that load deliberately incomplete checkpoints (a base model's weights into a model with heads, a
 # checkpoint with tensors removed) and check transformers' lenient path: missing tensors freshly initialised and
-# reported. Here a checkpoint that does not match is refused by default (strict loading, issue 15 item 9); the lenient
-# path is `strict=False`, so these tests run with it: they check that `strict=False` behaves as transformers does.
+# reported. Here a checkpoint that does not match is refused by default (strict loading: a missing or unexpected
+# tensor is an error naming the keys); the lenient path is `strict=False`, so these tests run with it: they check
+# that `strict=False` behaves as transformers does.
 LENIENT_LOADING = ("test_base_model_prefix_loads_base_weights", "test_correct_missing_keys",
                    "test_model_weights_reload_no_missing_tied_weights")
 
@@ -210,7 +211,7 @@ class MossSpeechModelTester:
         # What the recorded outputs count: one attention map per runtime layer, one hidden state more (embeddings).
         self.num_hidden_layers = self.num_shared_layers + 2 * self.num_modality_layers
         self.expected_num_hidden_layers = self.num_hidden_layers + 1
-        # Special ids given explicitly (their small-vocabulary defaults are issue 15 item 7, not this module's).
+        # Special ids given explicitly (their small-vocabulary defaults are tested in tests/test_config.py).
         self.sosp_token_id, self.modality_pad_token_id, self.pad_token_id = 96, 97, 98
         self.eosp_token_id, self.audio_pad_token_id = 70, 71
 
@@ -240,17 +241,6 @@ class MossSpeechModelTester:
         mask[0, :2] = 0
         grid[0, :2, 0], grid[0, :2, 1] = self.pad_token_id, self.audio_pad_token_id
         return self.get_config(), {"input_ids": grid, "attention_mask": mask}
-
-
-def _small_vocab_defaults_are_valid() -> bool:
-    """Whether a small-vocabulary config without special ids is valid (issue 15 item 7)."""
-    try:
-        MossSpeechConfig(vocab_size=99, audio_vocab_size=77, hidden_size=32, intermediate_size=37,
-                         num_hidden_layers=2, num_shared_layers=1, num_modality_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8)
-    except ValueError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -291,13 +281,6 @@ class MossSpeechModelTest(ModelTesterMixin, unittest.TestCase):
                                           audio_vocab_size=77, num_hidden_layers=2, num_shared_layers=1,
                                           num_modality_layers=1, sosp_token_id=96, modality_pad_token_id=97,
                                           pad_token_id=98, eosp_token_id=70, audio_pad_token_id=71)
-
-    if not _small_vocab_defaults_are_valid():
-        test_model_forward_default_config_values = pytest.mark.xfail(
-            strict=True, raises=ValueError,
-            reason="issue 15 item 7 (small-vocabulary config defaults, another change): without pad_token_id the "
-                   "config falls back to the release's 151643, outside a 99-token vocabulary",
-        )(ModelTesterMixin.test_model_forward_default_config_values)
 
     def test_config(self) -> None:
         self.config_tester.run_common_tests()

