@@ -129,8 +129,8 @@ def load_audio(
         raise ValueError(f"{where}: sampling_rate={sampling_rate} was given, but the audio carries its own rate "
                          f"{own_rate}.")
     rate = own_rate if own_rate is not None else sampling_rate
-    if isinstance(rate, np.integer):  # Arrow / numpy scalars
-        rate = int(rate)
+    if isinstance(rate, (np.generic, np.ndarray)) and np.ndim(rate) == 0:  # numpy / Arrow scalars
+        rate = rate.item()
     if rate is None:
         raise ValueError(f"{where}: an audio array needs its sampling rate; pass (waveform, sampling_rate) or "
                          "{'array': waveform, 'sampling_rate': rate}.")
@@ -140,6 +140,8 @@ def load_audio(
         array = np.stack([np.asarray(a, dtype=np.float32) for a in array]) if array.size else np.zeros(0, np.float32)
     if isinstance(array, np.ndarray) and not array.flags.writeable:
         array = array.copy()  # Arrow-backed arrays are read-only; torch.from_numpy warns on those
+    if (array.numel() if isinstance(array, torch.Tensor) else getattr(array, "size", 1)) == 0:
+        raise ValueError(f"{where}: the audio is empty (0 samples).")
     try:
         (waveform,) = prepare_waveforms(array, rate, target_rate=target_rate)
     except (TypeError, ValueError) as error:
@@ -161,7 +163,7 @@ def _read_audio_file(source: str | os.PathLike | bytes | bytearray | memoryview,
         raise ValueError(f"{where}: could not read audio file {name!r} with soundfile ({error}); expected a "
                          "readable wav/flac/ogg file.") from error
     if data.shape[0] == 0:
-        raise ValueError(f"{where}: audio file {name!r} holds no samples.")
+        raise ValueError(f"{where}: the audio is empty (audio file {name!r} holds no samples).")
     return np.ascontiguousarray(data.T), int(rate)
 
 

@@ -33,7 +33,8 @@ def test_every_form_gives_the_mean_of_the_channels(stereo):
     path, channels = stereo
     mono = torch.from_numpy(channels).mean(dim=0)
     forms = [str(path), path, path.read_bytes(), {"bytes": path.read_bytes(), "path": "ignored.wav"},
-             {"bytes": None, "path": str(path)}, {"array": channels, "sampling_rate": RATE}]
+             {"bytes": None, "path": str(path)}, {"array": channels, "sampling_rate": RATE},
+             {"array": channels, "sampling_rate": np.array(RATE)}]  # Arrow hands numpy scalars
     for form in forms:
         wave, rate = load_audio(form)
         assert rate == RATE and wave.dtype == torch.float32 and wave.ndim == 1
@@ -75,7 +76,8 @@ def _empty_wav() -> bytes:
 @pytest.mark.parametrize("args, kwargs, error, match", [
     (("missing.wav",), {"where": "q"}, FileNotFoundError, r"q: audio file 'missing.wav' does not exist"),
     ((b"not audio",), {}, ValueError, r"audio: could not read audio file '<bytes>' with soundfile"),
-    ((_empty_wav(),), {}, ValueError, r"audio file '<bytes>' holds no samples"),
+    ((_empty_wav(),), {}, ValueError, r"audio: the audio is empty \(audio file '<bytes>' holds no samples\)"),
+    ((np.zeros((2, 0), np.float32), 16000), {"where": "row 1"}, ValueError, r"row 1: the audio is empty \(0 samples\)"),
     ((np.zeros(10, np.float32),), {"where": "x"}, ValueError, r"x: an audio array needs its sampling rate"),
     ((np.zeros(10, np.int16), 16000), {}, TypeError, r"audio: `raw_speech` must have a float dtype"),
     ((np.zeros((100, 2), np.float32), 16000), {}, ValueError, r"expected \(channels, samples\)"),
