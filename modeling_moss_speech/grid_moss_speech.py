@@ -1,6 +1,7 @@
 """The layout of MOSS-Speech's (batch, length, 2) token grid: rows of segments, turns and conversations, and back.
 
-A row is `[text_id, audio_id]`. Everything that writes or reads rows goes through [`GridLayout`]:
+A row is `[text_id, audio_id]`. [`GridLayout`] builds rows (processor prompts and training rows, data preparation,
+analysis, test grids) and reads them back (decoding, analysis, generation's modality):
 
 - a text segment of `n` tokens is `n` rows `(token, audio_pad)`;
 - a speech segment of `n` codes is `n + 2` rows: `(sosp, audio_pad)`, `(modality_pad, code)` per code,
