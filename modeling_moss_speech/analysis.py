@@ -26,7 +26,7 @@ where the layers turn modality-specific; those layers become the tails.
 from __future__ import annotations
 
 import argparse
-import io
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -38,6 +38,8 @@ import numpy as np
 import torch
 
 from .configuration_moss_speech import MossSpeechConfig
+from .feature_extraction_moss_speech import load_audio
+from .grid_moss_speech import GridLayout
 from .modeling_moss_speech import MossSpeechForCausalLM, MossSpeechModel
 
 PATHS = ("modality", "same")
@@ -105,17 +107,14 @@ def _base_model(model: MossSpeechForCausalLM | MossSpeechModel) -> MossSpeechMod
 
 def speech_only_grid(codes: Sequence[int] | torch.Tensor, config: MossSpeechConfig) -> torch.LongTensor:
     """(1, n + 2, 2) grid of one speech segment: sosp row, the `n` code rows, eosp row (rows 1..n are the frames)."""
-    codes = [int(c) for c in torch.as_tensor(codes).reshape(-1).tolist()]
-    rows = ([[config.sosp_token_id, config.audio_pad_token_id]]
-            + [[config.modality_pad_token_id, c] for c in codes]
-            + [[config.modality_pad_token_id, config.eosp_token_id]])
+    rows = GridLayout.from_config(config).speech_rows(torch.as_tensor(codes))
     return torch.tensor([rows], dtype=torch.long)
 
 
 def text_only_grid(text_ids: Sequence[int] | torch.Tensor, config: MossSpeechConfig) -> torch.LongTensor:
     """(1, m, 2) grid of text rows `(token, audio_pad)`."""
-    ids = [int(t) for t in torch.as_tensor(text_ids).reshape(-1).tolist()]
-    return torch.tensor([[[t, config.audio_pad_token_id] for t in ids]], dtype=torch.long)
+    rows = GridLayout.from_config(config).text_rows(torch.as_tensor(text_ids))
+    return torch.tensor([rows], dtype=torch.long).reshape(1, -1, 2)
 
 
 def layer_names(config: MossSpeechConfig, path: str = "modality") -> list[str]:
@@ -391,41 +390,15 @@ def add_analyze_layers_arguments(parser: argparse.ArgumentParser) -> argparse.Ar
     return parser
 
 
-def _read_audio_value(value: Any, where: str) -> tuple[np.ndarray, int]:
-    """(float32 array, rate) of an audio file path, `{"array", "sampling_rate"}` or `{"bytes", "path"}` value."""
-    import soundfile as sf
-
-    if isinstance(value, dict) and value.get("array") is not None:
-        array = np.asarray(value["array"], dtype=np.float32)
-        if array.ndim == 2 and array.shape[0] > array.shape[1]:
-            array = array.T
-        return array, int(value["sampling_rate"])
-    if isinstance(value, dict):
-        source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value.get("path")
-    else:
-        source = value
-    if source is None:
-        raise ValueError(f"{where}: no audio (null value).")
-    if isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
-        raise FileNotFoundError(f"{where}: audio file {str(source)!r} does not exist.")
-    data, rate = sf.read(source, dtype="float32", always_2d=True)
-    if data.shape[0] == 0:
-        raise ValueError(f"{where}: the audio is empty (0 samples).")
-    return np.ascontiguousarray(data.T), int(rate)
-
-
 def split_grid(rows: Sequence[Sequence[int]], config: MossSpeechConfig, text_pad_token_id: int | None = None
                ) -> tuple[list[int], list[int]]:
-    """(speech codes, text ids) of a grid: codes of speech rows (end-of-speech excluded), ids of the other rows
-    (start-of-speech and text padding excluded)."""
-    codes, text_ids = [], []
-    skip = {config.sosp_token_id, text_pad_token_id}
-    for text_id, audio_id in rows:
-        if text_id == config.modality_pad_token_id:
-            if audio_id != config.eosp_token_id:
-                codes.append(int(audio_id))
-        elif text_id not in skip:
-            text_ids.append(int(text_id))
+    """(speech codes, text ids) of a grid: the codes of all its speech segments and the ids of all its text segments
+    (`GridLayout.split_rows`: start-of-speech and `text_pad_token_id` rows excluded; a speech row whose audio id is
+    neither a code nor end-of-speech raises `ValueError`)."""
+    layout = dataclasses.replace(GridLayout.from_config(config), text_pad_token_id=text_pad_token_id)
+    segments = layout.split_rows(rows, where="grid")
+    codes = [int(c) for segment in segments if segment.modality == "audio" for c in segment.ids]
+    text_ids = [int(t) for segment in segments if segment.modality == "text" for t in segment.ids]
     return codes, text_ids
 
 
@@ -443,7 +416,7 @@ def _pairs_from_arguments(args: argparse.Namespace, config: MossSpeechConfig, pr
         if not args.audio or not args.transcript or len(args.audio) != len(args.transcript):
             raise ValueError(f"--audio and --transcript need one transcript per audio file, got "
                              f"{len(args.audio or [])} files and {len(args.transcript or [])} transcripts.")
-        audio = [_read_audio_value(path, f"--audio {path!r}") for path in args.audio]
+        audio = [load_audio(path, where=f"--audio {path!r}") for path in args.audio]
         transcripts = [tokenize(t, f"--transcript {i}") for i, t in enumerate(args.transcript)]
     elif args.dataset is not None:
         import datasets
@@ -470,7 +443,7 @@ def _pairs_from_arguments(args: argparse.Namespace, config: MossSpeechConfig, pr
         if isinstance(data.features[args.audio_column], datasets.Audio):
             data = data.cast_column(args.audio_column, datasets.Audio(decode=False))
         for index, row in enumerate(data):
-            audio.append(_read_audio_value(row[args.audio_column], f"--dataset row {index}"))
+            audio.append(load_audio(row[args.audio_column], where=f"--dataset row {index}"))
             transcripts.append(tokenize(row[args.text_column], f"--dataset row {index}"))
     else:
         raise ValueError("give paired data: --audio FILE... --transcript TEXT..., or --dataset DIR.")

@@ -49,6 +49,7 @@ from .configuration_moss_speech_codec import MossSpeechCodecConfig
 from .convert_moss_speech_original_to_hf import add_convert_arguments, format_conversion_report, run_conversion
 from .evaluation import TASKS as EVAL_TASKS
 from .evaluation import format_table, run_evaluation
+from .feature_extraction_moss_speech import load_audio
 from .hub import CARD_TEMPLATES, publish, stage_upload
 from .loading import one_line, read_json_file
 from .modeling_moss_speech import MossSpeechForCausalLM
@@ -487,18 +488,12 @@ def _check_output_file(value: str, option: str, audio: bool) -> Path:
     return path
 
 
-def _read_audio(path: Path, option: str) -> tuple[np.ndarray, int]:
-    """Samples of an audio file as float32, (samples,) for mono or (channels, samples), and its rate."""
+def _read_audio(path: Path, option: str) -> tuple[torch.Tensor, int]:
+    """An audio file as a mono float32 waveform at its own rate (`load_audio`), or a CLIError naming the option."""
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as error:  # soundfile raises LibsndfileError (RuntimeError), TypeError, ValueError, ...
+        return load_audio(path, where=path.name)
+    except (OSError, TypeError, ValueError) as error:
         raise CLIError(f"{option}: cannot read {str(path)!r} as audio ({one_line(error)})") from error
-    if data.shape[0] == 0:
-        raise CLIError(f"{option}: {str(path)!r} holds no audio samples")
-    if not np.isfinite(data).all():
-        raise CLIError(f"{option}: {str(path)!r} holds NaN or infinite samples")
-    wave = data[:, 0] if data.shape[1] == 1 else data.T
-    return np.ascontiguousarray(wave), int(rate)
 
 
 def _resolve_device(value: str | None) -> torch.device:
@@ -538,7 +533,7 @@ def _load_codec(directory: Path, device: torch.device) -> MossSpeechCodecModel:
     return codec.to(device=device, dtype=torch.float32).eval()
 
 
-def _check_voice(value: str | None) -> MossSpeechVoicePrompt | tuple[np.ndarray, int] | None:
+def _check_voice(value: str | None) -> MossSpeechVoicePrompt | tuple[torch.Tensor, int] | None:
     """A saved voice prompt (loaded now) or the samples of a voice audio file (turned into a prompt later)."""
     if value is None:
         return None
@@ -551,7 +546,7 @@ def _check_voice(value: str | None) -> MossSpeechVoicePrompt | tuple[np.ndarray,
     return _read_audio(path, "--voice")
 
 
-def _voice_prompt(voice: MossSpeechVoicePrompt | tuple[np.ndarray, int] | None,
+def _voice_prompt(voice: MossSpeechVoicePrompt | tuple[torch.Tensor, int] | None,
                   codec: MossSpeechCodecModel) -> MossSpeechVoicePrompt | None:
     """The prompt of `_check_voice`'s result: as is, or computed by the codec from the audio samples."""
     if voice is None:

@@ -45,6 +45,7 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
 from .chat_moss_speech import MossSpeechChat
+from .feature_extraction_moss_speech import load_audio
 from .loading import one_line
 from .modeling_moss_speech_codec import MossSpeechVoicePrompt
 from .processing_moss_speech import CODEC_SUBFOLDER, MossSpeechProcessor
@@ -510,26 +511,24 @@ class MossSpeechDemo:
 # ------------------------------------------------------------------------------------------------- audio I/O
 
 
-def _read_audio(gr: Any, path: str, what: str) -> tuple[np.ndarray, int]:
-    """float32 samples ((samples,) or (channels, samples)) and rate of an audio file, or a `gr.Error`."""
+def _read_audio(gr: Any, path: str, what: str) -> tuple[torch.Tensor, int]:
+    """An audio file as a mono float32 waveform at its own rate (`load_audio`), or a `gr.Error`."""
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as sf_error:
-        # Browsers may record other formats than soundfile reads (webm, mp4): Gradio decodes them with ffmpeg.
-        try:
-            from gradio.processing_utils import audio_from_file
+        return load_audio(path, where=what)
+    except (OSError, TypeError, ValueError) as error:
+        read_error = error
+    # Browsers may record other formats than soundfile reads (webm, mp4): Gradio decodes them with ffmpeg.
+    try:
+        from gradio.processing_utils import audio_from_file
 
-            rate, samples = audio_from_file(str(path))
-            scale = float(np.iinfo(samples.dtype).max) if samples.dtype.kind in "iu" else 1.0
-            data = (samples.astype(np.float32) / scale).reshape(len(samples), -1)
-        except Exception:
-            raise _page_error(gr, f"Cannot read {what} as audio ({one_line(sf_error)}).") from sf_error
-    if data.shape[0] == 0:
-        raise _page_error(gr, f"{what.capitalize()} holds no sound (0 samples).")
-    if not np.isfinite(data).all():
-        raise _page_error(gr, f"{what.capitalize()} holds invalid samples (NaN or infinite).")
-    wave = data[:, 0] if data.shape[1] == 1 else data.T
-    return np.ascontiguousarray(wave), int(rate)
+        rate, samples = audio_from_file(str(path))
+    except Exception:
+        raise _page_error(gr, f"Cannot read {what} as audio ({one_line(read_error)}).") from read_error
+    scale = float(np.iinfo(samples.dtype).max) if samples.dtype.kind in "iu" else 1.0
+    try:  # (frames, channels) as Gradio returns them, turned to load_audio's (channels, samples)
+        return load_audio((samples.astype(np.float32) / scale).reshape(len(samples), -1).T, rate, where=what)
+    except (TypeError, ValueError) as error:
+        raise _page_error(gr, f"Cannot read {what} as audio ({one_line(error)}).") from error
 
 
 def _shown(session: DemoSession) -> list[dict[str, Any]]:

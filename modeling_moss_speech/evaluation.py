@@ -30,7 +30,6 @@ text table ([`format_table`]).
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -42,13 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 import torchaudio
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from .feature_extraction_moss_speech import prepare_waveforms
+from .feature_extraction_moss_speech import load_audio, prepare_waveforms
 from .modeling_moss_speech import MossSpeechForCausalLM
 from .modeling_moss_speech_codec import MossSpeechCodecModel, MossSpeechVoicePrompt
 from .pretrained import shipped_voices
@@ -260,22 +258,14 @@ def _read_audio_value(value: Any, corpus: Path, where: str) -> tuple[np.ndarray,
     if not isinstance(value, dict):
         raise ValueError(f"{where}: expected an undecoded Audio value {{'bytes', 'path'}}, got {type(value).__name__}.")
     if value.get("bytes") is not None:
-        source: Any = io.BytesIO(value["bytes"])
+        source: Any = value["bytes"]
     elif value.get("path"):
-        path = Path(value["path"])
-        source = path if path.is_absolute() or path.is_file() else corpus / path
-        if not Path(source).is_file():
-            raise FileNotFoundError(f"{where}: audio file {str(value['path'])!r} does not exist.")
-        source = str(source)
+        path = Path(value["path"])  # relative paths are relative to the corpus
+        source = str(path if path.is_absolute() or path.is_file() else corpus / path)
     else:
         raise ValueError(f"{where}: the audio value holds neither bytes nor a path.")
-    try:
-        data, rate = sf.read(source, dtype="float32", always_2d=True)
-    except (sf.SoundFileError, RuntimeError, TypeError) as error:
-        raise ValueError(f"{where}: could not read the audio with soundfile ({error}).") from error
-    if data.shape[0] == 0:
-        raise ValueError(f"{where}: the audio holds no samples.")
-    return np.ascontiguousarray(data.mean(axis=1)), int(rate)
+    waveform, rate = load_audio(source, where=where)
+    return waveform.numpy(), rate
 
 
 def load_eval_split(corpus: str | os.PathLike, split: str = "test", max_examples: int | None = None) -> EvalSplit:
@@ -865,8 +855,8 @@ def resolve_voice(voice: str | os.PathLike | None, checkpoint: str | os.PathLike
                                 f"{names}).")
     if path.suffix == ".safetensors":
         return MossSpeechVoicePrompt.load(str(path))
-    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    return codec.voice_prompt(np.ascontiguousarray(data.T), sampling_rate=int(rate))
+    waveform, rate = load_audio(path, where=f"voice {str(voice)!r}")
+    return codec.voice_prompt(waveform, sampling_rate=rate)
 
 
 def load_model_and_processor(

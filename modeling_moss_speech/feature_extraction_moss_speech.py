@@ -8,9 +8,13 @@ release computes for that utterance alone (see `MossSpeechFeatureExtractor.extra
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import soundfile as sf
 import torch
 import torchaudio
 from transformers import BatchFeature, SequenceFeatureExtractor
@@ -80,6 +84,87 @@ def prepare_waveforms(
             wave = torchaudio.functional.resample(wave, sampling_rate, target_rate)
         waveforms.append(wave.contiguous())
     return waveforms
+
+
+def load_audio(
+    audio: Any, sampling_rate: int | None = None, target_rate: int | None = None, where: str = "audio"
+) -> tuple[torch.Tensor, int]:
+    """Read audio as a 1-D float32 mono CPU tensor at `target_rate` (its own rate when `None`): `(waveform, rate)`.
+
+    The one audio reader of the package. `audio` is one of:
+
+    - a path (`str` / `os.PathLike`) or the file's `bytes`, read with soundfile (wav, flac, ogg, ...);
+    - a `datasets` Audio value: decoded `{"array", "sampling_rate"}`, or undecoded `{"bytes", "path"}` (bytes win;
+      read with soundfile, so no torchcodec is needed), or a torchcodec `AudioDecoder` (`get_all_samples()`);
+    - a waveform (numpy array, torch tensor or list of floats) with its `sampling_rate`.
+
+    Channel rule: a 2-D waveform is `(channels, samples)` and its channels are averaged to mono; files are read as
+    `(channels, samples)` too (soundfile's frames x channels, transposed), so a stereo file and the same samples as
+    an array give the same waveform. Resampling is `torchaudio.functional.resample` with its defaults; samples are
+    validated and clipped to [-1, 1] as [`prepare_waveforms`] does. Raises `FileNotFoundError` for a missing file,
+    `ValueError` (naming `where`) for an unreadable or empty file, a missing or wrong rate, NaN/inf samples or
+    wrong dimensions, and `TypeError` for any other kind of input or integer samples.
+    """
+    own_rate = None
+    if audio is None:
+        raise ValueError(f"{where}: no audio (None).")
+    if callable(getattr(audio, "get_all_samples", None)):  # a torchcodec AudioDecoder (datasets' decoded Audio)
+        samples = audio.get_all_samples()
+        array, own_rate = samples.data, samples.sample_rate
+    elif isinstance(audio, Mapping) and audio.get("array") is not None:
+        array, own_rate = audio["array"], audio.get("sampling_rate")
+    elif isinstance(audio, Mapping) and (audio.get("bytes") is not None or audio.get("path") is not None):
+        array, own_rate = _read_audio_file(audio["bytes"] if audio.get("bytes") is not None else audio["path"], where)
+    elif isinstance(audio, Mapping):
+        raise ValueError(f"{where}: an audio dict needs 'array' and 'sampling_rate', or 'bytes' or 'path'; got keys "
+                         f"{sorted(map(str, audio))}.")
+    elif isinstance(audio, (str, os.PathLike, bytes, bytearray, memoryview)):
+        array, own_rate = _read_audio_file(audio, where)
+    elif isinstance(audio, (np.ndarray, torch.Tensor, list, tuple)):
+        array = audio
+    else:
+        raise TypeError(f"{where} must be an audio file path, its bytes, a datasets Audio value or a waveform, got "
+                        f"{type(audio).__name__}.")
+    if own_rate is not None and sampling_rate is not None and int(sampling_rate) != int(own_rate):
+        raise ValueError(f"{where}: sampling_rate={sampling_rate} was given, but the audio carries its own rate "
+                         f"{own_rate}.")
+    rate = own_rate if own_rate is not None else sampling_rate
+    if isinstance(rate, (np.generic, np.ndarray)) and np.ndim(rate) == 0:  # numpy / Arrow scalars
+        rate = rate.item()
+    if rate is None:
+        raise ValueError(f"{where}: an audio array needs its sampling rate; pass (waveform, sampling_rate) or "
+                         "{'array': waveform, 'sampling_rate': rate}.")
+    if isinstance(array, (list, tuple)):
+        array = np.asarray(array, dtype=np.float32)
+    if isinstance(array, np.ndarray) and array.dtype == object:  # nested Arrow lists: one array per channel
+        array = np.stack([np.asarray(a, dtype=np.float32) for a in array]) if array.size else np.zeros(0, np.float32)
+    if isinstance(array, np.ndarray) and not array.flags.writeable:
+        array = array.copy()  # Arrow-backed arrays are read-only; torch.from_numpy warns on those
+    if (array.numel() if isinstance(array, torch.Tensor) else getattr(array, "size", 1)) == 0:
+        raise ValueError(f"{where}: the audio is empty (0 samples).")
+    try:
+        (waveform,) = prepare_waveforms(array, rate, target_rate=target_rate)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{where}: {error}") from error
+    return waveform, int(target_rate if target_rate is not None else rate)
+
+
+def _read_audio_file(source: str | os.PathLike | bytes | bytearray | memoryview, where: str) -> tuple[np.ndarray, int]:
+    """(channels, samples) float32 and the rate of an audio file (path or bytes) read with soundfile."""
+    if isinstance(source, (str, os.PathLike)):
+        name = str(source)
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"{where}: audio file {name!r} does not exist.")
+    else:
+        name, source = "<bytes>", io.BytesIO(bytes(source))
+    try:
+        data, rate = sf.read(source, dtype="float32", always_2d=True)
+    except (sf.SoundFileError, RuntimeError, OSError, TypeError) as error:
+        raise ValueError(f"{where}: could not read audio file {name!r} with soundfile ({error}); expected a "
+                         "readable wav/flac/ogg file.") from error
+    if data.shape[0] == 0:
+        raise ValueError(f"{where}: the audio is empty (audio file {name!r} holds no samples).")
+    return np.ascontiguousarray(data.T), int(rate)
 
 
 def _as_rate(name: str, value) -> int:
@@ -295,4 +380,4 @@ class MossSpeechFeatureExtractor(SequenceFeatureExtractor):
         return self.extract_features(waveforms, device=device, return_tensors=return_tensors)
 
 
-__all__ = ["MossSpeechFeatureExtractor", "prepare_waveforms", "split_into_chunks"]
+__all__ = ["MossSpeechFeatureExtractor", "load_audio", "prepare_waveforms", "split_into_chunks"]

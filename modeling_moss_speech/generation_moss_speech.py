@@ -60,6 +60,7 @@ from transformers.utils import ModelOutput, logging
 
 from ._compat import compile_on_any_device
 from .configuration_moss_speech import MODALITIES
+from .grid_moss_speech import GridLayout
 
 logger = logging.get_logger(__name__)
 
@@ -241,18 +242,6 @@ class MossSpeechGenerateOutput(ModelOutput):
     audio_logits: tuple[torch.FloatTensor | None, ...] | None = None
     text_scores: tuple[torch.FloatTensor | None, ...] | None = None
     audio_scores: tuple[torch.FloatTensor | None, ...] | None = None
-
-
-def initial_audio_mode(config, last_rows: torch.Tensor) -> torch.BoolTensor:
-    """Mode (True = audio) at the first step, from the last prompt row of each element, as the release reads it."""
-    is_audio = (last_rows[:, 0] == config.modality_pad_token_id) & (last_rows[:, 1] != config.audio_pad_token_id)
-    return update_audio_mode(config, is_audio, last_rows)
-
-
-def update_audio_mode(config, is_audio: torch.BoolTensor, rows: torch.Tensor) -> torch.BoolTensor:
-    """Next mode after appending `rows` (B, 2): text→audio on start-of-speech, then audio→text on end-of-speech."""
-    is_audio = is_audio | (rows[:, 0] == config.sosp_token_id)
-    return is_audio & (rows[:, 1] != config.eosp_token_id)
 
 
 def modality_spans(row_is_audio: torch.BoolTensor, lengths: torch.LongTensor) -> list[list[tuple[str, int, int]]]:
@@ -484,7 +473,8 @@ class MossSpeechGenerationMixin(GenerationMixin):
             for channel, (modality, size) in enumerate(zip(MODALITIES, (config.vocab_size, config.audio_vocab_size)))
         }
 
-        is_audio = initial_audio_mode(config, input_ids[:, -1])
+        layout = GridLayout.from_config(config)
+        is_audio = layout.initial_audio_mode(input_ids[:, -1])
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
         next_pos = attention_mask.sum(-1)
@@ -553,7 +543,7 @@ class MossSpeechGenerationMixin(GenerationMixin):
             for channel, modality in enumerate(MODALITIES):
                 seen[modality][unfinished, row[unfinished, channel]] = True
             if uses_history:
-                speech_row = row[:, 0] == config.modality_pad_token_id
+                speech_row = layout.is_speech_row(row)
                 for index in unfinished.nonzero().flatten().tolist():
                     speech = bool(speech_row[index])
                     histories[MODALITIES[int(speech)]][index].append(int(row[index, int(speech)]))
@@ -566,7 +556,7 @@ class MossSpeechGenerationMixin(GenerationMixin):
             stop = ~is_audio & torch.isin(text_tok, eos_ids)
             if stopping_criteria:
                 stop = stop | stopping_criteria(grid[..., 0], scores_for_stop).to(device)
-            is_audio = update_audio_mode(config, is_audio, row)
+            is_audio = layout.update_audio_mode(is_audio, row)
             unfinished = unfinished & ~stop
             if streamer is not None:
                 streamer.put(row)
@@ -800,8 +790,6 @@ __all__ = [
     "MossSpeechGenerateOutput",
     "MossSpeechGenerationConfig",
     "MossSpeechGenerationMixin",
-    "initial_audio_mode",
     "modality_spans",
     "seen_tokens",
-    "update_audio_mode",
 ]

@@ -108,9 +108,9 @@ def local_weight_files(directory: Path, variant: str | None = None) -> list[Path
     if not index.is_file():
         return None
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json_file(index, "safetensors index")["weight_map"]
         shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{index} is not a readable safetensors index ({error!r}).") from error
     absent = [name for name in shards if not (directory / name).is_file()]
     if absent:
@@ -176,8 +176,8 @@ def _cached_weight_files(repo_id: str, subfolder: str, variant: str | None, cach
     if index is None:
         return []
     try:
-        shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        shards = sorted(set(read_json_file(index, "safetensors index")["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
         return [index]
     return [path for path in map(cached, shards) if path is not None]
 

@@ -1,17 +1,9 @@
 """MossSpeechProcessor: chat conversations → (B, L, 2) token grids, and generated grids → text + 24 kHz speech.
 
-The grid is built segment by segment exactly as the release's processor does:
-
-- every turn is three segments: the text `"<|im_start|>{role}\\n"`, the content, the text `"<|im_end|>\\n"`;
-- a text segment is `tokenizer(s, add_special_tokens=False)` with `audio_pad` in the audio channel; segments are
-  tokenized separately, so BPE never merges across a segment boundary;
-- a speech segment of `n` codes is `n + 2` rows: text channel `[sosp, modality_pad × (n + 1)]`, audio channel
-  `[audio_pad, c1 … cn, eosp]`;
-- when the first turn is not a system turn, a default system turn is appended AFTER the conversation (the
-  release's placement, kept on purpose so prompts match the ones the model was trained and evaluated with);
-- the generation prompt is `"<|im_start|>assistant\\n"`, plus the start-of-speech token for spoken answers, so an
-  audio-output prompt ends with the row `(sosp, audio_pad)`;
-- a batch is left-padded with `(text pad, audio pad)`.
+The grid is built segment by segment exactly as the release's processor does, by the one owner of the layout,
+[`GridLayout`] in `grid_moss_speech.py` (segments, turns, the default system turn's placement, the generation
+prompt, left padding, and splitting generated rows back into segments); a text segment is
+`tokenizer(s, add_special_tokens=False)`.
 
 Every special id is a processor attribute (saved in `processor_config.json`, release values by default), so a
 tiny tokenizer with other ids works the same way. The speech codec is optional and loaded lazily.
@@ -27,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 from transformers import AutoProcessor, BatchFeature, ProcessorMixin
 from transformers.utils import logging
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from .configuration_moss_speech import MODALITIES, MossSpeechConfig
-from .feature_extraction_moss_speech import MossSpeechFeatureExtractor
+from .feature_extraction_moss_speech import MossSpeechFeatureExtractor, load_audio
+from .grid_moss_speech import IM_END_TOKEN, GridLayout
 from .modeling_moss_speech_codec import MossSpeechCodecModel, MossSpeechVoicePrompt
 
 logger = logging.get_logger(__name__)
@@ -278,6 +270,12 @@ class MossSpeechProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask"]
 
     @property
+    def grid_layout(self) -> GridLayout:
+        """The grid layout of this processor's special ids (builds prompts and splits generated rows)."""
+        return GridLayout(self.sosp_token_id, self.eosp_token_id, self.modality_pad_token_id, self.audio_pad_token_id,
+                          self.text_pad_token_id, self.num_codes)
+
+    @property
     def sosp_token(self) -> str:
         """The tokenizer's string for `sosp_token_id` (`<|object_ref_start|>` in the release's tokenizer)."""
         token = self.tokenizer.convert_ids_to_tokens(self.sosp_token_id)
@@ -358,19 +356,17 @@ class MossSpeechProcessor(ProcessorMixin):
         parsed = [self._parse_conversation(conversation, where, load=True) for conversation, where in batch]
         self._encode_waveforms([content for turns in parsed for _, content in turns if content.waveform is not None])
 
-        rows = [
-            self._conversation_rows(turns, modality, prompt, add_generation_prompt)
-            for turns, modality, prompt in zip(parsed, modalities, prompts)
-        ]
-        length = max(len(text) for text, _ in rows)
-        input_ids = torch.empty(len(rows), length, 2, dtype=torch.long)
-        input_ids[..., 0], input_ids[..., 1] = self.text_pad_token_id, self.audio_pad_token_id
-        attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for index, (text, audio) in enumerate(rows):
-            start = length - len(text)
-            input_ids[index, start:, 0] = torch.tensor(text, dtype=torch.long)
-            input_ids[index, start:, 1] = torch.tensor(audio, dtype=torch.long)
-            attention_mask[index, start:] = 1
+        layout = self.grid_layout
+        rows = []
+        for turns, modality, prompt in zip(parsed, modalities, prompts):
+            sosp_token = self.sosp_token if add_generation_prompt and modality == "audio" else None
+            try:
+                rows.append(layout.conversation_rows(
+                    self._grid_turns(turns), self._tokenize, self._system_prompt(prompt, modality),
+                    add_generation_prompt=add_generation_prompt, output_modality=modality, sosp_token=sosp_token))
+            except ValueError as error:
+                raise ValueError(f"MossSpeechProcessor: {error}") from error
+        input_ids, attention_mask = layout.left_pad(rows)
         data: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if return_tensors == "np":
             data = {key: value.numpy() for key, value in data.items()}
@@ -477,8 +473,10 @@ class MossSpeechProcessor(ProcessorMixin):
             if modality is None:
                 last = [content for role, content in turns if role == "assistant"][-1]
                 modality = "audio" if last.is_audio else "text"
-            text, audio, mask = self._training_rows(turns, modality, prompt)
-            out.append({"input_ids": torch.tensor([text, audio], dtype=torch.long).T.contiguous(),
+            rows, mask = self.grid_layout.training_rows(
+                self._grid_turns(turns), self._tokenize, self._system_prompt(prompt, modality),
+                im_end_token_id=self.tokenizer.convert_tokens_to_ids(IM_END_TOKEN))
+            out.append({"input_ids": torch.tensor(rows, dtype=torch.long),
                         "assistant_masks": torch.tensor(mask, dtype=torch.bool)})
         return out
 
@@ -608,47 +606,23 @@ class MossSpeechProcessor(ProcessorMixin):
             return self._array_content(value[0], value[1], where, load)
         if callable(getattr(value, "get_all_samples", None)):
             # A torchcodec AudioDecoder, which `datasets` returns for Audio columns.
-            if not load:
-                return _Content(where)
-            samples = value.get_all_samples()
-            return self._array_content(samples.data, samples.sample_rate, where, load)
+            return _Content(where, waveform=self._load_audio(value, None, where)) if load else _Content(where)
         return self._array_content(value, sampling_rate, where, load)
 
     def _array_content(self, array: Any, sampling_rate: Any, where: str, load: bool) -> _Content:
         if sampling_rate is None:
             raise ValueError(f"{where}: an audio array needs its sampling rate; pass (waveform, sampling_rate) or "
                              "{'array': waveform, 'sampling_rate': rate}.")
-        if not load:
-            return _Content(where)
-        if isinstance(array, (list, tuple)):
-            array = np.asarray(array, dtype=np.float32)
-        try:
-            (waveform,) = self.feature_extractor.prepare_waveforms(array, sampling_rate)
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"{where}: {error}") from error
-        return _Content(where, waveform=waveform)
+        return _Content(where, waveform=self._load_audio(array, sampling_rate, where)) if load else _Content(where)
 
     def _audio_file_content(self, path: Any, where: str, load: bool) -> _Content:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"{where} must be a path to an audio file, got {type(path).__name__}.")
-        if not load:
-            return _Content(where)
-        waveform, sampling_rate = self._read_audio_file(path, where)
-        return self._array_content(waveform, sampling_rate, where, load)
+        return _Content(where, waveform=self._load_audio(path, None, where)) if load else _Content(where)
 
-    @staticmethod
-    def _read_audio_file(path: str | os.PathLike, where: str) -> tuple[np.ndarray, int]:
-        """(channels, samples) float32 and the rate of an audio file read with soundfile."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{where}: audio file {str(path)!r} does not exist.")
-        try:
-            data, sampling_rate = sf.read(str(path), dtype="float32", always_2d=True)
-        except (sf.SoundFileError, RuntimeError, OSError) as error:
-            raise ValueError(f"{where}: could not read audio file {str(path)!r} with soundfile ({error}); expected "
-                             "a readable wav/flac/ogg file.") from error
-        if data.shape[0] == 0:
-            raise ValueError(f"{where}: audio file {str(path)!r} holds no samples.")
-        return np.ascontiguousarray(data.T), int(sampling_rate)
+    def _load_audio(self, audio: Any, sampling_rate: Any, where: str) -> torch.Tensor:
+        """Mono float32 waveform at the feature extractor's rate (the codec's input rate)."""
+        return load_audio(audio, sampling_rate, target_rate=self.feature_extractor.sampling_rate, where=where)[0]
 
     def _check_codes(self, codes: Any, where: str) -> torch.LongTensor:
         if isinstance(codes, torch.Tensor):
@@ -691,80 +665,14 @@ class MossSpeechProcessor(ProcessorMixin):
     def _tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _conversation_rows(
-        self, turns: list[tuple[str, _Content]], modality: str, system_prompt: str | None, add_generation_prompt: bool
-    ) -> tuple[list[int], list[int]]:
-        """Text and audio channels of one prompt, segment by segment, as the release builds them."""
-        text_ids: list[int] = []
-        audio_ids: list[int] = []
+    def _system_prompt(self, system_prompt: str | None, modality: str) -> str:
+        """The default system turn's text: the given prompt, else the fallback for the output modality."""
+        return system_prompt if system_prompt is not None else self.default_system_prompts[modality]
 
-        def add_text(segment: str) -> list[int]:
-            ids = self._tokenize(segment)
-            text_ids.extend(ids)
-            audio_ids.extend([self.audio_pad_token_id] * len(ids))
-            return ids
-
-        for role, content in turns:
-            add_text(f"<|im_start|>{role}\n")
-            if content.is_audio:
-                codes = content.codes.tolist()
-                text_ids.extend([self.sosp_token_id] + [self.modality_pad_token_id] * (len(codes) + 1))
-                audio_ids.extend([self.audio_pad_token_id] + codes + [self.eosp_token_id])
-            else:
-                add_text(content.text)
-            add_text("<|im_end|>\n")
-        # The release appends its default system turn after the conversation and checks only the first turn.
-        if turns[0][0] != "system":
-            add_text("<|im_start|>system\n")
-            add_text(system_prompt if system_prompt is not None else self.default_system_prompts[modality])
-            add_text("<|im_end|>\n")
-        if add_generation_prompt:
-            prefix = "<|im_start|>assistant\n" + (self.sosp_token if modality == "audio" else "")
-            ids = add_text(prefix)
-            if modality == "audio" and (not ids or ids[-1] != self.sosp_token_id):
-                raise ValueError(f"MossSpeechProcessor: the audio-output prefix {prefix!r} tokenizes to {ids}, which "
-                                 f"does not end with sosp_token_id {self.sosp_token_id}.")
-        return text_ids, audio_ids
-
-    def _training_rows(
-        self, turns: list[tuple[str, _Content]], modality: str, system_prompt: str | None
-    ) -> tuple[list[int], list[int], list[bool]]:
-        """Text channel, audio channel and assistant mask of a conversation that holds its answer."""
-        text_ids: list[int] = []
-        audio_ids: list[int] = []
-        mask: list[bool] = []
-        closing = self._tokenize("<|im_end|>\n")
-        im_end_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        # The turn's own stop token is trained (the model must learn to end its turn), the newline after it is not.
-        stop = closing.index(im_end_id) + 1 if im_end_id in closing else len(closing)
-
-        def add(text: list[int], audio: list[int], trained: list[bool]) -> None:
-            text_ids.extend(text)
-            audio_ids.extend(audio)
-            mask.extend(trained)
-
-        def add_text(segment: str, trained: bool = False) -> None:
-            ids = self._tokenize(segment)
-            add(ids, [self.audio_pad_token_id] * len(ids), [trained] * len(ids))
-
-        last_assistant = max(index for index, (role, _) in enumerate(turns) if role == "assistant")
-        for index, (role, content) in enumerate(turns):
-            assistant = role == "assistant"
-            if index == last_assistant and turns[0][0] != "system":
-                # Where inference places the default system turn: after the history, before the answer.
-                add_text("<|im_start|>system\n")
-                add_text(system_prompt if system_prompt is not None else self.default_system_prompts[modality])
-                add_text("<|im_end|>\n")
-            add_text(f"<|im_start|>{role}\n")
-            if content.is_audio:
-                codes = content.codes.tolist()
-                add([self.sosp_token_id] + [self.modality_pad_token_id] * (len(codes) + 1),
-                    [self.audio_pad_token_id] + codes + [self.eosp_token_id], [assistant] * (len(codes) + 2))
-            else:
-                add_text(content.text, trained=assistant)
-            add(closing, [self.audio_pad_token_id] * len(closing),
-                [assistant and position < stop for position in range(len(closing))])
-        return text_ids, audio_ids, mask
+    @staticmethod
+    def _grid_turns(turns: list[tuple[str, _Content]]) -> list[tuple[str, str | torch.LongTensor]]:
+        """Parsed turns as the grid layout takes them: text, or the (already encoded) speech codes."""
+        return [(role, content.codes if content.is_audio else content.text) for role, content in turns]
 
     # ----------------------------------------------------------------------------------------------- output
 
@@ -804,10 +712,13 @@ class MossSpeechProcessor(ProcessorMixin):
         lengths = self._as_lengths(lengths, batch, total)
 
         responses = []
+        layout = self.grid_layout
         text_vocab = len(self.tokenizer)
         for index in range(batch):
             rows = grid[index, : lengths[index]].tolist()
-            text_ids, segments = self._split_rows(rows, f"sequences[{index}]", text_vocab)
+            parts = layout.split_rows(rows, text_vocab, f"sequences[{index}]")
+            text_ids = [token for part in parts if part.modality == "text" for token in part.ids]
+            segments = [part.ids for part in parts if part.modality == "audio"]
             text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
             for token, replacement in TEXT_REPLACEMENTS:
                 text = text.replace(token, replacement)
@@ -866,40 +777,6 @@ class MossSpeechProcessor(ProcessorMixin):
             raise ValueError(f"lengths must give 0..{total} rows for each of the {batch} elements, got {lengths!r}.")
         return [int(v) for v in values]
 
-    def _split_rows(self, rows: list[list[int]], where: str, text_vocab: int) -> tuple[list[int], list[list[int]]]:
-        """Text ids and speech segments of one element's rows (rules in `batch_decode`); text ids < `text_vocab`."""
-        skip_text = {self.modality_pad_token_id, self.sosp_token_id, self.text_pad_token_id}
-        text_ids: list[int] = []
-        segments: list[list[int]] = []
-        current: list[int] | None = None
-        for position, (text_id, audio_id) in enumerate(rows):
-            if text_id == self.modality_pad_token_id:
-                if current is None:  # speech opened by the prompt (audio output ends the prompt with sosp)
-                    current = []
-                if audio_id == self.eosp_token_id:
-                    segments.append(current)
-                    current = None
-                elif 0 <= audio_id < self.num_codes:
-                    current.append(audio_id)
-                else:
-                    raise ValueError(f"{where}: row {position} holds audio id {audio_id} inside a speech segment, "
-                                     f"outside the codebook [0, {self.num_codes}) and not end-of-speech "
-                                     f"({self.eosp_token_id}).")
-                continue
-            if not 0 <= text_id < text_vocab:
-                raise ValueError(f"{where}: row {position} holds text id {text_id}, outside the tokenizer's "
-                                 f"vocabulary [0, {text_vocab}).")
-            if current is not None:  # a text row closes an unterminated segment
-                segments.append(current)
-                current = None
-            if text_id == self.sosp_token_id:
-                current = []
-            if text_id not in skip_text:
-                text_ids.append(text_id)
-        if current is not None:
-            segments.append(current)
-        return text_ids, segments
-
     def _voice_prompts(self, voice_prompt: Any, batch: int, codec: MossSpeechCodecModel) -> list:
         if isinstance(voice_prompt, list):
             if len(voice_prompt) != batch:
@@ -916,7 +793,7 @@ class MossSpeechProcessor(ProcessorMixin):
                 if not Path(value).is_file():
                     raise FileNotFoundError(f"{where}: voice prompt file {str(value)!r} does not exist.")
                 return MossSpeechVoicePrompt.load(str(value))
-            waveform, sampling_rate = self._read_audio_file(value, where)
+            waveform, sampling_rate = load_audio(value, where=where)
             return codec.voice_prompt(waveform, sampling_rate=sampling_rate)
         if isinstance(value, tuple) and len(value) == 2:
             waveform, sampling_rate = value

@@ -11,7 +11,7 @@ Run from a checkout (the package must be importable: `pip install -e .`, or run 
 Output formats (all columns are plain lists, so no codec and no audio decoding is needed at training time):
 
 - `speech`, `interleaved`, `text` (pre-training): one column `input_ids`, a `(L, 2)` grid stored as a list of
-  `[text_id, audio_id]` rows (int32), built with the processor's special ids and the release's layout:
+  `[text_id, audio_id]` rows (int32), built by the processor's `grid_layout` (the release's layout):
     - text segment: `tokenizer(text, add_special_tokens=False)` (surrounding whitespace stripped), one row per token,
       `audio_pad` in the audio channel;
     - speech segment of `n` codes: `(sosp, audio_pad)`, `(modality_pad, code)` x n, `(modality_pad, eosp)`;
@@ -33,8 +33,9 @@ Output formats (all columns are plain lists, so no codec and no audio decoding i
 
 Audio values may be a `datasets.Audio` column (read here with soundfile from its bytes or path, so `torchcodec`
 is NOT needed: the column is cast to `Audio(decode=False)`), a struct `{"array": ..., "sampling_rate": ...}`
-(mono `(samples,)`, or multi-channel `(channels, samples)` / `(samples, channels)`), or a decoded `torchcodec`
-`AudioDecoder`. Any sampling rate is resampled to the codec's 16 kHz; channels are averaged. Every utterance gets
+(mono `(samples,)`, or multi-channel `(channels, samples)`), or a decoded `torchcodec`
+`AudioDecoder`, all read by the package's `load_audio`. Any sampling rate is resampled to the codec's 16 kHz; channels
+are averaged. Every utterance gets
 `ceil(seconds x 12.5)` codes. Null values in required fields, an empty audio or an unreadable file raise a
 `ValueError` that names the row (`--skip-invalid` drops such rows with a warning instead).
 
@@ -48,7 +49,6 @@ is done, their concatenation is saved to `<output>` (`datasets.load_from_disk(<o
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -59,7 +59,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 try:
@@ -68,12 +67,12 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import datasets
-import soundfile as sf
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from modeling_moss_speech._compat import dataset_fingerprint
-from modeling_moss_speech.feature_extraction_moss_speech import prepare_waveforms
+from modeling_moss_speech.feature_extraction_moss_speech import load_audio
+from modeling_moss_speech.loading import read_json_file
 from modeling_moss_speech.modeling_moss_speech_codec import MossSpeechCodecModel
 from modeling_moss_speech.processing_moss_speech import MossSpeechProcessor
 from modeling_moss_speech.threads import add_threads_argument, set_threads
@@ -102,76 +101,22 @@ class InvalidRowError(ValueError):
     """A row of the input cannot be turned into an example (its message names the row and the column)."""
 
 
-# ------------------------------------------------------------------------------------------------ grid rows
-
-
-def text_segment_rows(ids: Sequence[int], processor: MossSpeechProcessor) -> list[list[int]]:
-    """Grid rows of a text segment: `(token, audio_pad)` per token."""
-    return [[int(i), processor.audio_pad_token_id] for i in ids]
-
-
-def speech_segment_rows(codes: Sequence[int], processor: MossSpeechProcessor) -> list[list[int]]:
-    """Grid rows of a speech segment: `(sosp, audio_pad)`, `(modality_pad, code)` per code, `(modality_pad, eosp)`."""
-    pad = processor.modality_pad_token_id
-    return ([[processor.sosp_token_id, processor.audio_pad_token_id]] + [[pad, int(c)] for c in codes]
-            + [[pad, processor.eosp_token_id]])
-
-
 # ------------------------------------------------------------------------------------------------ audio values
 
 
-def load_audio_value(value: Any, where: str) -> tuple[torch.Tensor, int] | None:
-    """A dataset audio value as (mono float32 waveform at its own rate, rate); `None` for a null value.
+def load_audio_value(value: Any, where: str, target_rate: int | None = None) -> tuple[torch.Tensor, int] | None:
+    """A dataset audio value as (mono float32 waveform at `target_rate` or its own rate, rate); `None` for null.
 
-    Accepts `{"array", "sampling_rate"}` dicts, `datasets.Audio(decode=False)` values `{"bytes", "path"}` (read with
-    soundfile), and torchcodec `AudioDecoder`s. Raises `InvalidRowError` (naming `where`) for anything unusable.
+    Read by the package's one reader, `load_audio` (`{"array", "sampling_rate"}` dicts, `datasets.Audio(decode=False)`
+    values `{"bytes", "path"}` read with soundfile, torchcodec `AudioDecoder`s; channels averaged). Raises
+    `InvalidRowError` (naming `where`) for anything unusable.
     """
     if value is None:
         return None
-    if callable(getattr(value, "get_all_samples", None)):  # a torchcodec AudioDecoder (datasets' decoded Audio)
-        samples = value.get_all_samples()
-        array, rate = samples.data, samples.sample_rate
-    elif isinstance(value, dict) and value.get("array") is not None:
-        array, rate = value["array"], value.get("sampling_rate")
-    elif isinstance(value, dict) and (value.get("bytes") is not None or value.get("path") is not None):
-        array, rate = _read_audio_file(value, where)
-    else:
-        keys = sorted(value) if isinstance(value, dict) else type(value).__name__
-        raise InvalidRowError(f"{where}: expected an audio value ({{'array', 'sampling_rate'}}, {{'bytes', 'path'}} "
-                              f"or a decoded Audio), got {keys}.")
-    if rate is None:
-        raise InvalidRowError(f"{where}: the audio array has no sampling_rate.")
-    if isinstance(array, (list, tuple)):
-        array = np.asarray(array, dtype=np.float32)
-    if isinstance(array, np.ndarray) and array.dtype == object:
-        array = np.stack([np.asarray(a, dtype=np.float32) for a in array]) if array.size else np.zeros(0, np.float32)
-    if isinstance(array, np.ndarray) and np.issubdtype(array.dtype, np.floating) and array.dtype != np.float32:
-        array = array.astype(np.float32)
-    if isinstance(array, np.ndarray) and not array.flags.writeable:
-        array = array.copy()  # Arrow-backed arrays are read-only; torch.from_numpy warns on those
-    if getattr(array, "ndim", 0) == 2 and array.shape[0] > array.shape[1]:
-        array = array.T  # (samples, channels) as soundfile and some datasets store it
-    if getattr(array, "size", None) == 0 or (isinstance(array, torch.Tensor) and array.numel() == 0):
-        raise InvalidRowError(f"{where}: the audio is empty (0 samples).")
     try:
-        (waveform,) = prepare_waveforms(array, int(rate), target_rate=None)
-    except (TypeError, ValueError) as error:
-        raise InvalidRowError(f"{where}: {error}") from error
-    return waveform, int(rate)
-
-
-def _read_audio_file(value: dict, where: str) -> tuple[np.ndarray, int]:
-    source: Any = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
-    if isinstance(source, str) and not os.path.isfile(source):
-        raise InvalidRowError(f"{where}: audio file {source!r} does not exist.")
-    try:
-        data, rate = sf.read(source, dtype="float32", always_2d=True)
-    except (sf.SoundFileError, RuntimeError, OSError) as error:
-        name = value.get("path") or "<bytes>"
-        raise InvalidRowError(f"{where}: soundfile cannot read the audio {name!r} ({error}).") from error
-    if data.shape[0] == 0:
-        raise InvalidRowError(f"{where}: the audio is empty (0 samples).")
-    return np.ascontiguousarray(data.T), int(rate)
+        return load_audio(value, target_rate=target_rate, where=where)
+    except (OSError, TypeError, ValueError) as error:
+        raise InvalidRowError(str(error)) from error
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -284,14 +229,10 @@ class ExampleBuilder:
 
     # A plan is the example with audio still to encode: ("audio", k) refers to the k-th waveform of the batch.
     def _audio(self, value: Any, where: str, waveforms: list[torch.Tensor]) -> tuple[str, int] | None:
-        loaded = load_audio_value(value, where)
+        loaded = load_audio_value(value, where, target_rate=self.codec.config.sampling_rate)
         if loaded is None:
             return None
-        waveform, rate = loaded
-        target = self.codec.config.sampling_rate
-        if rate != target:
-            (waveform,) = prepare_waveforms(waveform, rate, target_rate=target)
-        waveforms.append(waveform)
+        waveforms.append(loaded[0])
         return ("audio", len(waveforms) - 1)
 
     def _plan(self, row: dict, index: int, waveforms: list[torch.Tensor]) -> dict:
@@ -340,12 +281,13 @@ class ExampleBuilder:
                         {"role": "assistant", "content": content(plan["answer"])}]
             return {"messages": messages, "output_modality": "audio" if plan["answer"][0] == "audio" else "text",
                     "question_text": plan["question_text"], "answer_text": plan["answer_text"]}
-        text = text_segment_rows(plan["text"], p) if "text" in plan else []
-        speech = speech_segment_rows(codes[plan["audio"][1]], p) if "audio" in plan else []
+        layout = p.grid_layout
+        text = layout.text_rows(plan["text"]) if "text" in plan else []
+        speech = layout.speech_rows(codes[plan["audio"][1]]) if "audio" in plan else []
         text_first = s.interleave == "text-first" or (s.interleave == "alternate" and index % 2 == 0)
         rows = text + speech if text_first else speech + text
         if s.add_eos:
-            rows.append([p.text_pad_token_id, p.audio_pad_token_id])
+            rows.append(layout.pad_row())
         return {"input_ids": rows}
 
 
@@ -397,7 +339,7 @@ def _shard_bounds(num_rows: int, num_shards: int) -> list[tuple[int, int]]:
 def _check_manifest(shards_dir: Path, manifest: dict, fingerprint: str | None) -> None:
     path = shards_dir / MANIFEST
     if path.is_file():
-        previous = json.loads(path.read_text())
+        previous = read_json_file(path, "shards manifest")
         old = {k: v for k, v in previous.items() if k != "input_fingerprint"}
         if old != manifest:
             changed = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))

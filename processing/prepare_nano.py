@@ -63,7 +63,7 @@ for _path in (_HERE.parent, _HERE):
 import datasets  # noqa: E402
 import prepare_dataset  # noqa: E402
 from build_nano_tokenizer import nano_processor, special_ids  # noqa: E402
-from prepare_dataset import load_audio_value, speech_segment_rows, text_segment_rows  # noqa: E402
+from prepare_dataset import load_audio_value  # noqa: E402
 
 from modeling_moss_speech._compat import dataset_fingerprint  # noqa: E402
 from modeling_moss_speech.feature_extraction_moss_speech import prepare_waveforms  # noqa: E402
@@ -239,18 +239,18 @@ class GridMaker:
             raise ValueError("a text segment is empty.")
         if text not in self._cache:
             ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-            self._cache[text] = text_segment_rows(ids, self.processor)
+            self._cache[text] = self.processor.grid_layout.text_rows(ids)
         return self._cache[text]
 
     def speech(self, codes: Sequence[int]) -> list[list[int]]:
         """Rows of a speech segment."""
         if len(codes) == 0:
             raise ValueError("a speech segment has no codes.")
-        return speech_segment_rows(codes, self.processor)
+        return self.processor.grid_layout.speech_rows(codes)
 
     def eos(self) -> list[list[int]]:
         """One `(<|endoftext|>, audio_pad)` row."""
-        return [[self.processor.text_pad_token_id, self.processor.audio_pad_token_id]]
+        return [self.processor.grid_layout.pad_row()]
 
     def chat_t2t(self, question: str, answer: str) -> list[list[int]]:
         """The T->T training conversation exactly as the processor lays it out (`training_rows`)."""

@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from modeling_moss_speech import MossSpeechConfig, MossSpeechForCausalLM  # noqa: E402
+from modeling_moss_speech.grid_moss_speech import GridLayout  # noqa: E402
 
 torch.set_num_threads(1)  # torch may have been imported (and its pool sized) before this file ran
 
@@ -24,6 +25,7 @@ torch.set_num_threads(1)  # torch may have been imported (and its pool sized) be
 # modality_pad marks speech rows; in the audio vocabulary, codes < EOSP, then eosp, then unused ids.
 PAD, IM_END, SOSP, MODALITY_PAD = 280, 282, 290, 291
 AUDIO_PAD, EOSP, AUDIO_VOCAB = 10, 64, 80
+LAYOUT = GridLayout(SOSP, EOSP, MODALITY_PAD, AUDIO_PAD, text_pad_token_id=PAD)
 
 
 def tiny_config(**overrides) -> MossSpeechConfig:
@@ -64,12 +66,12 @@ def model(config) -> MossSpeechForCausalLM:
 
 def text_rows(ids: list[int]) -> list[list[int]]:
     """Grid rows for a run of text tokens (audio channel = audio pad)."""
-    return [[i, AUDIO_PAD] for i in ids]
+    return LAYOUT.text_rows(ids)
 
 
 def audio_rows(codes: list[int]) -> list[list[int]]:
     """Grid rows of a speech segment as the processor builds it: sosp row, codes, eosp row."""
-    return [[SOSP, AUDIO_PAD]] + [[MODALITY_PAD, c] for c in codes] + [[MODALITY_PAD, EOSP]]
+    return LAYOUT.speech_rows(codes)
 
 
 def make_prompt(seed: int, length: int, ends_in_speech: bool = False) -> torch.Tensor:
@@ -79,20 +81,13 @@ def make_prompt(seed: int, length: int, ends_in_speech: bool = False) -> torch.T
     text = torch.randint(0, 250, (n_text,), generator=g).tolist()
     codes = torch.randint(0, EOSP, (max(1, length - n_text - 2),), generator=g).tolist()
     rows = text_rows(text) + audio_rows(codes)
-    rows += [[SOSP, AUDIO_PAD]] if ends_in_speech else text_rows([7])
+    rows += text_rows([SOSP] if ends_in_speech else [7])
     return torch.tensor(rows, dtype=torch.long)
 
 
 def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad (L_i, 2) prompts to a (B, L, 2) grid and (B, L) mask with the release's pad values."""
-    length = max(p.shape[0] for p in prompts)
-    grid = torch.empty(len(prompts), length, 2, dtype=torch.long)
-    grid[..., 0], grid[..., 1] = PAD, AUDIO_PAD
-    mask = torch.zeros(len(prompts), length, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        grid[i, length - p.shape[0] :] = p
-        mask[i, length - p.shape[0] :] = 1
-    return grid, mask
+    return LAYOUT.left_pad(prompts)
 
 
 def espeak(text: str, voice: str = "en-us", speed: int = 160, pitch: int = 50):

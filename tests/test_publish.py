@@ -23,7 +23,8 @@ from modeling_moss_speech.processing_moss_speech import MossSpeechProcessor
 LM_FILES = ["README.md", "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
             "processor_config.json", "tokenizer.json", "tokenizer_config.json"]
 LM_CODE = ["_compat.py", "configuration_moss_speech.py", "configuration_moss_speech_codec.py",
-           "feature_extraction_moss_speech.py", "generation_moss_speech.py", "loading.py", "modeling_moss_speech.py",
+           "feature_extraction_moss_speech.py", "generation_moss_speech.py", "grid_moss_speech.py", "loading.py",
+           "modeling_moss_speech.py",
            "modeling_moss_speech_codec.py",
            "modeling_moss_speech_codec_encoder.py", "modeling_moss_speech_codec_flow.py",
            "modeling_moss_speech_codec_griffin_lim.py", "modeling_moss_speech_codec_speaker.py",
