@@ -81,7 +81,10 @@ class ScriptArgumentParser(HfArgumentParser):
         if not isinstance(values, dict):
             raise ValueError(f"{CONFIG_FLAG} {str(path)!r} must hold a YAML mapping of argument names to values, got "
                              f"{type(values).__name__}.")
-        actions = {a.dest: a for a in self._actions if a.dest != "config" and a.option_strings}
+        actions = {}
+        for action in self._actions:  # the first one of a dest: a bool field's `--no_<name>` comes after it
+            if action.option_strings and action.dest not in ("config", "help"):
+                actions.setdefault(action.dest, action)
         unknown = sorted(set(values) - set(actions))
         if unknown:
             raise ValueError(f"unknown keys {unknown} in {str(path)!r}; valid keys: {sorted(actions)}.")
