@@ -94,7 +94,7 @@ def test_train_speech_tokenizer_learns_and_saves_a_transcribing_codec(tmp_path):
                                                      ("encoder_config", "flow_config", "vocoder_config",
                                                       "speaker_config")}))
     summary = train_speech_tokenizer.main([
-        "--corpus", str(tmp_path / "corpus"), "--config", str(tmp_path / "codec.json"),
+        "--corpus", str(tmp_path / "corpus"), "--codec_config", str(tmp_path / "codec.json"),
         "--output", str(tmp_path / "out"), "--max-steps", "600", "--batch-size", "5", "--eval-every", "1000",
         "--learning-rate", "5e-3",
     ])

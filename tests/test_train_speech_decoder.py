@@ -105,13 +105,13 @@ def test_config_replaces_the_decoder_and_drops_the_speaker_encoder(corpus, token
                                                     "griffin_lim_iters": 2, "encoder_config": {"ignored": 1}}))
     summary = train_speech_decoder.main([
         "--codec", str(tokenizer_codec), "--corpus", str(corpus), "--output", str(tmp_path / "codec"),
-        "--config", str(tmp_path / "nano.json"), "--max-steps", "3", "--batch-size", "2", "--threads", "1",
+        "--codec_config", str(tmp_path / "nano.json"), "--max-steps", "3", "--batch-size", "2", "--threads", "1",
         "--eval-examples", "1",
     ])
     codec = MossSpeechCodecModel.from_pretrained(tmp_path / "codec")
     assert codec.config.flow_config.input_size == 16 and codec.config.griffin_lim_iters == 2
     assert codec.speaker_encoder is None and summary["steps"] == 3
-    with pytest.raises(ValueError, match="--batch-size must be positive"):
+    with pytest.raises(ValueError, match="--batch_size must be positive"):
         train_speech_decoder.main(["--codec", "x", "--corpus", "y", "--output", "z", "--batch-size", "0"])
 
 
