@@ -246,7 +246,7 @@ def test_text_model_then_stage1_stage2_and_sft_run_on_the_prepared_data(world, t
                     entries.append({**entry, "path": str(data / Path(entry["path"]).relative_to("data/nano"))})
                 else:
                     entries.append(str(data / Path(entry).relative_to("data/nano")))
-            out += [f"--{key}", json.dumps(entries)]
+            out += [f"--{key}", *(json.dumps(e) if isinstance(e, dict) else e for e in entries)]
         return out
 
     s1 = pretrain.main(["--config", str(ROOT / "training" / "configs" / "nano.yaml"), *paths(stage1), *common,
