@@ -1,9 +1,10 @@
 """Turn a speech dataset into MOSS-Speech training data: codec tokens in the model's two-channel grid.
 
-Run from a checkout (the package must be importable: `pip install -e .`, or run from the repository root):
+Run from a checkout with the package installed (`pip install -e .`); flags may also come from a YAML file
+(`--config file.yaml`, keys as the flags):
 
     python processing/prepare_dataset.py --input <dataset> --codec <codec dir> --processor <processor dir> \\
-        --mode speech|interleaved|text|sft --output <dir> [--batch-size 16 --num-shards N --push-to-hub repo]
+        --mode speech|interleaved|text|sft --output <dir> [--batch_size 16 --num_shards N --push_to_hub repo]
 
 `--input` is a directory written by `save_to_disk` (a `Dataset`, or a `DatasetDict` with `--split`), or anything
 `datasets.load_dataset` opens (a local data directory, or a Hub name already in the local cache when offline).
@@ -20,7 +21,7 @@ Output formats (all columns are plain lists, so no codec and no audio decoding i
       `--interleave`: `alternate` (default: rows with an even index are text then speech, odd ones speech then
       text, so both directions of the speech/text pairing are learned, as the paper interleaves the modalities
       both ways), `text-first` or `speech-first`;
-    - `--add-eos` appends one `(text_pad, audio_pad)` row (`<|endoftext|>` for Qwen3) to every example.
+    - `--add_eos` appends one `(text_pad, audio_pad)` row (`<|endoftext|>` for Qwen3) to every example.
 - `sft`: a `messages` column with one conversation per row, `[user, assistant]`; each message is
   `{"role": str, "content": {"type": "text" | "audio", "text": str | None, "codes": list[int] | None}}`
   (the uniform struct Arrow needs; `MossSpeechProcessor` reads both kinds as they are), plus `output_modality`
@@ -37,45 +38,38 @@ is NOT needed: the column is cast to `Audio(decode=False)`), a struct `{"array":
 `AudioDecoder`, all read by the package's `load_audio`. Any sampling rate is resampled to the codec's 16 kHz; channels
 are averaged. Every utterance gets
 `ceil(seconds x 12.5)` codes. Null values in required fields, an empty audio or an unreadable file raise a
-`ValueError` that names the row (`--skip-invalid` drops such rows with a warning instead).
+`ValueError` that names the row (`--skip_invalid` drops such rows with a warning instead).
 
-Resuming: rows are split into `--num-shards` contiguous shards, each written with `save_to_disk` to
+Resuming: rows are split into `--num_shards` contiguous shards, each written with `save_to_disk` to
 `<output>/shards/NNNNN` (atomically: written to a temporary folder, then renamed) next to a `manifest.json` of the
 settings. A rerun with the same settings skips finished shards; different settings are refused. When every shard
 is done, their concatenation is saved to `<output>` (`datasets.load_from_disk(<output>)`), and pushed with
-`push_to_hub` when `--push-to-hub` is given. The shards stay (delete `<output>/shards` after checking the result).
+`push_to_hub` when `--push_to_hub` is given. The shards stay (delete `<output>/shards` after checking the result).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-try:
-    import modeling_moss_speech  # noqa: F401  (registers the Auto classes)
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import datasets
+import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from modeling_moss_speech._compat import dataset_fingerprint
-from modeling_moss_speech.feature_extraction_moss_speech import load_audio
 from modeling_moss_speech.loading import read_json_file
 from modeling_moss_speech.modeling_moss_speech_codec import MossSpeechCodecModel
 from modeling_moss_speech.processing_moss_speech import MossSpeechProcessor
-from modeling_moss_speech.threads import add_threads_argument, set_threads
+from modeling_moss_speech.script_utils import InvalidRowError, ScriptArgumentParser, load_audio_value, threads_field
+from modeling_moss_speech.threads import set_threads
 
 logger = logging.get_logger("moss_speech.prepare_dataset")
 
@@ -97,26 +91,6 @@ SFT_FEATURES = datasets.Features({
 })
 
 
-class InvalidRowError(ValueError):
-    """A row of the input cannot be turned into an example (its message names the row and the column)."""
-
-
-# ------------------------------------------------------------------------------------------------ audio values
-
-
-def load_audio_value(value: Any, where: str, target_rate: int | None = None) -> tuple[torch.Tensor, int] | None:
-    """A dataset audio value as (mono float32 waveform at `target_rate` or its own rate, rate); `None` for null.
-
-    Read by the package's one reader, `load_audio` (`{"array", "sampling_rate"}` dicts, `datasets.Audio(decode=False)`
-    values `{"bytes", "path"}` read with soundfile, torchcodec `AudioDecoder`s; channels averaged). Raises
-    `InvalidRowError` (naming `where`) for anything unusable.
-    """
-    if value is None:
-        return None
-    try:
-        return load_audio(value, target_rate=target_rate, where=where)
-    except (OSError, TypeError, ValueError) as error:
-        raise InvalidRowError(str(error)) from error
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -167,7 +141,7 @@ def required_columns(settings: PrepareSettings, column_names: Sequence[str]) -> 
     for name in needed:
         if name not in column_names:
             raise ValueError(f"mode {settings.mode!r} needs the column {name!r}, but the dataset has "
-                             f"{list(column_names)}" + (" (use --audio-column / --text-column)."
+                             f"{list(column_names)}" + (" (use --audio_column / --text_column)."
                                                         if settings.mode != "sft" else "."))
     if settings.mode == "sft":
         return [name for name in SFT_COLUMNS if name in column_names]
@@ -491,40 +465,59 @@ def _save_shard(examples: list[dict], features: datasets.Features, path: Path) -
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line flags of `processing/prepare_dataset.py`."""
-    parser = argparse.ArgumentParser(
-        prog="prepare_dataset.py",
+@dataclass
+class PrepareDatasetArguments:
+    """Flags of `processing/prepare_dataset.py` (the formats are in the module docstring)."""
+
+    input: str | None = field(default=None, metadata={
+        "help": "save_to_disk directory, data directory or Hub dataset name (required)."})
+    split: str = field(default="train", metadata={"help": "Split of a DatasetDict / load_dataset."})
+    config_name: str | None = field(default=None, metadata={"help": "Dataset configuration name for load_dataset."})
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache of load_dataset (default: "
+                                                                   "datasets')."})
+    codec: str | None = field(default=None, metadata={
+        "help": "MossSpeechCodecModel directory or repo id (default: the processor's codec); not needed for --mode "
+                "text."})
+    processor: str | None = field(default=None, metadata={"help": "MossSpeechProcessor directory or repo id "
+                                                                  "(required)."})
+    mode: str | None = field(default=None, metadata={"help": "Output format (required).", "choices": MODES})
+    output: str | None = field(default=None, metadata={"help": "Output directory (shards/ and the final dataset; "
+                                                               "required)."})
+    audio_column: str = field(default="audio", metadata={"help": "Audio column of the speech modes."})
+    text_column: str = field(default="text", metadata={"help": "Transcript column of the text and interleaved modes."})
+    interleave: str = field(default="alternate", metadata={
+        "help": "Segment order in interleaved mode (alternate: by row index).", "choices": INTERLEAVE_ORDERS})
+    add_eos: bool = field(default=False, metadata={"help": "Append a (text pad, audio pad) row to each example."})
+    batch_size: int = field(default=16, metadata={"help": "Utterances per codec call."})
+    num_shards: int | None = field(default=None, metadata={"help": "Shards to write (default: one per 10,000 rows)."})
+    skip_invalid: bool = field(default=False, metadata={"help": "Drop unusable rows with a warning."})
+    device: str | None = field(default=None, metadata={"help": "Codec device (default: cuda when available, else "
+                                                                "cpu)."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Push the final dataset to this Hub repo.",
+                                                            "metavar": "REPO"})
+    private: bool = field(default=False, metadata={"help": "Create the Hub repository as private."})
+    quiet: bool = field(default=False, metadata={"help": "No progress bar."})
+    threads: int | None = threads_field()
+
+    def __post_init__(self) -> None:
+        for name in ("input", "processor", "mode", "output"):
+            if getattr(self, name) is None:
+                raise ValueError(f"--{name} is required.")
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}.")
+
+
+def make_parser() -> ScriptArgumentParser:
+    """The command-line parser (`--config file.yaml` and the flags of `PrepareDatasetArguments`)."""
+    return ScriptArgumentParser(
+        PrepareDatasetArguments, prog="prepare_dataset.py",
         description="Encode a speech dataset with the MOSS-Speech codec into pre-training grids or SFT conversations "
                     "(resumable; see the module docstring for the formats).")
-    parser.add_argument("--input", required=True, help="save_to_disk directory, data directory or Hub dataset name.")
-    parser.add_argument("--split", default="train", help="split of a DatasetDict / load_dataset (default: train).")
-    parser.add_argument("--config-name", default=None, help="dataset configuration name for load_dataset.")
-    parser.add_argument("--cache-dir", default=None, help="datasets cache of load_dataset (default: datasets').")
-    parser.add_argument("--codec", default=None, help="MossSpeechCodecModel directory or repo id (default: the "
-                        "processor's codec); not needed for --mode text.")
-    parser.add_argument("--processor", required=True, help="MossSpeechProcessor directory or repo id.")
-    parser.add_argument("--mode", required=True, choices=MODES)
-    parser.add_argument("--output", required=True, help="output directory (shards/ and the final dataset).")
-    parser.add_argument("--audio-column", default="audio")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--interleave", default="alternate", choices=INTERLEAVE_ORDERS,
-                        help="segment order in interleaved mode (default: alternate by row index).")
-    parser.add_argument("--add-eos", action="store_true", help="append a (text pad, audio pad) row to each example.")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-shards", type=int, default=None, help="default: one per 10,000 rows.")
-    parser.add_argument("--skip-invalid", action="store_true", help="drop unusable rows with a warning.")
-    parser.add_argument("--device", default=None, help="codec device (default: cuda when available, else cpu).")
-    parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the final dataset to this repo.")
-    parser.add_argument("--private", action="store_true", help="create the Hub repository as private.")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar.")
-    add_threads_argument(parser)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns 0 on success (errors raise with a message naming the problem)."""
-    args = build_parser().parse_args(argv)
+    (args,) = make_parser().parse_args_and_config(argv)
     set_threads(args.threads)
     dataset = load_input_dataset(args.input, args.split, args.config_name, args.cache_dir)
     processor = MossSpeechProcessor.from_pretrained(args.processor)

@@ -18,7 +18,7 @@ processor: a text segment is its tokens with the audio pad, a speech segment is 
 - `pretrain/interleaved`: each train utterance as its text then its speech (`t2s`) and as its speech then its
   text (`s2t`): ASR- and TTS-like pairs;
 - `pretrain/spoken_qa`: per train question utterance, its speech then the fact's canonical-voice answer speech
-  (`qa_s2s`) and its speech then the answer text (`qa_s2t`); per train fact `--qa-t2s-repeats` copies of the
+  (`qa_s2s`) and its speech then the answer text (`qa_s2t`); per train fact `--qa_t2s_repeats` copies of the
   question text then the canonical answer speech (`qa_t2s`);
 - `pretrain/text` (stage II's text mix, text-only): every fact (train AND held-out) as the T->T chat the processor
   builds (`training_rows`: user question, default text system turn, assistant answer) (`chat_t2t`), and as the plain
@@ -31,8 +31,8 @@ SFT conversations (`<output>/sft`, a `DatasetDict` with `train` and `validation`
 `output_modality`, `question_text`, `answer_text`) plus `mode`, `fact_id`, `utt_id`:
 
 - `train`: per train question utterance of a train fact `s2s` (question speech -> canonical answer speech) and
-  `s2t` (-> answer text); per train fact `--sft-t2s-repeats` x `t2s` (question text -> canonical answer speech);
-  per fact (all facts) `--sft-t2t-repeats` x `t2t`; shuffled (seeded);
+  `s2t` (-> answer text); per train fact `--sft_t2s_repeats` x `t2s` (question text -> canonical answer speech);
+  per fact (all facts) `--sft_t2t_repeats` x `t2t`; shuffled (seeded);
 - `validation`: `s2t` of the `validation` split's questions (held-out facts, dev voice).
 
 `<output>/prepare_nano.json` summarises counts and grid rows per dataset.
@@ -40,39 +40,37 @@ SFT conversations (`<output>/sft`, a `DatasetDict` with `train` and `validation`
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import os
 import random
 import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
+import datasets
+import prepare_dataset
 import torch
 
-_HERE = Path(__file__).resolve().parent
-for _path in (_HERE.parent, _HERE):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-import datasets  # noqa: E402
-import prepare_dataset  # noqa: E402
-from build_nano_tokenizer import nano_processor, special_ids  # noqa: E402
-from prepare_dataset import load_audio_value  # noqa: E402
-
-from modeling_moss_speech._compat import dataset_fingerprint  # noqa: E402
-from modeling_moss_speech.feature_extraction_moss_speech import prepare_waveforms  # noqa: E402
-from modeling_moss_speech.modeling_moss_speech_codec import MossSpeechCodecModel  # noqa: E402
-from modeling_moss_speech.threads import add_threads_argument, set_threads  # noqa: E402
+from modeling_moss_speech._compat import dataset_fingerprint
+from modeling_moss_speech.feature_extraction_moss_speech import prepare_waveforms
+from modeling_moss_speech.modeling_moss_speech_codec import MossSpeechCodecModel
+from modeling_moss_speech.script_utils import NANO_CODES_MANIFEST as CODES_MANIFEST
+from modeling_moss_speech.script_utils import NANO_ROW_COLUMNS as ROW_COLUMNS
+from modeling_moss_speech.script_utils import (
+    ScriptArgumentParser,
+    codec_fingerprint,
+    load_audio_value,
+    nano_processor,
+    threads_field,
+)
+from modeling_moss_speech.script_utils import load_nano_corpus as load_corpus
+from modeling_moss_speech.script_utils import nano_special_ids as special_ids
+from modeling_moss_speech.threads import set_threads
 
 AUDIO_SPLITS = ("train", "validation", "test", "test_seen")
-ROW_COLUMNS = ("utt_id", "fact_id", "category", "kind", "text", "question", "answer", "voice", "canonical")
-CODES_MANIFEST = "nano_codes.json"
 CODEC_RATE = 16000
 
 CODES_FEATURES = datasets.Features({
@@ -97,28 +95,6 @@ SFT_FEATURES = datasets.Features({
 # ------------------------------------------------------------------------------------------------ corpus
 
 
-def load_corpus(path: str | os.PathLike) -> datasets.DatasetDict:
-    """The nano corpus with every audio column cast to `Audio(decode=False)` (read with soundfile, no torchcodec)."""
-    if not os.path.isdir(path):
-        raise ValueError(f"--corpus {str(path)!r} is not a directory (expected the DatasetDict written by "
-                         "processing/synthesize_espeak.py).")
-    corpus = datasets.load_from_disk(str(path))
-    if not isinstance(corpus, datasets.DatasetDict):
-        raise ValueError(f"--corpus {str(path)!r} holds a {type(corpus).__name__}, expected a DatasetDict.")
-    missing = [s for s in ("facts", "train", "validation") if s not in corpus]
-    if missing:
-        raise ValueError(f"--corpus {str(path)!r} lacks the splits {missing} (has {list(corpus)}).")
-    for name, split in corpus.items():
-        if name == "facts":
-            needed = {"fact_id", "category", "question", "answer", "fact_split"}
-        else:
-            needed = {*ROW_COLUMNS, "audio"}
-        if not needed <= set(split.column_names):
-            raise ValueError(f"corpus split {name!r} needs the columns {sorted(needed)}, has {split.column_names}.")
-    return datasets.DatasetDict({name: split.cast_column("audio", datasets.Audio(decode=False))
-                                 if "audio" in split.column_names else split for name, split in corpus.items()})
-
-
 def check_speech_only_of_train_facts(corpus: datasets.DatasetDict) -> None:
     """Raise if a train-split utterance belongs to a held-out (or unknown) fact: held-out facts are text-only."""
     facts = corpus["facts"]
@@ -130,29 +106,6 @@ def check_speech_only_of_train_facts(corpus: datasets.DatasetDict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ codes
-
-
-def codec_fingerprint(codec_dir: str | os.PathLike) -> str:
-    """sha256 of what decides a codec's codes: its `encoder.*` weights except the CTC head (names, values).
-
-    The speech decoder is trained after the data is encoded and keeps the encoder unchanged, so the tokenizer-only
-    codec and the final codec share a fingerprint.
-    """
-    from safetensors import safe_open
-
-    config_file = os.path.join(codec_dir, "config.json")
-    weights = sorted(n for n in os.listdir(codec_dir) if n.endswith(".safetensors")) if os.path.isdir(codec_dir) else []
-    if not os.path.isfile(config_file) or not weights:
-        raise ValueError(f"--codec {str(codec_dir)!r} holds no config.json or safetensors weights.")
-    digest = hashlib.sha256()
-    for name in weights:
-        with safe_open(os.path.join(codec_dir, name), framework="pt") as handle:
-            # The CTC head reads codes but does not make them (it can be retrained on decoded speech later).
-            for key in sorted(k for k in handle.keys()
-                              if k.startswith("encoder.") and not k.startswith("encoder.ctc_head.")):
-                digest.update(key.encode())
-                digest.update(handle.get_tensor(key).contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def corpus_fingerprint(corpus: datasets.DatasetDict) -> dict[str, str]:
@@ -418,30 +371,45 @@ def prepare(corpus: str | os.PathLike, codec: str | os.PathLike, tokenizer: str 
     return summary
 
 
+@dataclass
+class PrepareNanoArguments:
+    """Flags of `processing/prepare_nano.py` (see the module docstring)."""
+
+    corpus: str = field(default="data/nano/corpus", metadata={"help": "The nano corpus (synthesize_espeak.py)."})
+    codec: str | None = field(default=None, metadata={
+        "help": "Codec directory (MossSpeechCodecModel.from_pretrained; required)."})
+    tokenizer: str = field(default="outputs/nano/tokenizer", metadata={"help": "The nano tokenizer directory."})
+    output: str = field(default="data/nano", metadata={"help": "Output directory (codes/, pretrain/, sft/)."})
+    batch_size: int = field(default=64, metadata={"help": "Utterances per codec call."})
+    reencode: bool = field(default=False, metadata={"help": "Encode again even if the cached codes match."})
+    qa_t2s_repeats: int = field(default=3, metadata={
+        "help": "Copies of each question-text -> answer-speech pre-training sequence."})
+    sft_t2s_repeats: int = field(default=4, metadata={"help": "Copies of each T->S conversation."})
+    sft_t2t_repeats: int = field(default=4, metadata={"help": "Copies of each T->T conversation."})
+    seed: int = field(default=0, metadata={"help": "Seed of the SFT shuffle."})
+    threads: int | None = threads_field()
+    progress: bool = field(default=True, metadata={"help": "Progress bars (--no_progress: none)."})
+
+    def __post_init__(self) -> None:
+        if self.codec is None:
+            raise ValueError("--codec is required.")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}.")
+
+
+def make_parser() -> ScriptArgumentParser:
+    """The command-line parser (`--config file.yaml` and the flags of `PrepareNanoArguments`)."""
+    return ScriptArgumentParser(PrepareNanoArguments, description=__doc__.split("\n\n")[0])
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line (see the module docstring); prints and returns the summary."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", default="data/nano/corpus", help="The nano corpus (synthesize_espeak.py).")
-    parser.add_argument("--codec", required=True, help="Codec directory (MossSpeechCodecModel.from_pretrained).")
-    parser.add_argument("--tokenizer", default="outputs/nano/tokenizer", help="The nano tokenizer directory.")
-    parser.add_argument("--output", default="data/nano", help="Output directory (codes/, pretrain/, sft/).")
-    parser.add_argument("--batch-size", type=int, default=64, help="Utterances per codec call.")
-    parser.add_argument("--reencode", action="store_true", help="Encode again even if the cached codes match.")
-    parser.add_argument("--qa-t2s-repeats", type=int, default=3, help="Copies of each question-text -> answer-speech "
-                                                                      "pre-training sequence.")
-    parser.add_argument("--sft-t2s-repeats", type=int, default=4, help="Copies of each T->S conversation.")
-    parser.add_argument("--sft-t2t-repeats", type=int, default=4, help="Copies of each T->T conversation.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the SFT shuffle.")
-    add_threads_argument(parser)
-    parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    (args,) = make_parser().parse_args_and_config(argv)
     set_threads(args.threads)
     summary = prepare(args.corpus, args.codec, args.tokenizer, args.output, batch_size=args.batch_size,
                       reencode=args.reencode, qa_t2s_repeats=args.qa_t2s_repeats,
                       sft_t2s_repeats=args.sft_t2s_repeats, sft_t2t_repeats=args.sft_t2t_repeats, seed=args.seed,
-                      progress=not args.no_progress)
+                      progress=args.progress)
     print(json.dumps(summary), flush=True)
     return summary
 

@@ -2,9 +2,9 @@
 
 Run from a checkout (needs espeak-ng: `apt-get install -y espeak-ng`):
 
-    python processing/synthesize_espeak.py --output data/nano/corpus [--seed 0] [--max-facts N] \\
-        [--voices en-us+f1 en-gb+m3 ...] [--question-voices en-gb+Andy ...] [--dev-voice en+m2] \\
-        [--test-voice en-us+f4] [--dialect-test-voice en-gb-x-gbcwmd+Annie] [--num-workers 2]
+    python processing/synthesize_espeak.py --output data/nano/corpus [--seed 0] [--max_facts N] \\
+        [--voices en-us+f1 en-gb+m3 ...] [--question_voices en-gb+Andy ... | none] [--dev_voice en+m2] \\
+        [--test_voice en-us+f4] [--dialect_test_voice en-gb-x-gbcwmd+Annie] [--num_workers 2]
 
 The world is closed: a few hundred facts (small-number addition and subtraction, capitals, colours of things,
 opposites in both directions, the day after / before a weekday, the number after one..nineteen, the month after a
@@ -44,7 +44,6 @@ decodes `Audio` only through torchcodec, which is not installed here, so read it
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import io
 import json
@@ -56,6 +55,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -501,37 +501,60 @@ def save_corpus(corpus: datasets.DatasetDict, output: str | Path, overwrite: boo
     tmp.rename(output)
 
 
+@dataclass
+class SynthesizeEspeakArguments:
+    """Flags of `processing/synthesize_espeak.py` (see the module docstring)."""
+
+    output: str | None = field(default=None, metadata={"help": "Directory for DatasetDict.save_to_disk (required)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the held-out facts and of every utterance's prosody."})
+    max_facts: int | None = field(default=None, metadata={"help": "Keep only this many facts (quick tests)."})
+    voices: list[str] = field(default_factory=lambda: list(TRAIN_VOICES), metadata={"help": "Training voices."})
+    question_voices: list[str] = field(default_factory=lambda: list(QUESTION_VOICES), metadata={
+        "help": "Voices that speak only the train-fact questions ('none': no question voices)."})
+    dev_voice: str = field(default=DEV_VOICE, metadata={"help": "Voice of the validation split."})
+    test_voice: str = field(default=TEST_VOICE, metadata={"help": "Voice of the test and test_seen splits."})
+    dialect_test_voice: str = field(default=DIALECT_TEST_VOICE, metadata={
+        "help": "Voice of the test_dialect / test_seen_dialect splits: its dialect and variant are never used in "
+                "training."})
+    heldout_fraction: float = field(default=HELDOUT_FRACTION, metadata={
+        "help": "Fraction of each category's facts held out of speech."})
+    num_workers: int = field(default=2, metadata={"help": "espeak-ng worker processes (0: in this process)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing corpus at --output."})
+    progress: bool = field(default=True, metadata={"help": "Progress bar (--no_progress: none)."})
+    # The package's THREADS_HELP is not imported for this: the spawned synthesis workers import this module and
+    # need none of the package.
+    threads: int | None = field(default=None, metadata={
+        "metavar": "N", "help": "torch CPU threads of this process (default: modeling_moss_speech.threads' policy); "
+                                "each espeak-ng worker process uses one."})
+
+    def __post_init__(self) -> None:
+        from modeling_moss_speech.script_utils import none_means_empty
+
+        if self.output is None:
+            raise ValueError("--output is required.")
+        self.question_voices = none_means_empty(self.question_voices)
+
+
+def make_parser() -> Any:
+    """The command-line parser (`--config file.yaml` and the flags of `SynthesizeEspeakArguments`)."""
+    from modeling_moss_speech.script_utils import ScriptArgumentParser
+
+    return ScriptArgumentParser(SynthesizeEspeakArguments, description=__doc__.split("\n\n")[0])
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line entry point: build, save and print the JSON summary (also returned)."""
-    # Imported here, not at module level: the spawned synthesis workers import this module and need none of it.
-    from modeling_moss_speech.threads import add_threads_argument, set_threads
+    from modeling_moss_speech.threads import set_threads
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", required=True, help="directory for DatasetDict.save_to_disk")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-facts", type=int, default=None, help="keep only this many facts (quick tests)")
-    parser.add_argument("--voices", nargs="+", default=list(TRAIN_VOICES), help="training voices")
-    parser.add_argument("--question-voices", nargs="*", default=list(QUESTION_VOICES),
-                        help="voices that speak only the train-fact questions (none: pass the flag alone)")
-    parser.add_argument("--dev-voice", default=DEV_VOICE)
-    parser.add_argument("--test-voice", default=TEST_VOICE)
-    parser.add_argument("--dialect-test-voice", default=DIALECT_TEST_VOICE,
-                        help="voice of the test_dialect / test_seen_dialect splits: its dialect and variant are "
-                             "never used in training")
-    parser.add_argument("--heldout-fraction", type=float, default=HELDOUT_FRACTION)
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus at --output")
-    parser.add_argument("--no-progress", action="store_true")
-    add_threads_argument(parser)  # this process (with --num-workers 0); each worker process uses one thread
-    args = parser.parse_args(argv)
+    (args,) = make_parser().parse_args_and_config(argv)
     set_threads(args.threads)
     if Path(args.output).exists() and not args.overwrite:  # fail before minutes of synthesis, not after
-        parser.error(f"--output {args.output} exists: pass --overwrite to replace it.")
+        raise FileExistsError(f"--output {args.output} exists: pass --overwrite to replace it.")
     start = time.perf_counter()
     corpus = build_corpus(seed=args.seed, max_facts=args.max_facts, train_voices=args.voices,
                           dev_voice=args.dev_voice, test_voice=args.test_voice, num_workers=args.num_workers,
                           question_voices=args.question_voices, dialect_test_voice=args.dialect_test_voice,
-                          heldout_fraction=args.heldout_fraction, progress=not args.no_progress)
+                          heldout_fraction=args.heldout_fraction, progress=args.progress)
     save_corpus(corpus, args.output, overwrite=args.overwrite)
     summary = {"output": str(args.output), "seed": args.seed, **summarize(corpus, time.perf_counter() - start)}
     print(json.dumps(summary, indent=2))

@@ -94,9 +94,9 @@ def test_train_speech_tokenizer_learns_and_saves_a_transcribing_codec(tmp_path):
                                                      ("encoder_config", "flow_config", "vocoder_config",
                                                       "speaker_config")}))
     summary = train_speech_tokenizer.main([
-        "--corpus", str(tmp_path / "corpus"), "--config", str(tmp_path / "codec.json"),
-        "--output", str(tmp_path / "out"), "--max-steps", "600", "--batch-size", "5", "--eval-every", "1000",
-        "--learning-rate", "5e-3",
+        "--corpus", str(tmp_path / "corpus"), "--codec_config", str(tmp_path / "codec.json"),
+        "--output", str(tmp_path / "out"), "--max_steps", "600", "--batch_size", "5", "--eval_every", "1000",
+        "--learning_rate", "5e-3",
     ])
     assert summary["steps"] == 600
     codec = MossSpeechCodecModel.from_pretrained(tmp_path / "out").eval()
@@ -118,7 +118,7 @@ def test_train_speech_recognizer_changes_only_the_ctc_head(tmp_path):
     MossSpeechCodecModel(config).save_pretrained(tmp_path / "codec")
     summary = train_speech_recognizer.main([
         "--codec", str(tmp_path / "codec"), "--corpus", str(tmp_path / "corpus"), "--output", str(tmp_path / "out"),
-        "--max-train-examples", "6", "--eval-examples", "2", "--max-steps", "5", "--batch-size", "4",
+        "--max_train_examples", "6", "--eval_examples", "2", "--max_steps", "5", "--batch_size", "4",
     ])
     assert summary["examples"] > 0 and set(summary["validation_after"]) == {"original", "roundtrip"}
     before = MossSpeechCodecModel.from_pretrained(tmp_path / "codec").state_dict()

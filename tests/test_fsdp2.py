@@ -129,7 +129,7 @@ def test_pretrain_fsdp2_two_processes_match_one(tmp_path, initial, stage):
                                           *[t for k, v in common.items() for t in (f"--{k}", v)])
     check_sharding(sharded, initial)
     reference = pretrain.main([
-        "--model", str(initial), "--datasets", json.dumps([data]), "--output_dir", str(tmp_path / "ref"),
+        "--model", str(initial), "--datasets", data, "--output_dir", str(tmp_path / "ref"),
         "--stage", stage, "--max_length", "32", "--per_device_batch_size", "2", "--gradient_accumulation_steps", "2",
         "--learning_rate", "1e-3", "--warmup_steps", "0", "--weight_decay", "0", "--max_steps", str(STEPS),
         "--log_every", "1", "--mixed_precision", "no", "--progress_bar", "false", "--seed", "0", "--threads", "1",
@@ -194,7 +194,7 @@ def test_accelerate_fsdp2_config_on_cpu_is_refused(tmp_path, initial):
     env = dict(child_env(), ACCELERATE_USE_CPU="true")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_YAML), "--num_processes",
            "2", "--mixed_precision", "no", "--main_process_port", "29614", str(REPO / "training" / "pretrain.py"),
-           "--model", str(initial), "--datasets", json.dumps([data]), "--output_dir", str(tmp_path / "out"),
+           "--model", str(initial), "--datasets", data, "--output_dir", str(tmp_path / "out"),
            "--max_steps", "1", "--progress_bar", "false", "--threads", "1"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0

@@ -216,9 +216,9 @@ def test_text_model_then_stage1_stage2_and_sft_run_on_the_prepared_data(world, t
     text_dir = tmp_path / "text_model"
     result = train_text_model.main([
         "--corpus", world["corpus"], "--tokenizer", world["tokenizer"], "--output", str(text_dir),
-        "--max-steps", "3", "--eval-every", "0", "--log-every", "1", "--batch-size", "4", "--hidden-size", "32",
-        "--num-layers", "2", "--num-heads", "2", "--num-kv-heads", "1", "--head-dim", "16",
-        "--intermediate-size", "64", "--max-minutes", "1"])
+        "--max_steps", "3", "--eval_every", "0", "--log_every", "1", "--batch_size", "4", "--hidden_size", "32",
+        "--num_layers", "2", "--num_heads", "2", "--num_kv_heads", "1", "--head_dim", "16",
+        "--intermediate_size", "64", "--max_minutes", "1"])
     assert result["step"] == 3 and result["total"] == len(FACTS) and 0.0 <= result["accuracy"] <= 1.0
     assert set(result["by_split"]) == {"train", "heldout"}
     assert (text_dir / "model.safetensors").is_file() and (text_dir / "text_eval.json").is_file()
@@ -246,7 +246,7 @@ def test_text_model_then_stage1_stage2_and_sft_run_on_the_prepared_data(world, t
                     entries.append({**entry, "path": str(data / Path(entry["path"]).relative_to("data/nano"))})
                 else:
                     entries.append(str(data / Path(entry).relative_to("data/nano")))
-            out += [f"--{key}", json.dumps(entries)]
+            out += [f"--{key}", *(json.dumps(e) if isinstance(e, dict) else e for e in entries)]
         return out
 
     s1 = pretrain.main(["--config", str(ROOT / "training" / "configs" / "nano.yaml"), *paths(stage1), *common,

@@ -31,8 +31,8 @@ def test_recipe_steps_in_order(tmp_path):
     assert [s for s in steps if s in order] == order
     commands = dict(line[3:].split(": ", 1) for line in lines)
     # the first corpus has no question voices; the voices round reads the corpus that has them
-    assert commands["corpus"].endswith("--question-voices --overwrite --no-progress")
-    assert "--question-voices" not in commands["corpus_voices"]
+    assert commands["corpus"].endswith("--question_voices none --overwrite --no_progress")
+    assert "--question_voices" not in commands["corpus_voices"]
     assert f"{tmp_path}/data/voices/sft" in commands["sft_voices_4"]
     assert "--model_name_or_path " + f"{tmp_path}/out/stage2_voices_4" in commands["sft_voices_4"]
     assert f"--model {tmp_path}/out/sft_voices_3 " in commands["stage2_voices_4"]

@@ -159,8 +159,8 @@ def test_cli_main_with_audio_column_stereo_44k(tmp_path, codec, processor, speec
     codec.save_pretrained(tmp_path / "codec")
     processor.save_pretrained(tmp_path / "processor")
     argv = ["--input", str(tmp_path / "input"), "--codec", str(tmp_path / "codec"), "--processor",
-            str(tmp_path / "processor"), "--mode", "speech", "--output", str(tmp_path / "out"), "--audio-column",
-            "speech", "--batch-size", "2", "--num-shards", "2", "--quiet", "--device", "cpu"]
+            str(tmp_path / "processor"), "--mode", "speech", "--output", str(tmp_path / "out"), "--audio_column",
+            "speech", "--batch_size", "2", "--num_shards", "2", "--quiet", "--device", "cpu"]
     assert prep.main(argv) == 0
     out = datasets.load_from_disk(str(tmp_path / "out"))
     assert sorted(p.name for p in (tmp_path / "out" / "shards").iterdir()) == ["00000", "00001", "manifest.json"]
@@ -258,7 +258,7 @@ def test_input_loading_disk_dict_split_and_data_directory(tmp_path, processor):
     (tmp_path / "jsonl" / "train.jsonl").write_text('{"line": "hello world"}\n{"line": "yes"}\n')
     processor.save_pretrained(tmp_path / "processor")
     argv = ["--input", str(tmp_path / "jsonl"), "--processor", str(tmp_path / "processor"), "--mode", "text",
-            "--text-column", "line", "--output", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+            "--text_column", "line", "--output", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"),
             "--quiet"]
     assert prep.main(argv) == 0
     assert [row["input_ids"] for row in datasets.load_from_disk(str(tmp_path / "out"))] == [

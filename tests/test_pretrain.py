@@ -20,6 +20,7 @@ from modeling_moss_speech import MossSpeechForCausalLM
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training"))
 import pretrain  # noqa: E402
+import pretrain_data  # noqa: E402
 
 TEXT_BACKBONE = ("model.embed_tokens.", "model.shared_block.", "model.text_block.", "model.text_norm.",
                  "text_lm_head.")
@@ -63,7 +64,13 @@ def argv(model: str, data: str | list, out: Path, **overrides) -> list[str]:
                   stage="stage2", max_length=32, per_device_batch_size=2, gradient_accumulation_steps=1,
                   learning_rate=1e-3, warmup_steps=1, max_steps=3, log_every=1, progress_bar=False, seed=0)
     values.update(overrides)
-    return [t for k, v in values.items() for t in (f"--{k}", json.dumps(v) if not isinstance(v, str) else v)]
+    out = []
+    for key, value in values.items():  # a list flag takes its entries as separate values; a mapping as JSON text
+        if value == []:  # an empty list: no flag
+            continue
+        out += [f"--{key}", *(v if isinstance(v, str) else json.dumps(v) for v in
+                              (value if isinstance(value, list) else [value]))]
+    return out
 
 
 def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path, mixed_data, monkeypatch):
@@ -121,7 +128,7 @@ def test_stage1_leaves_the_text_backbone_bit_identical(tmp_path, mixed_data):
 def test_scan_grids_reads_the_selected_rows():
     grids = [speech_only(1, 5), text_only(3, 4), speech_only(2, 7)]
     data = datasets.Dataset.from_dict({"input_ids": grids}).select([2, 1])  # an indices mapping, reordered
-    lengths, text_only_flags = pretrain._scan_grids(data, MODALITY_PAD, "auto", "memory")
+    lengths, text_only_flags = pretrain_data._scan_grids(data, MODALITY_PAD, "auto", "memory")
     assert lengths.tolist() == [len(grids[2]), len(grids[1])] and text_only_flags.tolist() == [False, True]
 
 
@@ -217,8 +224,9 @@ def test_init_from_text_model_and_yaml_recipe(tmp_path, mixed_data):
         "max_steps": 5, "progress_bar": False, "output_dir": str(tmp_path / "out"),
     }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    overrides = {**recipe["config_overrides"], "pad_token_id": 281}  # a mapping flag replaces the recipe's mapping
     result = pretrain.main(["--config", str(tmp_path / "recipe.yaml"), "--max_steps=2", "--log_every", "1",
-                            "--config_overrides.pad_token_id", "281"])
+                            "--config_overrides", json.dumps(overrides)])
     assert result["step"] == 2
     trained = MossSpeechForCausalLM.from_pretrained(tmp_path / "out")
     assert (trained.config.num_shared_layers, trained.config.pad_token_id) == (2, 281)
@@ -235,15 +243,38 @@ def test_init_from_text_model_and_yaml_recipe(tmp_path, mixed_data):
         ({"max_length": 1}, "'max_length' must be >= 2"),
         ({"text_mix_ratio": 1.5}, "'text_mix_ratio' must be in \\[0, 1\\]"),
         ({"mixed_precision": "fp8"}, "'mixed_precision' must be one of"),
-        ({"learning_rate": "fast"}, "'learning_rate' must be a number"),
-        ({"max_stepz": 3}, "unknown recipe keys \\['max_stepz'\\]"),
         ({"init_from_text_model": "qwen"}, "exactly one of 'model'"),
         ({"datasets": []}, "'datasets' must list at least one"),
     ],
 )
 def test_bad_recipe_values(tmp_path, mixed_data, overrides, message):
     with pytest.raises(ValueError, match=message):
-        pretrain.load_config(argv(str(tmp_path), mixed_data, tmp_path / "out", **overrides))
+        pretrain.make_parser().parse_args_and_config(argv(str(tmp_path), mixed_data, tmp_path / "out", **overrides))
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        ({"learning_rate": "fast"}, "key 'learning_rate' of .* must be a number, got 'fast'"),
+        ({"max_steps": 2.5}, "key 'max_steps' of .* must be an integer, got 2.5"),
+        ({"pack": "maybe"}, "key 'pack' of .* must be true or false"),
+        ({"max_stepz": 3}, "unknown keys \\['max_stepz'\\]"),
+    ],
+)
+def test_bad_recipe_file(tmp_path, mixed_data, recipe, message):
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match=message):
+        pretrain.make_parser().parse_args_and_config(["--config", str(tmp_path / "recipe.yaml"),
+                                                       *argv(str(tmp_path), mixed_data, tmp_path / "out")])
+
+
+def test_bad_flags_exit_with_usage(tmp_path, mixed_data, capsys):
+    with pytest.raises(SystemExit):
+        pretrain.make_parser().parse_args_and_config(argv(str(tmp_path), mixed_data, tmp_path / "out",
+                                                          learning_rate="fast"))
+    assert "invalid float value: 'fast'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--max_stepz"):
+        pretrain.make_parser().parse_args_and_config(argv(str(tmp_path), mixed_data, tmp_path / "out", max_stepz=3))
 
 
 def test_text_mix_needs_text_only_data(tmp_path):
@@ -262,8 +293,8 @@ def test_shipped_configs_load(tmp_path, mixed_data):
     fsdp = yaml.safe_load((configs / "fsdp2.yaml").read_text())["fsdp_config"]
     assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_transformer_layer_cls_to_wrap"] == "Qwen3DecoderLayer"
     for name in ("stage1", "stage2", "nano"):  # every key known and well typed (data paths replaced)
-        cfg = pretrain.load_config(["--config", str(configs / f"{name}.yaml"), "--datasets", mixed_data,
-                                    "--eval_datasets", mixed_data])
+        (cfg,) = pretrain.make_parser().parse_args_and_config(["--config", str(configs / f"{name}.yaml"),
+                                                               "--datasets", mixed_data, "--eval_datasets", mixed_data])
         assert cfg.stage in ("stage1", "stage2")
     sft = yaml.safe_load((configs / "sft.yaml").read_text())
     assert {"model_name_or_path", "dataset_name", "learning_rate", "per_device_train_batch_size", "max_steps",

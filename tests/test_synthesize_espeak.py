@@ -28,9 +28,9 @@ MAX_FACTS = 6
 def built(tmp_path_factory):
     """A 6-fact, 2-voice corpus made through the CLI with the 2-process pool, loaded back."""
     output = tmp_path_factory.mktemp("corpus") / "corpus"
-    summary = se.main(["--output", str(output), "--seed", "3", "--max-facts", str(MAX_FACTS), "--voices",
-                       *TRAIN_VOICES, "--question-voices", *QUESTION_VOICES, "--num-workers", "2",
-                       "--no-progress"])
+    summary = se.main(["--output", str(output), "--seed", "3", "--max_facts", str(MAX_FACTS), "--voices",
+                       *TRAIN_VOICES, "--question_voices", *QUESTION_VOICES, "--num_workers", "2",
+                       "--no_progress"])
     return summary, se.load_corpus(output)
 
 

@@ -72,8 +72,8 @@ def tokenizer_codec(tmp_path_factory) -> Path:
 def test_trains_the_flow_and_saves_a_griffin_lim_codec(corpus, tokenizer_codec, tmp_path):
     summary = train_speech_decoder.main([
         "--codec", str(tokenizer_codec), "--corpus", str(corpus), "--output", str(tmp_path / "codec"),
-        "--max-steps", "40", "--batch-size", "3", "--threads", "1", "--warmup-steps", "5", "--log-every", "10",
-        "--save-voices", str(tmp_path / "voices"), "--learning-rate", "3e-3",
+        "--max_steps", "40", "--batch_size", "3", "--threads", "1", "--warmup_steps", "5", "--log_every", "10",
+        "--save_voices", str(tmp_path / "voices"), "--learning_rate", "3e-3",
     ])
     assert summary["steps"] == 40 and summary["train_utterances"] == len(ROWS)
     assert summary["history"][-1]["loss"] < summary["history"][0]["loss"]
@@ -105,24 +105,24 @@ def test_config_replaces_the_decoder_and_drops_the_speaker_encoder(corpus, token
                                                     "griffin_lim_iters": 2, "encoder_config": {"ignored": 1}}))
     summary = train_speech_decoder.main([
         "--codec", str(tokenizer_codec), "--corpus", str(corpus), "--output", str(tmp_path / "codec"),
-        "--config", str(tmp_path / "nano.json"), "--max-steps", "3", "--batch-size", "2", "--threads", "1",
-        "--eval-examples", "1",
+        "--codec_config", str(tmp_path / "nano.json"), "--max_steps", "3", "--batch_size", "2", "--threads", "1",
+        "--eval_examples", "1",
     ])
     codec = MossSpeechCodecModel.from_pretrained(tmp_path / "codec")
     assert codec.config.flow_config.input_size == 16 and codec.config.griffin_lim_iters == 2
     assert codec.speaker_encoder is None and summary["steps"] == 3
-    with pytest.raises(ValueError, match="--batch-size must be positive"):
-        train_speech_decoder.main(["--codec", "x", "--corpus", "y", "--output", "z", "--batch-size", "0"])
+    with pytest.raises(ValueError, match="--batch_size must be positive"):
+        train_speech_decoder.main(["--codec", "x", "--corpus", "y", "--output", "z", "--batch_size", "0"])
 
 
 def test_canonical_fine_tune_continues_the_flow_on_the_assistant_voice(corpus, tokenizer_codec, tmp_path):
     first = tmp_path / "codec"
     train_speech_decoder.main(["--codec", str(tokenizer_codec), "--corpus", str(corpus), "--output", str(first),
-                               "--max-steps", "2", "--batch-size", "2", "--threads", "1", "--eval-examples", "1"])
+                               "--max_steps", "2", "--batch_size", "2", "--threads", "1", "--eval_examples", "1"])
     summary = train_speech_decoder.main([
-        "--codec", str(first), "--corpus", str(corpus), "--output", str(tmp_path / "voice"), "--canonical-only",
-        "--inference-noise-scale", "0", "--max-steps", "1", "--batch-size", "1", "--threads", "1",
-        "--learning-rate", "1e-9", "--warmup-steps", "1", "--eval-examples", "1",
+        "--codec", str(first), "--corpus", str(corpus), "--output", str(tmp_path / "voice"), "--canonical_only",
+        "--inference_noise_scale", "0", "--max_steps", "1", "--batch_size", "1", "--threads", "1",
+        "--learning_rate", "1e-9", "--warmup_steps", "1", "--eval_examples", "1",
     ])
     assert summary["train_utterances"] == sum(canonical for *_, canonical in ROWS)
     before, after = (MossSpeechCodecModel.from_pretrained(p) for p in (first, tmp_path / "voice"))

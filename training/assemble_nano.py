@@ -7,43 +7,43 @@ The result is the shipped layout (`modeling_moss_speech/pretrained/moss-speech-n
 `model.safetensors`, `generation_config.json` (greedy decoding, stop at `<|endoftext|>` / `<|im_end|>`), the
 tokenizer and `processor_config.json` (the nano special ids), the codec in `codec/` (the processor's
 CODEC_SUBFOLDER, loaded with the processor), and `voices/<name>.safetensors` voice prompts
-(`MossSpeechVoicePrompt`): copies of those in `--voices-dir` (e.g. `training/train_speech_decoder.py
---save-voices`), and prompts made here from training-split utterances of each `--voices` corpus voice (default: the
+(`MossSpeechVoicePrompt`): copies of those in `--voices_dir` (e.g. `training/train_speech_decoder.py
+--save_voices`), and prompts made here from training-split utterances of each `--voices` corpus voice (default: the
 canonical assistant voice `en-us`). With `--data`, the codec must be the one `processing/prepare_nano.py` encoded the
 training data with (same fingerprint): the LLM only knows that codec's codes. `nano_info.json` lists the sources
-and the sizes; a total over `--max-mb` is an error.
+and the sizes; a total over `--max_mb` is an error.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-_REPO = Path(__file__).resolve().parents[1]
-for _path in (_REPO, _REPO / "processing"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-from prepare_dataset import load_audio_value  # noqa: E402
-from prepare_nano import CODES_MANIFEST, codec_fingerprint, load_corpus  # noqa: E402
-
-from modeling_moss_speech import (  # noqa: E402
+from modeling_moss_speech import (
     MossSpeechCodecModel,
     MossSpeechForCausalLM,
     MossSpeechProcessor,
     MossSpeechVoicePrompt,
 )
-from modeling_moss_speech.generation_moss_speech import MossSpeechGenerationConfig  # noqa: E402
-from modeling_moss_speech.threads import add_threads_argument, set_threads  # noqa: E402
+from modeling_moss_speech.generation_moss_speech import MossSpeechGenerationConfig
+from modeling_moss_speech.script_utils import NANO_CODES_MANIFEST as CODES_MANIFEST
+from modeling_moss_speech.script_utils import (
+    ScriptArgumentParser,
+    codec_fingerprint,
+    load_audio_value,
+    none_means_empty,
+    threads_field,
+)
+from modeling_moss_speech.script_utils import load_nano_corpus as load_corpus
+from modeling_moss_speech.threads import set_threads
 
 CANONICAL_VOICE = "en-us"
 
@@ -88,7 +88,7 @@ def assemble(model: str | os.PathLike, processor: str | os.PathLike, codec: str 
             raise ValueError(f"--codec {str(codec)!r} is not the codec the training data in {str(data)!r} was "
                              "encoded with (fingerprints differ): ship the codec prepare_nano.py used.")
     if voices and corpus is None:
-        raise ValueError("--corpus is required to make voice prompts (or pass --voices with no names).")
+        raise ValueError("--corpus is required to make voice prompts (or pass --voices none).")
     if output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True)
@@ -112,10 +112,10 @@ def assemble(model: str | os.PathLike, processor: str | os.PathLike, codec: str 
 
     written = {}
     (output / "voices").mkdir()
-    if voices_dir is not None:  # prompts made elsewhere (training/train_speech_decoder.py --save-voices)
+    if voices_dir is not None:  # prompts made elsewhere (training/train_speech_decoder.py --save_voices)
         found = sorted(Path(voices_dir).glob("*.safetensors"))
         if not found:
-            raise ValueError(f"--voices-dir {str(voices_dir)!r} holds no .safetensors voice prompt.")
+            raise ValueError(f"--voices_dir {str(voices_dir)!r} holds no .safetensors voice prompt.")
         codebook = codec_model.config.encoder_config.quantize_vocab_size
         for path in found:
             prompt = MossSpeechVoicePrompt.load(str(path))
@@ -140,28 +140,47 @@ def assemble(model: str | os.PathLike, processor: str | os.PathLike, codec: str 
                         "llm": round((output / "model.safetensors").stat().st_size / 2**20, 2)}}
     (output / "nano_info.json").write_text(json.dumps(info, indent=2))
     if max_mb is not None and info["size_mb"]["total"] > max_mb:
-        raise ValueError(f"the checkpoint in {str(output)!r} is {info['size_mb']['total']} MB, over --max-mb "
+        raise ValueError(f"the checkpoint in {str(output)!r} is {info['size_mb']['total']} MB, over --max_mb "
                          f"{max_mb} ({info['size_mb']}).")
     return info
 
 
+@dataclass
+class AssembleNanoArguments:
+    """Flags of `training/assemble_nano.py` (see the module docstring)."""
+
+    model: str | None = field(default=None, metadata={
+        "help": "Fine-tuned MOSS-Speech directory (training/sft.py output; required)."})
+    processor: str = field(default="outputs/nano/tokenizer", metadata={"help": "Nano processor/tokenizer directory."})
+    codec: str | None = field(default=None, metadata={"help": "The trained nano codec directory (required)."})
+    corpus: str = field(default="data/nano/corpus", metadata={"help": "Corpus the voice prompts are cut from."})
+    data: str | None = field(default=None, metadata={
+        "help": "prepare_nano.py's output: check the codec is the one it used."})
+    output: str | None = field(default=None, metadata={
+        "help": "Checkpoint directory to write (replaced if it exists; required)."})
+    voices: list[str] = field(default_factory=lambda: [CANONICAL_VOICE], metadata={
+        "help": "Corpus voices to make prompts of ('none': no prompts from the corpus)."})
+    voices_dir: str | None = field(default=None, metadata={
+        "help": "Also ship every .safetensors voice prompt of this folder (made with the same codec)."})
+    voice_seconds: float = field(default=3.0, metadata={"help": "Length of each voice prompt's audio."})
+    max_mb: float = field(default=30.0, metadata={"help": "Largest allowed total size (MB)."})
+    threads: int | None = threads_field()
+
+    def __post_init__(self) -> None:
+        for name in ("model", "codec", "output"):
+            if getattr(self, name) is None:
+                raise ValueError(f"--{name} is required.")
+        self.voices = none_means_empty(self.voices)
+
+
+def make_parser() -> ScriptArgumentParser:
+    """The command-line parser (`--config file.yaml` and the flags of `AssembleNanoArguments`)."""
+    return ScriptArgumentParser(AssembleNanoArguments, description=__doc__.split("\n\n")[0])
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command line (see the module docstring)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="Fine-tuned MOSS-Speech directory (training/sft.py output).")
-    parser.add_argument("--processor", default="outputs/nano/tokenizer", help="Nano processor/tokenizer directory.")
-    parser.add_argument("--codec", required=True, help="The trained nano codec directory.")
-    parser.add_argument("--corpus", default="data/nano/corpus", help="Corpus the voice prompts are cut from.")
-    parser.add_argument("--data", default=None, help="prepare_nano.py's output: check the codec is the one it used.")
-    parser.add_argument("--output", required=True, help="Checkpoint directory to write (replaced if it exists).")
-    parser.add_argument("--voices", nargs="*", default=[CANONICAL_VOICE],
-                        help="Corpus voices to make prompts of (none: `--voices` alone).")
-    parser.add_argument("--voices-dir", default=None, help="Also ship every .safetensors voice prompt of this folder "
-                                                           "(made with the same codec).")
-    parser.add_argument("--voice-seconds", type=float, default=3.0, help="Length of each voice prompt's audio.")
-    parser.add_argument("--max-mb", type=float, default=30.0, help="Largest allowed total size (MB).")
-    add_threads_argument(parser)
-    args = parser.parse_args(argv)
+    (args,) = make_parser().parse_args_and_config(argv)
     set_threads(args.threads)
     info = assemble(args.model, args.processor, args.codec, args.output, args.corpus, args.data, args.voices,
                     args.voice_seconds, args.voices_dir, args.max_mb)

@@ -12,13 +12,14 @@ checkpoint as the before column), prints the Markdown tables (one column per run
 
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from modeling_moss_speech.evaluation import markdown_comparison
 from modeling_moss_speech.hub import render_model_card
-from modeling_moss_speech.threads import add_threads_argument, set_threads
+from modeling_moss_speech.script_utils import ScriptArgumentParser, threads_field
+from modeling_moss_speech.threads import set_threads
 
 # How spoken answers are scored: first by a recogniser independent of the codec, then by the codec's own CTC head.
 SCORING = ("S->S and T->S: the spoken answer, decoded by the codec in the canonical voice, is heard first by an "
@@ -63,13 +64,25 @@ def report(eval_dir: Path) -> str:
     return "\n\n".join([*parts, SCORING])
 
 
+@dataclass
+class NanoReportArguments:
+    """Flags of `training/nano_report.py`."""
+
+    eval: str = field(default="outputs/nano/eval", metadata={"help": "Directory of the recipe's eval JSON files."})
+    checkpoint: str | None = field(default=None, metadata={
+        "help": "Write the model card (README.md) into this checkpoint."})
+    repo_id: str = field(default="moss-speech/MOSS-Speech-Nano", metadata={"help": "Hub repo id the card names."})
+    threads: int | None = threads_field()
+
+
+def make_parser() -> ScriptArgumentParser:
+    """The command-line parser (`--config file.yaml` and the flags of `NanoReportArguments`)."""
+    return ScriptArgumentParser(NanoReportArguments, description=__doc__.split("\n\n")[0])
+
+
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--eval", default="outputs/nano/eval", help="directory of the recipe's eval JSON files")
-    parser.add_argument("--checkpoint", default=None, help="write the model card (README.md) into this checkpoint")
-    parser.add_argument("--repo-id", default="moss-speech/MOSS-Speech-Nano")
-    add_threads_argument(parser)
-    args = parser.parse_args(argv)
+    """Print the tables of the eval JSON files (and write the model card with `--checkpoint`); returns them."""
+    (args,) = make_parser().parse_args_and_config(argv)
     set_threads(args.threads)
     tables = report(Path(args.eval))
     print(tables)

@@ -4,15 +4,15 @@ The second half of the nano codec recipe (after `training/train_speech_tokenizer
 every training utterance into codes, the 24 kHz log-mel of the same audio (`prompt_mel_spectrogram`, the decoder's
 target) is trimmed to 4 frames per code, and the flow is trained with its conditional flow-matching loss
 (`MossSpeechCodecFlow.compute_loss`: random prompt prefixes, unified streaming/full-context training, guidance
-dropout). The saved codec uses the weight-free Griffin-Lim vocoder by default (`--vocoder-type`).
+dropout). The saved codec uses the weight-free Griffin-Lim vocoder by default (`--vocoder_type`).
 
     python training/train_speech_decoder.py --codec outputs/nano/codec_tokenizer --corpus data/nano/corpus \\
-        --config training/configs/nano_codec.json --output outputs/nano/codec --max-minutes 18 --threads 1 \\
-        --save-voices outputs/nano/voices
+        --codec_config training/configs/nano_codec.json --output outputs/nano/codec --max_minutes 18 --threads 1 \\
+        --save_voices outputs/nano/voices
 
-`--max-minutes` bounds the training loop (the learning rate follows a warmup + cosine schedule over whichever of
-`--max-steps` and `--max-minutes` ends first); reading the corpus, encoding it and the final check come on top and
-are reported separately. Canonical-voice rows (the assistant's voice) are drawn `--canonical-weight` times as often.
+`--max_minutes` bounds the training loop (the learning rate follows a warmup + cosine schedule over whichever of
+`--max_steps` and `--max_minutes` ends first); reading the corpus, encoding it and the final check come on top and
+are reported separately. Canonical-voice rows (the assistant's voice) are drawn `--canonical_weight` times as often.
 Prints a JSON summary: steps, minutes, final loss, validation loss and, when the codec has a CTC recogniser
 (`codec.transcribe`), a round-trip check on validation utterances: encode → decode (in the canonical voice) →
 16 kHz → transcribe, next to the transcription of the original audio.
@@ -20,14 +20,13 @@ Prints a JSON summary: steps, minutes, final loss, validation loss and, when the
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,8 @@ from tqdm.auto import tqdm
 from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel
 from modeling_moss_speech.evaluation import transcription_scores
 from modeling_moss_speech.modeling_moss_speech_codec import prompt_mel_spectrogram
-from modeling_moss_speech.threads import add_threads_argument, set_threads
+from modeling_moss_speech.script_utils import ScriptArgumentParser, threads_field
+from modeling_moss_speech.threads import set_threads
 
 logger = logging.getLogger("train_speech_decoder")
 
@@ -224,45 +224,65 @@ def pick_voice_rows(rows: list[Utterance], max_seconds: float = 4.0) -> dict[str
     return {name: row for name, row in picked.items() if row is not None}
 
 
+@dataclass
+class TrainSpeechDecoderArguments:
+    """Flags of `training/train_speech_decoder.py` (see the module docstring)."""
+
+    codec: str | None = field(default=None, metadata={
+        "help": "Codec directory with a trained tokenizer (save_pretrained; required)."})
+    corpus: str | None = field(default=None, metadata={
+        "help": "DatasetDict directory from processing/synthesize_espeak.py (required)."})
+    output: str | None = field(default=None, metadata={
+        "help": "Where the codec with the trained decoder is saved (required)."})
+    codec_config: str | None = field(default=None, metadata={
+        "help": "JSON whose flow_config / vocoder_config / vocoder_type / griffin_lim_iters / speaker_config replace "
+                "the codec's (e.g. training/configs/nano_codec.json)."})
+    vocoder_type: str = field(default="griffin_lim", metadata={
+        "help": "Vocoder of the saved codec (HiFT is not trained here).", "choices": ["griffin_lim", "hift"]})
+    max_steps: int = field(default=100_000, metadata={"help": "Optimizer steps at most."})
+    max_minutes: float | None = field(default=None, metadata={"help": "Budget of the training loop."})
+    batch_size: int = field(default=16, metadata={"help": "Utterances per batch."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate."})
+    warmup_steps: int = field(default=100, metadata={"help": "Linear warmup steps."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    canonical_weight: int = field(default=2, metadata={"help": "Draws of each canonical-voice row per epoch."})
+    inference_noise_scale: float | None = field(default=None, metadata={
+        "help": "The saved flow's starting-noise scale at inference (default: the source codec's)."})
+    canonical_only: bool = field(default=False, metadata={
+        "help": "Train on the assistant's (canonical) voice only: the voice every spoken answer uses."})
+    max_train_examples: int | None = field(default=None, metadata={"help": "Random subset of train (smoke runs)."})
+    eval_examples: int = field(default=20, metadata={"help": "Validation utterances of the final check."})
+    save_voices: str | None = field(default=None, metadata={
+        "help": "Directory for canonical/female/male voice prompts."})
+    threads: int | None = threads_field()
+    seed: int = field(default=0, metadata={"help": "Seed of the data order, subsets and initialisation."})
+    log_every: int = field(default=50, metadata={"help": "Steps between log lines."})
+
+    def __post_init__(self) -> None:
+        for name in ("codec", "corpus", "output"):
+            if getattr(self, name) is None:
+                raise ValueError(f"--{name} is required.")
+        for name in ("max_steps", "batch_size", "canonical_weight", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}.")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"--max_minutes must be positive, got {self.max_minutes}.")
+
+
+def make_parser() -> ScriptArgumentParser:
+    """The command-line parser (`--config file.yaml` and the flags of `TrainSpeechDecoderArguments`)."""
+    return ScriptArgumentParser(TrainSpeechDecoderArguments, description=__doc__.split("\n\n")[0])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--codec", required=True, help="codec directory with a trained tokenizer (save_pretrained)")
-    parser.add_argument("--corpus", required=True, help="DatasetDict directory from processing/synthesize_espeak.py")
-    parser.add_argument("--output", required=True, help="where the codec with the trained decoder is saved")
-    parser.add_argument("--config", default=None,
-                        help="JSON whose flow_config / vocoder_config / vocoder_type / griffin_lim_iters / "
-                             "speaker_config replace the codec's (e.g. training/configs/nano_codec.json)")
-    parser.add_argument("--vocoder-type", default="griffin_lim", choices=("griffin_lim", "hift"),
-                        help="vocoder of the saved codec (HiFT is not trained here)")
-    parser.add_argument("--max-steps", type=int, default=100_000)
-    parser.add_argument("--max-minutes", type=float, default=None, help="budget of the training loop")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--canonical-weight", type=int, default=2, help="draws of each canonical-voice row per epoch")
-    parser.add_argument("--inference-noise-scale", type=float, default=None,
-                        help="the saved flow's starting-noise scale at inference (default: the source codec's)")
-    parser.add_argument("--canonical-only", action="store_true",
-                        help="train on the assistant's (canonical) voice only: the voice every spoken answer uses")
-    parser.add_argument("--max-train-examples", type=int, default=None, help="random subset of train (smoke runs)")
-    parser.add_argument("--eval-examples", type=int, default=20)
-    parser.add_argument("--save-voices", default=None, help="directory for canonical/female/male voice prompts")
-    add_threads_argument(parser)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=50)
-    args = parser.parse_args(argv)
-    for name in ("max_steps", "batch_size", "canonical_weight", "log_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        raise ValueError(f"--max-minutes must be positive, got {args.max_minutes}.")
+    """Train the decoder as the flags say; prints and returns the JSON summary."""
+    (args,) = make_parser().parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     set_threads(args.threads)
     rng = random.Random(args.seed)
     started = time.monotonic()
 
-    codec = build_codec(args.codec, args.config, args.vocoder_type, args.seed, args.inference_noise_scale)
+    codec = build_codec(args.codec, args.codec_config, args.vocoder_type, args.seed, args.inference_noise_scale)
     train_rows = read_split(args.corpus, "train", args.max_train_examples, args.seed)
     eval_rows = read_split(args.corpus, "validation", args.eval_examples, args.seed)
     codes, mels = decoder_targets(codec, train_rows)

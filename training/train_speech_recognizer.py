@@ -15,24 +15,22 @@ after.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchaudio
 from tqdm.auto import tqdm
+from train_speech_tokenizer import _read_split, _targets, recognition_scores
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speech_tokenizer import _read_split, _targets, recognition_scores  # noqa: E402
-
-from modeling_moss_speech import MossSpeechCodecModel, MossSpeechVoicePrompt  # noqa: E402
-from modeling_moss_speech.threads import add_threads_argument, set_threads  # noqa: E402
+from modeling_moss_speech import MossSpeechCodecModel, MossSpeechVoicePrompt
+from modeling_moss_speech.script_utils import ScriptArgumentParser, threads_field
+from modeling_moss_speech.threads import set_threads
 
 
 @torch.no_grad()
@@ -58,20 +56,39 @@ def scores(codec: MossSpeechCodecModel, waves, texts, voice) -> dict[str, dict[s
     return {"original": recognition_scores(heard, texts), "roundtrip": recognition_scores(again, texts)}
 
 
+@dataclass
+class TrainSpeechRecognizerArguments:
+    """Flags of `training/train_speech_recognizer.py` (see the module docstring)."""
+
+    codec: str | None = field(default=None, metadata={
+        "help": "The trained codec: tokenizer with CTC head + decoder (required)."})
+    corpus: str | None = field(default=None, metadata={
+        "help": "DatasetDict of processing/synthesize_espeak.py (required)."})
+    output: str | None = field(default=None, metadata={"help": "Where the codec is saved (required)."})
+    voice: str | None = field(default=None, metadata={
+        "help": "A saved voice prompt used for half of the decoded speech."})
+    max_train_examples: int = field(default=3000, metadata={"help": "Train utterances decoded and trained on."})
+    eval_examples: int = field(default=50, metadata={"help": "Validation utterances scored before and after."})
+    max_steps: int = field(default=1500, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=32, metadata={"help": "Code streams per batch."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the CTC head."})
+    threads: int | None = threads_field()
+    seed: int = field(default=0, metadata={"help": "Seed of the data order."})
+
+    def __post_init__(self) -> None:
+        for name in ("codec", "corpus", "output"):
+            if getattr(self, name) is None:
+                raise ValueError(f"--{name} is required.")
+
+
+def make_parser() -> ScriptArgumentParser:
+    """The command-line parser (`--config file.yaml` and the flags of `TrainSpeechRecognizerArguments`)."""
+    return ScriptArgumentParser(TrainSpeechRecognizerArguments, description=__doc__.split("\n\n")[0])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--codec", required=True, help="the trained codec (tokenizer with CTC head + decoder)")
-    parser.add_argument("--corpus", required=True, help="DatasetDict of processing/synthesize_espeak.py")
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--voice", default=None, help="a saved voice prompt used for half of the decoded speech")
-    parser.add_argument("--max-train-examples", type=int, default=3000)
-    parser.add_argument("--eval-examples", type=int, default=50)
-    parser.add_argument("--max-steps", type=int, default=1500)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    add_threads_argument(parser)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    """Train the CTC head as the flags say; prints and returns the JSON summary."""
+    (args,) = make_parser().parse_args_and_config(argv)
     set_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)

@@ -7,7 +7,7 @@ vectors alone, so whatever the codes carry is what the words need. The CTC head 
 (`codec.transcribe`), a small recogniser for evaluation.
 
     python training/train_speech_tokenizer.py --corpus data/nano/corpus \\
-        --config training/configs/nano_codec.json --output outputs/nano/codec_tokenizer --max-steps 3000
+        --codec_config training/configs/nano_codec.json --output outputs/nano/codec_tokenizer --max_steps 3000
 
 Reads the corpus of `processing/synthesize_espeak.py` (a DatasetDict with `train` and `validation` splits, an
 `audio` column and the spoken `text`). Saves a full `MossSpeechCodecModel` (the flow/vocoder are left as
@@ -16,12 +16,12 @@ initialised; `training/train_speech_decoder.py` trains them) and prints a JSON s
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel
 from modeling_moss_speech.evaluation import transcription_scores
-from modeling_moss_speech.threads import add_threads_argument, set_threads
+from modeling_moss_speech.script_utils import ScriptArgumentParser, threads_field
+from modeling_moss_speech.threads import set_threads
 
 VQ_START_FRACTION = 0.15
 
@@ -179,35 +180,53 @@ def evaluate(codec: MossSpeechCodecModel, waves: list[np.ndarray], texts: list[s
     return recognition_scores(hypotheses, texts)
 
 
+@dataclass
+class TrainSpeechTokenizerArguments:
+    """Flags of `training/train_speech_tokenizer.py` (see the module docstring)."""
+
+    corpus: str | None = field(default=None, metadata={
+        "help": "DatasetDict directory from processing/synthesize_espeak.py (required)."})
+    codec_config: str | None = field(default=None, metadata={
+        "help": "JSON of MossSpeechCodecConfig fields, with ctc_alphabet (required)."})
+    output: str | None = field(default=None, metadata={"help": "Where the codec is saved (required)."})
+    init_from: str | None = field(default=None, metadata={"help": "Continue from this codec (its codebook is kept)."})
+    max_steps: int = field(default=3000, metadata={"help": "Optimizer steps."})
+    max_minutes: float | None = field(default=None, metadata={"help": "Stop early after this long."})
+    batch_size: int = field(default=32, metadata={"help": "Utterances per batch."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate."})
+    commitment: float = field(default=0.25, metadata={"help": "Weight of the VQ commitment loss."})
+    eval_every: int = field(default=500, metadata={"help": "Steps between validation CER checks."})
+    eval_examples: int = field(default=200, metadata={"help": "Validation utterances per check."})
+    max_train_examples: int | None = field(default=None, metadata={"help": "Use only this many train utterances."})
+    threads: int | None = threads_field()
+    seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and augmentation."})
+
+    def __post_init__(self) -> None:
+        for name in ("corpus", "codec_config", "output"):
+            if getattr(self, name) is None:
+                raise ValueError(f"--{name} is required.")
+        for name in ("max_steps", "batch_size", "eval_every", "eval_examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}.")
+
+
+def make_parser() -> ScriptArgumentParser:
+    """The command-line parser (`--config file.yaml` and the flags of `TrainSpeechTokenizerArguments`)."""
+    return ScriptArgumentParser(TrainSpeechTokenizerArguments, description=__doc__.split("\n\n")[0])
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", required=True, help="DatasetDict directory from processing/synthesize_espeak.py")
-    parser.add_argument("--config", required=True, help="JSON of MossSpeechCodecConfig fields (with ctc_alphabet)")
-    parser.add_argument("--output", required=True, help="where the codec is saved")
-    parser.add_argument("--init-from", default=None, help="continue from this codec (its codebook is kept)")
-    parser.add_argument("--max-steps", type=int, default=3000)
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop early after this long")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--commitment", type=float, default=0.25)
-    parser.add_argument("--eval-every", type=int, default=500)
-    parser.add_argument("--eval-examples", type=int, default=200)
-    parser.add_argument("--max-train-examples", type=int, default=None)
-    add_threads_argument(parser)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for name in ("max_steps", "batch_size", "eval_every", "eval_examples"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}.")
+    """Train the tokenizer as the flags say; prints and returns the JSON summary."""
+    (args,) = make_parser().parse_args_and_config(argv)
     set_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     started = time.monotonic()
 
-    config = MossSpeechCodecConfig(**json.loads(Path(args.config).read_text()))
+    config = MossSpeechCodecConfig(**json.loads(Path(args.codec_config).read_text()))
     alphabet = config.encoder_config.ctc_alphabet
     if not alphabet:
-        raise ValueError(f"{args.config}: encoder_config.ctc_alphabet must be set to train with CTC.")
+        raise ValueError(f"{args.codec_config}: encoder_config.ctc_alphabet must be set to train with CTC.")
     codec = MossSpeechCodecModel(config).train()
     if args.init_from:
         codec = MossSpeechCodecModel.from_pretrained(args.init_from).train()

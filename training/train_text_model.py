@@ -1,21 +1,21 @@
 """Train the MOSS-Speech-Nano text model: a tiny Qwen3 that learns every fact of the nano world as text.
 
     python training/train_text_model.py --corpus data/nano/corpus --tokenizer outputs/nano/tokenizer \\
-        --output outputs/nano/text_model --max-minutes 5
+        --output outputs/nano/text_model --max_minutes 5
 
 This is the "text LLM" that `from_text_model` later splits into MOSS-Speech (trunk + two tails). It is trained on
 ALL facts (train and held-out: held-out facts are seen as text only, never as speech) in the exact text-to-text chat
 form the processor builds (`MossSpeechProcessor.training_rows`: user question, the default system turn placed after
 it as the release does, then the assistant answer and its `<|im_end|>`; loss on the answer rows only), with:
 
-- the text-output system prompt (the T->T mode), and, with `--audio-system-prompt` (default), the same conversation
+- the text-output system prompt (the T->T mode), and, with `--audio_system_prompt` (default), the same conversation
   under the audio-output system prompt, so the trunk computes the answer in the context spoken answers are asked in;
-- with `--plain-lines` (default), plain `question` `answer` `<|endoftext|>` lines (each segment tokenized on its own,
+- with `--plain_lines` (default), plain `question` `answer` `<|endoftext|>` lines (each segment tokenized on its own,
   as the pre-training grids are), loss on every token: the form of the interleaved pre-training sequences.
 
-Training stops at `--max-steps`, at `--max-minutes`, or (with `--stop-at-accuracy`, after `--min-steps`) at the
+Training stops at `--max_steps`, at `--max_minutes`, or (with `--stop_at_accuracy`, after `--min_steps`) at the
 first evaluation whose exact-match accuracy reaches it. The learning rate warms up linearly, then follows a cosine to
-10 % that ends at `--max-steps` or at the time budget, whichever comes first.
+10 % that ends at `--max_steps` or at the time budget, whichever comes first.
 
 Evaluation: greedy decoding of every fact in the T->T chat form, exact match of the decoded answer. The output
 directory holds the model (safetensors), its generation config (greedy, stops at `<|im_end|>` / `<|endoftext|>`),
@@ -25,29 +25,23 @@ category, and every wrong answer) and `train_log.jsonl`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import random
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-_REPO = Path(__file__).resolve().parents[1]
-for _path in (_REPO, _REPO / "processing"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-from build_nano_tokenizer import nano_processor, read_facts, special_ids  # noqa: E402
-
-from modeling_moss_speech.threads import add_threads_argument, set_threads  # noqa: E402
+from modeling_moss_speech.script_utils import ScriptArgumentParser, nano_processor, threads_field
+from modeling_moss_speech.script_utils import nano_special_ids as special_ids
+from modeling_moss_speech.script_utils import read_nano_facts as read_facts
+from modeling_moss_speech.threads import set_threads
 
 IGNORE = -100
 
@@ -185,7 +179,7 @@ def evaluate_facts(model: Qwen3ForCausalLM, processor: Any, facts: Sequence[dict
 # --------------------------------------------------------------------------------------------------------- train
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
+def train(args: TrainTextModelArguments) -> dict[str, Any]:
     """Train, evaluate and save the text model; returns the final evaluation with training statistics."""
     set_threads(args.threads)
     random.seed(args.seed)
@@ -281,49 +275,55 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", default="data/nano/corpus", help="Nano corpus (DatasetDict with a facts split).")
-    parser.add_argument("--tokenizer", default="outputs/nano/tokenizer", help="processing/build_nano_tokenizer.py's "
-                                                                               "output.")
-    parser.add_argument("--output", default="outputs/nano/text_model", help="Output directory.")
-    parser.add_argument("--max-minutes", type=float, default=5.0, help="Wall-clock budget (0: none).")
-    parser.add_argument("--max-steps", type=int, default=2000, help="Optimizer steps (the LR schedule's length).")
-    parser.add_argument("--min-steps", type=int, default=0, help="No early stop before this step.")
-    parser.add_argument("--stop-at-accuracy", type=float, default=None,
-                        help="Stop at the first evaluation (after --min-steps) with this exact-match accuracy "
-                             "(default: never; train to --max-steps or --max-minutes).")
-    parser.add_argument("--eval-every", type=int, default=250, help="Steps between evaluations (0: only at the end).")
-    parser.add_argument("--log-every", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    add_threads_argument(parser)
-    parser.add_argument("--limit-facts", type=int, default=0, help="Use only the first N facts (tests).")
-    parser.add_argument("--audio-system-prompt", action=argparse.BooleanOptionalAction, default=True,
-                        help="Also train each chat under the audio-output system prompt (answer in text).")
-    parser.add_argument("--plain-lines", action=argparse.BooleanOptionalAction, default=True,
-                        help="Also train plain question-answer lines.")
-    parser.add_argument("--hidden-size", type=int, default=192)
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--num-heads", type=int, default=3)
-    parser.add_argument("--num-kv-heads", type=int, default=1)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--intermediate-size", type=int, default=512)
-    return parser
+@dataclass
+class TrainTextModelArguments:
+    """Flags of `training/train_text_model.py` (see the module docstring)."""
+
+    corpus: str = field(default="data/nano/corpus", metadata={"help": "Nano corpus (DatasetDict with a facts split)."})
+    tokenizer: str = field(default="outputs/nano/tokenizer", metadata={
+        "help": "processing/build_nano_tokenizer.py's output."})
+    output: str = field(default="outputs/nano/text_model", metadata={"help": "Output directory."})
+    max_minutes: float = field(default=5.0, metadata={"help": "Wall-clock budget (0: none)."})
+    max_steps: int = field(default=2000, metadata={"help": "Optimizer steps (the LR schedule's length)."})
+    min_steps: int = field(default=0, metadata={"help": "No early stop before this step."})
+    stop_at_accuracy: float | None = field(default=None, metadata={
+        "help": "Stop at the first evaluation (after --min_steps) with this exact-match accuracy (default: never; "
+                "train to --max_steps or --max_minutes)."})
+    eval_every: int = field(default=250, metadata={"help": "Steps between evaluations (0: only at the end)."})
+    log_every: int = field(default=50, metadata={"help": "Steps between log lines."})
+    batch_size: int = field(default=64, metadata={"help": "Examples per batch."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    warmup_steps: int = field(default=100, metadata={"help": "Linear warmup steps."})
+    seed: int = field(default=0, metadata={"help": "Seed of initialisation and data order."})
+    threads: int | None = threads_field()
+    limit_facts: int = field(default=0, metadata={"help": "Use only the first N facts (tests)."})
+    audio_system_prompt: bool = field(default=True, metadata={
+        "help": "Also train each chat under the audio-output system prompt (answer in text)."})
+    plain_lines: bool = field(default=True, metadata={"help": "Also train plain question-answer lines."})
+    hidden_size: int = field(default=192, metadata={"help": "Qwen3 hidden size."})
+    num_layers: int = field(default=4, metadata={"help": "Qwen3 decoder layers."})
+    num_heads: int = field(default=3, metadata={"help": "Attention heads."})
+    num_kv_heads: int = field(default=1, metadata={"help": "Key/value heads."})
+    head_dim: int = field(default=64, metadata={"help": "Dimension of each head."})
+    intermediate_size: int = field(default=512, metadata={"help": "MLP intermediate size."})
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}.")
+
+
+def make_parser() -> ScriptArgumentParser:
+    """The command-line parser (`--config file.yaml` and the flags of `TrainTextModelArguments`)."""
+    return ScriptArgumentParser(TrainTextModelArguments, description=__doc__.split("\n\n")[0])
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse the command line and train; returns the final evaluation (also in `<output>/text_eval.json`)."""
-    args = build_parser().parse_args(argv)
-    for name in ("max_steps", "batch_size", "log_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
-    if args.learning_rate <= 0:
-        raise ValueError(f"--learning-rate must be > 0, got {args.learning_rate}.")
+    (args,) = make_parser().parse_args_and_config(argv)
     return train(args)
 
 

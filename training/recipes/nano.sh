@@ -96,62 +96,63 @@ pretrain() {
   run_step "$name" "$PY" training/pretrain.py "$@" --output_dir "$out" ${resume[@]+"${resume[@]}"}
 }
 
+# pre-training data: --datasets takes several entries, each a directory or a YAML mapping {path, kind}
 P=$NANO_DATA/pretrain
-SPEECH_DATA="[$P/speech, $P/interleaved, $P/spoken_qa]"
-MIXED_DATA="[$P/speech, $P/interleaved, $P/spoken_qa, {path: $P/text, kind: text}]"
-EVAL_DATA="[$P/eval]"
-MIXED_EVAL_DATA="[$P/eval, {path: $P/text_eval, kind: text}]"
+SPEECH_DATA=("$P/speech" "$P/interleaved" "$P/spoken_qa")
+MIXED_DATA=("$P/speech" "$P/interleaved" "$P/spoken_qa" "{path: $P/text, kind: text}")
+EVAL_DATA=("$P/eval")
+MIXED_EVAL_DATA=("$P/eval" "{path: $P/text_eval, kind: text}")
 V=$NANO_DATA/voices/pretrain
-VOICES_MIXED_DATA="[$V/speech, $V/interleaved, $V/spoken_qa, {path: $V/text, kind: text}]"
-VOICES_MIXED_EVAL_DATA="[$V/eval, {path: $V/text_eval, kind: text}]"
+VOICES_MIXED_DATA=("$V/speech" "$V/interleaved" "$V/spoken_qa" "{path: $V/text, kind: text}")
+VOICES_MIXED_EVAL_DATA=("$V/eval" "{path: $V/text_eval, kind: text}")
 
 # ---------------------------------------------------------------------------------------------- data and codec
 # the corpus of every step up to the first SFT: the twelve training voices (no question voices)
-run_step corpus "$PY" processing/synthesize_espeak.py --output "$NANO_DATA/corpus" --num-workers "$THREADS" \
-  --question-voices --overwrite --no-progress
+run_step corpus "$PY" processing/synthesize_espeak.py --output "$NANO_DATA/corpus" --num_workers "$THREADS" \
+  --question_voices none --overwrite --no_progress
 # two phases (the second restarts the schedule at half the learning rate from the first's weights and codebook)
 run_step codec_tokenizer "$PY" training/train_speech_tokenizer.py --corpus "$NANO_DATA/corpus" \
-  --config training/configs/nano_codec.json --output "$NANO_OUT/codec_tokenizer_a" --max-steps 3000 \
-  --max-minutes "$CODEC_TOKENIZER_MINUTES" --batch-size 16 --learning-rate 2e-3 --eval-every 400 --threads "$THREADS"
+  --codec_config training/configs/nano_codec.json --output "$NANO_OUT/codec_tokenizer_a" --max_steps 3000 \
+  --max_minutes "$CODEC_TOKENIZER_MINUTES" --batch_size 16 --learning_rate 2e-3 --eval_every 400 --threads "$THREADS"
 run_step codec_tokenizer_b "$PY" training/train_speech_tokenizer.py --corpus "$NANO_DATA/corpus" \
-  --config training/configs/nano_codec.json --init-from "$NANO_OUT/codec_tokenizer_a" \
-  --output "$NANO_OUT/codec_tokenizer" --max-steps 2500 --max-minutes "$CODEC_TOKENIZER_MINUTES" --batch-size 16 \
-  --learning-rate 1e-3 --eval-every 500 --threads "$THREADS"
+  --codec_config training/configs/nano_codec.json --init_from "$NANO_OUT/codec_tokenizer_a" \
+  --output "$NANO_OUT/codec_tokenizer" --max_steps 2500 --max_minutes "$CODEC_TOKENIZER_MINUTES" --batch_size 16 \
+  --learning_rate 1e-3 --eval_every 500 --threads "$THREADS"
 run_step codec_decoder "$PY" training/train_speech_decoder.py --codec "$NANO_OUT/codec_tokenizer" \
-  --corpus "$NANO_DATA/corpus" --config training/configs/nano_codec.json --output "$NANO_OUT/codec" \
-  --max-minutes "$CODEC_DECODER_MINUTES" --threads "$THREADS" --save-voices "$NANO_OUT/voices"
+  --corpus "$NANO_DATA/corpus" --codec_config training/configs/nano_codec.json --output "$NANO_OUT/codec" \
+  --max_minutes "$CODEC_DECODER_MINUTES" --threads "$THREADS" --save_voices "$NANO_OUT/voices"
 
 # the recogniser (CTC head only) also learns the codec's own decoded speech; encoder and codes are unchanged
 run_step codec_recognizer "$PY" training/train_speech_recognizer.py --codec "$NANO_OUT/codec" \
   --corpus "$NANO_DATA/corpus" --voice "$NANO_OUT/voices/canonical.safetensors" --output "$NANO_OUT/codec_asr" \
-  --max-train-examples 4000 --max-steps 2000 --threads "$THREADS"
+  --max_train_examples 4000 --max_steps 2000 --threads "$THREADS"
 
 # the assistant speaks every answer in the canonical voice: the flow is fine-tuned on that voice alone, in two phases
 # (the second at half the learning rate), and integrates from zero noise (a small flow leaves unit noise in its mel)
 run_step codec_voice_a "$PY" training/train_speech_decoder.py --codec "$NANO_OUT/codec_asr" \
-  --corpus "$NANO_DATA/corpus" --output "$NANO_OUT/codec_voice_a" --canonical-only --inference-noise-scale 0 \
-  --max-minutes "$CODEC_VOICE_MINUTES" --learning-rate 1e-3 --warmup-steps 20 --eval-examples 4 --threads "$THREADS"
+  --corpus "$NANO_DATA/corpus" --output "$NANO_OUT/codec_voice_a" --canonical_only --inference_noise_scale 0 \
+  --max_minutes "$CODEC_VOICE_MINUTES" --learning_rate 1e-3 --warmup_steps 20 --eval_examples 4 --threads "$THREADS"
 run_step codec_voice "$PY" training/train_speech_decoder.py --codec "$NANO_OUT/codec_voice_a" \
-  --corpus "$NANO_DATA/corpus" --output "$NANO_OUT/codec_voice" --canonical-only --inference-noise-scale 0 \
-  --max-minutes "$CODEC_VOICE_MINUTES" --learning-rate 5e-4 --warmup-steps 20 --eval-examples 4 --threads "$THREADS"
+  --corpus "$NANO_DATA/corpus" --output "$NANO_OUT/codec_voice" --canonical_only --inference_noise_scale 0 \
+  --max_minutes "$CODEC_VOICE_MINUTES" --learning_rate 5e-4 --warmup_steps 20 --eval_examples 4 --threads "$THREADS"
 
 # ---------------------------------------------------------------------------------------------- text LLM
 run_step tokenizer "$PY" processing/build_nano_tokenizer.py --corpus "$NANO_DATA/corpus" \
   --output "$NANO_OUT/tokenizer"
 run_step text_model "$PY" training/train_text_model.py --corpus "$NANO_DATA/corpus" \
-  --tokenizer "$NANO_OUT/tokenizer" --output "$NANO_OUT/text_model" --max-minutes "$TEXT_MINUTES" \
+  --tokenizer "$NANO_OUT/tokenizer" --output "$NANO_OUT/text_model" --max_minutes "$TEXT_MINUTES" \
   --threads "$THREADS"
 # codes of every utterance (cached in $NANO_DATA/codes; the decoder step leaves the encoder as is, so these are the
 # shipped codec's codes), then grids and conversations
 run_step prepare "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/corpus" --codec "$NANO_OUT/codec_tokenizer" \
-  --tokenizer "$NANO_OUT/tokenizer" --output "$NANO_DATA" --threads "$THREADS" --no-progress
+  --tokenizer "$NANO_OUT/tokenizer" --output "$NANO_DATA" --threads "$THREADS" --no_progress
 # the same corpus plus 35 question voices (train-fact questions only; every other row is byte-identical), for the
 # voices round after the first SFT; its test_dialect splits are what the evaluation also reads
 run_step corpus_voices "$PY" processing/synthesize_espeak.py --output "$NANO_DATA/voices/corpus" \
-  --num-workers "$THREADS" --overwrite --no-progress
+  --num_workers "$THREADS" --overwrite --no_progress
 run_step prepare_voices "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/voices/corpus" \
   --codec "$NANO_OUT/codec_tokenizer" --tokenizer "$NANO_OUT/tokenizer" --output "$NANO_DATA/voices" \
-  --threads "$THREADS" --no-progress
+  --threads "$THREADS" --no_progress
 
 # ---------------------------------------------------------------------------------------------- speech LLM
 # main run: stage I frozen, stage II joint, SFT; ablation: stage I unfrozen (nano_ablation.yaml), same afterwards
@@ -163,10 +164,10 @@ for run in main ablation; do
     final=$NANO_OUT/ablation_final
   fi
   pretrain "${prefix}stage1" "$root/stage1" --config "$stage1_config" \
-    --init_from_text_model "$NANO_OUT/text_model" --datasets "$SPEECH_DATA" --eval_datasets "$EVAL_DATA" \
+    --init_from_text_model "$NANO_OUT/text_model" --datasets "${SPEECH_DATA[@]}" --eval_datasets "${EVAL_DATA[@]}" \
     --max_steps "$STAGE1_STEPS"
   pretrain "${prefix}stage2" "$root/stage2" --config training/configs/nano_stage2.yaml --model "$root/stage1" \
-    --datasets "$MIXED_DATA" --eval_datasets "$MIXED_EVAL_DATA" --max_steps "$STAGE2_STEPS"
+    --datasets "${MIXED_DATA[@]}" --eval_datasets "${MIXED_EVAL_DATA[@]}" --max_steps "$STAGE2_STEPS"
   run_step "${prefix}sft" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
     --model_name_or_path "$root/stage2" --processor_name_or_path "$NANO_OUT/tokenizer" \
     --dataset_name "$NANO_DATA/sft" --output_dir "$root/sft" --max_steps "$SFT_STEPS"
@@ -179,7 +180,7 @@ for run in main ablation; do
   model=$root/sft_voices
   for round in $(seq 1 "$VOICES_ROUNDS"); do
     pretrain "${prefix}stage2_voices_$round" "$root/stage2_voices_$round" --config training/configs/nano_stage2.yaml \
-      --model "$model" --datasets "$VOICES_MIXED_DATA" --eval_datasets "$VOICES_MIXED_EVAL_DATA" \
+      --model "$model" --datasets "${VOICES_MIXED_DATA[@]}" --eval_datasets "${VOICES_MIXED_EVAL_DATA[@]}" \
       --max_steps "$STAGE2_STEPS"
     run_step "${prefix}sft_voices_$round" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
       --model_name_or_path "$root/stage2_voices_$round" --processor_name_or_path "$NANO_OUT/tokenizer" \
@@ -189,7 +190,7 @@ for run in main ablation; do
   # the shipped layout: LLM + processor + codec/ + voices/ (the decoder step's canonical/female/male prompts)
   run_step "${prefix}assemble" "$PY" training/assemble_nano.py --model "$model" \
     --processor "$NANO_OUT/tokenizer" --codec "$NANO_OUT/codec_voice" --corpus "$NANO_DATA/corpus" --data "$NANO_DATA" \
-    --voices-dir "$NANO_OUT/voices" --voices --output "$final"
+    --voices_dir "$NANO_OUT/voices" --voices none --output "$final"
 done
 
 # ---------------------------------------------------------------------------------------------- evaluation
