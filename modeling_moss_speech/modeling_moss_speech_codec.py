@@ -576,7 +576,7 @@ class MossSpeechStreamDecoder:
         self.held_codes = -(-held_frames // self.ratio)
         self.received: list[int] = []
         self.done_tokens = 0  # codes whose mel frames were vocoded
-        self.mel_history: torch.Tensor | None = None
+        self.mel_history: torch.Tensor | None = None  # the last <= overlap_frames mel frames vocoded (left context)
         self.held: torch.Tensor | None = None  # produced but not released: the next chunk cross-fades into it
         self.xfade = overlap_frames * self.hop
         self.finished = False
@@ -634,7 +634,9 @@ class MossSpeechStreamDecoder:
         mel_in = new_mel if context == 0 else torch.cat([self.mel_history[:, :, -context:], new_mel], dim=-1)
         wav, _ = self.codec.vocoder(mel_in.float(), None, generator=self.generator)
         wav = wav[0]
-        self.mel_history = new_mel if self.mel_history is None else torch.cat([self.mel_history, new_mel], dim=-1)
+        # Only the left context of the next chunk is kept: the history is not re-concatenated at every chunk.
+        history = new_mel if self.mel_history is None else torch.cat([self.mel_history, new_mel], dim=-1)
+        self.mel_history = history[:, :, history.shape[-1] - min(self.overlap_frames, history.shape[-1]) :]
         if self.held is not None and context:
             overlap = context * hop
             # raised-cosine (Hann half-window) cross-fade: smoother than linear at both ends

@@ -71,11 +71,14 @@ class _KeyValueCache:
         return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
 
 
-def _visible_keys(start: int, end: int, chunk: int, like: torch.Tensor) -> torch.Tensor:
-    """(end - start, end) bool: query i (absolute, from `start`) sees the keys before its static chunk's end."""
-    queries = torch.arange(start, end, device=like.device)
+def _hidden_window_keys(start: int, end: int, chunk: int, device: torch.device) -> torch.Tensor:
+    """(end - start, end - start) bool: True where window query i (absolute start + i) may not see window key j.
+
+    The window starts on a chunk boundary, so every key before it is visible to every window query: only the
+    window's own keys need a mask, and its size does not grow with the utterance."""
+    queries = torch.arange(start, end, device=device)
     chunk_end = (queries // chunk + 1) * chunk
-    return torch.arange(end, device=like.device).unsqueeze(0) < chunk_end.unsqueeze(1)
+    return torch.arange(start, end, device=device).unsqueeze(0) >= chunk_end.unsqueeze(1)
 
 
 class _StreamState:
@@ -137,15 +140,17 @@ def _rel_attention(attn: _RelPositionAttention, x: torch.Tensor, cache: _KeyValu
     keys, values = cache.extended(k, v)
     # Relative distances i - j for queries in [start, end) and keys in [0, end): from end-1 down to start-end+1.
     p = positions.view(start - end + 1, end, x)
-    content = torch.matmul((q + attn.pos_bias_u).transpose(1, 2), keys.transpose(-2, -1))  # (B, H, n, end)
-    position = torch.matmul((q + attn.pos_bias_v).transpose(1, 2), p.transpose(-2, -1))
-    # Score (i, j) reads distance i - j, at column (end - 1) - (i - j).
-    rows = torch.arange(length, device=x.device).unsqueeze(1)
-    index = (end - 1 - start - rows + torch.arange(end, device=x.device).unsqueeze(0))
-    position = position.gather(-1, index.expand(batch, attn.num_heads, length, end))
-    scores = (content + position) / math.sqrt(attn.head_dim)
-    masked = ~_visible_keys(start, end, chunk, x)
-    weights = torch.softmax(scores.masked_fill(masked, -float("inf")), dim=-1)
+    scores = torch.matmul((q + attn.pos_bias_u).transpose(1, 2), keys.transpose(-2, -1))  # (B, H, n, end)
+    position = torch.matmul((q + attn.pos_bias_v).transpose(1, 2), p.transpose(-2, -1)).contiguous()
+    # Score (i, j) reads distance i - j, at column (end - 1) - (i - j) = (length - 1 - i) + j: a strided view of the
+    # (B, H, n, n + end - 1) product (row stride one less than its width), not an index tensor and a gather.
+    width = position.size(-1)
+    shifted = position.as_strided((batch, attn.num_heads, length, end),
+                                  (position.stride(0), position.stride(1), width - 1, 1),
+                                  position.storage_offset() + length - 1)
+    scores = scores.add_(shifted).div_(math.sqrt(attn.head_dim))
+    scores[..., start:].masked_fill_(_hidden_window_keys(start, end, chunk, x.device), -float("inf"))
+    weights = torch.softmax(scores, dim=-1)
     out = torch.matmul(weights, values).transpose(1, 2).reshape(batch, length, -1)
     cache.commit(state.commit)
     return attn.linear_out(out)
@@ -218,7 +223,9 @@ class MossSpeechFlowStream:
                                 for layer in [*encoder.encoders, *encoder.up_encoders]}
         self.encoder_tail: torch.Tensor | None = None  # encoded codes just before `code_done` (upsampling context)
         self.code_done = 0  # codes (prompt included) whose encoder states are committed
+        # Encoder output (mu) of mel frames [mu_start, …): only frames from `frame_done` on are read again.
         self.mu = torch.zeros(1, config.output_size, 0, device=self.device, dtype=self.dtype)
+        self.mu_start = 0
         self.frame_done = 0  # mel frames whose estimator states (all ODE steps) are committed
         self.step_tails: list[dict] = [{} for _ in self.steps]
         self.step_caches: list[dict] = [{} for _ in self.steps]
@@ -237,13 +244,13 @@ class MossSpeechFlowStream:
 
     # ------------------------------------------------------------------ encoder
 
-    def _encode(self, codes: torch.Tensor, total: int, end: int) -> None:
-        """Encode codes [code_done, end) (prompt included) given `total` valid codes; append their mu."""
+    def _encode(self, codes: torch.Tensor, low: int, end: int) -> None:
+        """Encode codes [code_done, end) (prompt included) from the valid codes [low, …) in `codes`, low =
+        max(code_done - 2, 0); append their mu."""
         encoder = self.flow.encoder
         start = self.code_done
-        low = max(start - 2, 0)
-        # Embedded codes [low, end + lookahead): zero past the `total` valid ones, as the full pass sees them.
-        window = codes[low : min(end + self.lookahead, total)]
+        # Embedded codes [low, end + lookahead): zero past the valid ones, as the full pass sees them.
+        window = codes[: end + self.lookahead - low]
         x = encoder.embed.out(self.flow.input_embedding(window[None])) * encoder.embed.pos_enc.xscale
         x = F.pad(x, (0, 0, 0, end + self.lookahead - low - x.size(1)))
         lookahead = encoder.pre_lookahead_layer
@@ -274,7 +281,9 @@ class MossSpeechFlowStream:
         for layer, cache in zip(encoder.up_encoders, self.up_caches):
             up = self._conformer(layer, up, cache, frame_state, self.code_chunk * ratio, self.position_tables[layer])
         mu = self.flow.encoder_proj(encoder.after_norm(up)).transpose(1, 2)
-        self.mu = torch.cat([self.mu[:, :, : start * ratio], mu], dim=2)
+        # Drop the frames before the estimator's next window, so this concatenation stays window-sized.
+        self.mu = torch.cat([self.mu[:, :, self.frame_done - self.mu_start : start * ratio - self.mu_start], mu], dim=2)
+        self.mu_start = self.frame_done
         self.code_done = start + state.commit
 
     @staticmethod
@@ -376,9 +385,12 @@ class MossSpeechFlowStream:
             raise ValueError(f"codes must hold {'exactly' if finalize else 'at least'} {needed} codes for num_out="
                              f"{num_out} (finalize={finalize}), got {codes.numel()}.")
         self.finished = finalize
-        codes = codes[:needed].to(self.device).long()
-        self._check_codes("codes", codes)
         prompt = self.prompt_codes.numel()
+        # The encoder reads codes from two before its first uncommitted one on (the pre-lookahead convolution's left
+        # context); the earlier ones were read and checked by earlier calls, and are not copied or scanned again.
+        low = max(self.code_done - 2, 0)
+        codes = codes[max(low - prompt, 0) : needed].to(self.device).long()
+        self._check_codes("codes", codes)
         end = prompt + num_out
         frames = end * self.ratio
         if frames > self.config.noise_max_frames:
@@ -387,13 +399,12 @@ class MossSpeechFlowStream:
         first = (prompt + self.out_done) * self.ratio
         if num_out == self.out_done:
             return torch.zeros(1, self.config.output_size, 0, device=self.device)
-        all_codes = torch.cat([self.prompt_codes, codes])
-        self._encode(all_codes, all_codes.numel(), end)
+        self._encode(torch.cat([self.prompt_codes[low:], codes]), low, end)
 
         start = self.frame_done
         committed = (min(self.code_done * self.ratio, frames) // self.frame_chunk) * self.frame_chunk
         state = _StreamState(start, frames, committed - start)
-        mu = self.mu[:, :, start:frames]
+        mu = self.mu[:, :, start - self.mu_start : frames - self.mu_start]
         cond = torch.zeros_like(mu)
         if start < self.prompt_frames:
             cond[:, :, : self.prompt_frames - start] = self.prompt_feat[:, :, start : min(frames, self.prompt_frames)]
