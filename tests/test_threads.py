@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_moss_speech import cli, threads
+from modeling_moss_speech import threads
+from modeling_moss_speech.apps.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.relative_to(ROOT).as_posix() for folder in ("training", "processing", "bench")

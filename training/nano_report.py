@@ -16,8 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from modeling_moss_speech.evaluation import markdown_comparison
-from modeling_moss_speech.hub import render_model_card
+from modeling_moss_speech.apps.evaluation import markdown_comparison
+from modeling_moss_speech.hub.publish import render_model_card
 from modeling_moss_speech.threads import add_threads_argument, set_threads
 
 # How spoken answers are scored: first by a recogniser independent of the codec, then by the codec's own CTC head.

@@ -94,14 +94,10 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from modeling_moss_speech import MossSpeechConfig, MossSpeechForCausalLM
+from modeling_moss_speech.modeling_moss_speech import from_text_model
 from modeling_moss_speech.threads import set_threads
-from modeling_moss_speech.training_utils import (
-    TRAINING_STAGES,
-    apply_training_stage,
-    check_fsdp_active,
-    from_text_model,
-    grid_labels,
-)
+from modeling_moss_speech.trainer.sft import grid_labels
+from modeling_moss_speech.trainer.stages import TRAINING_STAGES, apply_training_stage, check_fsdp_active
 
 logger = logging.getLogger("moss_speech.pretrain")
 

@@ -37,7 +37,7 @@ import torchaudio
 from tqdm.auto import tqdm
 
 from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel
-from modeling_moss_speech.evaluation import transcription_scores
+from modeling_moss_speech.apps.evaluation import transcription_scores
 from modeling_moss_speech.modeling_moss_speech_codec import prompt_mel_spectrogram
 from modeling_moss_speech.threads import add_threads_argument, set_threads
 

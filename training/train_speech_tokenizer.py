@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel
-from modeling_moss_speech.evaluation import transcription_scores
+from modeling_moss_speech.apps.evaluation import transcription_scores
 from modeling_moss_speech.threads import add_threads_argument, set_threads
 
 VQ_START_FRACTION = 0.15

@@ -40,21 +40,21 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
-from . import __version__, pretrained
-from .analysis import add_analyze_layers_arguments, run_analyze_layers
-from .chat_moss_speech import MossSpeechChat
-from .checkpoint_info import describe_checkpoint, format_report, read_config
-from .configuration_moss_speech import MossSpeechConfig
-from .configuration_moss_speech_codec import MossSpeechCodecConfig
-from .convert_moss_speech_original_to_hf import add_convert_arguments, format_conversion_report, run_conversion
-from .evaluation import TASKS as EVAL_TASKS
-from .evaluation import format_table, run_evaluation
-from .hub import CARD_TEMPLATES, publish, stage_upload
-from .loading import one_line, read_json_file
-from .modeling_moss_speech import MossSpeechForCausalLM
-from .modeling_moss_speech_codec import MossSpeechCodecModel, MossSpeechVoicePrompt
-from .processing_moss_speech import CODEC_SUBFOLDER, MossSpeechProcessor
-from .threads import add_threads_argument, set_threads
+from ... import __version__, pretrained
+from ...chat_moss_speech import MossSpeechChat
+from ...configuration_moss_speech import MossSpeechConfig
+from ...configuration_moss_speech_codec import MossSpeechCodecConfig
+from ...hub.checkpoint_info import describe_checkpoint, format_report, read_config
+from ...hub.convert_moss_speech_original_to_hf import add_convert_arguments, format_conversion_report, run_conversion
+from ...hub.publish import CARD_TEMPLATES, publish, stage_upload
+from ...loading import one_line, read_json_file
+from ...modeling_moss_speech import MossSpeechForCausalLM
+from ...modeling_moss_speech_codec import MossSpeechCodecModel, MossSpeechVoicePrompt
+from ...processing_moss_speech import CODEC_SUBFOLDER, MossSpeechProcessor
+from ...threads import add_threads_argument, set_threads
+from ..analysis import add_analyze_layers_arguments, run_analyze_layers
+from ..evaluation import TASKS as EVAL_TASKS
+from ..evaluation import format_table, run_evaluation
 
 PROG = "moss-speech"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -895,7 +895,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """`moss-speech demo`: load a checkpoint and serve the web demo until interrupted."""
-    from . import demo as web_demo  # Gradio is optional: imported only here
+    from .. import demo as web_demo  # Gradio is optional: imported only here
 
     try:
         web_demo.require_gradio()
