@@ -1,1 +1,2 @@
-"""The `moss-speech` console script (`main.main`); `python -m modeling_moss_speech` runs it too."""
+"""The `moss-speech` console script (`main.main`; one module per command); `python -m modeling_moss_speech` runs it
+too."""
