@@ -129,8 +129,9 @@ def test_language_model_never_imports_the_processor(lm):
 def test_graph_sees_relative_function_level_and_absolute_imports():
     graph = import_graph()
     # A function-level relative import (the Gradio demo is imported only when `moss-speech demo` runs).
-    assert f"{PACKAGE}.apps.demo" in graph[f"{PACKAGE}.apps.cli.main"]
-    # `from ... import pretrained` (a sibling module through the package) and an absolute import.
-    assert f"{PACKAGE}.pretrained" in graph[f"{PACKAGE}.apps.cli.main"]
+    assert f"{PACKAGE}.apps.demo" in graph[f"{PACKAGE}.apps.cli.demo"]
+    # `from ... import pretrained` (a module through the package), `from . import chat` and an absolute import.
+    assert f"{PACKAGE}.pretrained" in graph[f"{PACKAGE}.apps.cli.common"]
+    assert f"{PACKAGE}.apps.cli.chat" in graph[f"{PACKAGE}.apps.cli.main"]
     assert f"{PACKAGE}.apps.cli.main" in graph[f"{PACKAGE}.__main__"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
