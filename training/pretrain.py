@@ -22,7 +22,7 @@ Model
                            `pad_token_id`) when the tokenizer is not Qwen3's.
     attn_implementation    "sdpa" (default), "eager", "flash_attention_2", ...
     stage                  Training stage for `apply_training_stage`: stage1 (speech side only) or stage2 (all);
-                           the other named stages of `training_utils.TRAINING_STAGES` are accepted too.
+                           the other named stages of `trainer.stages.TRAINING_STAGES` are accepted too.
 Data
     datasets               List of `datasets.load_from_disk` directories, each entry a path or a mapping
                            `{path: ..., kind: auto|speech|text}`. Every example has `input_ids`: a (L, 2) grid given as
@@ -71,7 +71,7 @@ Evaluation, checkpoints, logging
     progress_bar           tqdm bar on the main process.
 
 Loss: per micro-batch, the text-channel plus the audio-channel mean cross entropy (labels from
-`training_utils.grid_labels`), averaged over the accumulated micro-batches.
+`trainer.sft.grid_labels`), averaged over the accumulated micro-batches.
 """
 
 from __future__ import annotations
