@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # processing/ is a
 import torch  # noqa: E402
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechVoicePrompt  # noqa: E402
-from modeling_moss_speech.evaluation import IndependentRecognizer, decode_speech, score_spoken_answers  # noqa: E402
+from modeling_moss_speech.apps.evaluation import IndependentRecognizer, decode_speech, score_spoken_answers  # noqa: E402
 from modeling_moss_speech.pretrained import nano_path  # noqa: E402
 from modeling_moss_speech.threads import add_threads_argument, set_threads  # noqa: E402
 from processing.synthesize_espeak import (  # noqa: E402

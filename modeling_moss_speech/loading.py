@@ -22,7 +22,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONVERTER_HINT = (
-    "convert it to safetensors with `moss-speech convert` (modeling_moss_speech/convert_moss_speech_original_to_hf.py)"
+    "convert it to safetensors with `moss-speech convert` "
+    "(modeling_moss_speech/hub/convert_moss_speech_original_to_hf.py)"
 )
 # Keys listed in a mismatch error before the rest are only counted.
 SHOWN_KEYS = 10

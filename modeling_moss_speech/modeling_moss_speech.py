@@ -5,13 +5,15 @@ The module tree and parameter names are the release's, so its safetensors load w
 `{text,audio}_lm_head`. Every decoder layer is transformers' own `Qwen3DecoderLayer`.
 """
 
+import copy
 import difflib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -633,9 +635,7 @@ class MossSpeechForCausalLM(MossSpeechPreTrainedModel, MossSpeechGenerationMixin
 
     @classmethod
     def from_text_model(cls, text_model, num_shared_layers: int, **kwargs) -> "MossSpeechForCausalLM":
-        """Split a pretrained Qwen3 causal LM into MOSS-Speech; see `training_utils.from_text_model`."""
-        from .training_utils import from_text_model
-
+        """Split a pretrained Qwen3 causal LM into MOSS-Speech; see `from_text_model` (this module)."""
         return from_text_model(text_model, num_shared_layers, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -800,6 +800,73 @@ class MossSpeechForCausalLM(MossSpeechPreTrainedModel, MossSpeechGenerationMixin
         )
 
 
+_QWEN3_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "attention_bias",
+    "attention_dropout", "use_sliding_window", "sliding_window", "max_window_layers", "pad_token_id",
+    "bos_token_id", "eos_token_id",
+)
+
+
+def from_text_model(
+    text_model: PreTrainedModel | str | os.PathLike,
+    num_shared_layers: int,
+    num_tail_layers: int | None = None,
+    audio_vocab_size: int = 16512,
+    **config_overrides,
+) -> MossSpeechForCausalLM:
+    """Split a pretrained Qwen3 causal LM into MOSS-Speech (the paper's initialisation).
+
+    The first `num_shared_layers` decoder layers become the trunk, the rest the text tail, and a deep copy of the
+    rest the audio tail (both tails start from the same text layers); embeddings, final norm and LM head go to the
+    text side (the audio norm starts as a copy of the text norm); the audio embedding and audio head are new.
+    On text-only input the result's text logits equal the text model's.
+
+    Args:
+        text_model: A `Qwen3ForCausalLM` (or a path to one).
+        num_shared_layers: Layers in the shared trunk.
+        num_tail_layers: Layers per tail; must equal the remaining layers (default).
+        audio_vocab_size: Rows of the new speech embedding and audio head (codes + end-of-speech + spare ids).
+        **config_overrides: Other `MossSpeechConfig` fields, e.g. the special ids (`sosp_token_id`,
+            `modality_pad_token_id`, `eosp_token_id`, `audio_pad_token_id`) when the tokenizer is not Qwen3's.
+    """
+    if isinstance(text_model, (str, os.PathLike)):
+        text_model = AutoModelForCausalLM.from_pretrained(text_model)
+    source = text_model.config
+    if getattr(source, "model_type", None) != "qwen3":
+        raise ValueError(f"from_text_model expects a Qwen3 causal LM, got model_type {source.model_type!r}.")
+    layers = text_model.model.layers
+    n_layers = len(layers)
+    if not 0 <= num_shared_layers < n_layers:
+        raise ValueError(f"num_shared_layers must be in [0, {n_layers}) for a {n_layers}-layer model, "
+                         f"got {num_shared_layers}.")
+    tail = n_layers - num_shared_layers
+    if num_tail_layers is not None and num_tail_layers != tail:
+        raise ValueError(f"num_tail_layers must be the remaining {tail} layers ({n_layers} - {num_shared_layers}), "
+                         f"got {num_tail_layers}.")
+    values = {name: getattr(source, name) for name in _QWEN3_FIELDS if hasattr(source, name)}
+    values["rope_parameters"] = dict(source.rope_parameters)
+    values.update(num_hidden_layers=n_layers, num_shared_layers=num_shared_layers, num_modality_layers=tail,
+                  audio_vocab_size=audio_vocab_size, tie_word_embeddings=False)
+    values.update(config_overrides)
+    config = MossSpeechConfig(**values)
+
+    model = MossSpeechForCausalLM(config).to(text_model.dtype)
+    source_layers = list(layers)
+    with torch.no_grad():
+        for target, src in zip(model.model.shared_block.layers, source_layers[:num_shared_layers]):
+            target.load_state_dict(src.state_dict())
+        for target, src in zip(model.model.text_block.layers, source_layers[num_shared_layers:]):
+            target.load_state_dict(src.state_dict())
+        for target, src in zip(model.model.audio_block.layers, source_layers[num_shared_layers:]):
+            target.load_state_dict(copy.deepcopy(src.state_dict()))
+        model.model.embed_tokens.weight.copy_(text_model.model.embed_tokens.weight)
+        model.model.text_norm.weight.copy_(text_model.model.norm.weight)
+        model.model.audio_norm.weight.copy_(text_model.model.norm.weight)
+        model.text_lm_head.weight.copy_(text_model.get_output_embeddings().weight)
+    return model
+
+
 __all__ = [
     "MossSpeechCausalLMOutputWithPast",
     "MossSpeechForCausalLM",
@@ -807,4 +874,5 @@ __all__ = [
     "MossSpeechModelOutputWithPast",
     "MossSpeechPreTrainedModel",
     "MossSpeechTransformerBlock",
+    "from_text_model",
 ]

@@ -3,7 +3,7 @@
 The release ships this network as `flow/campplus.onnx` (3D-Speaker's CAM++, as in CosyVoice). This is a plain torch
 implementation whose state-dict names follow the upstream PyTorch model (`head.*` for the 2-D convolutional front
 end, `xvector.*` for the densely connected TDNN), so an upstream checkpoint, or the ONNX file converted by
-`convert_campplus_onnx.py`, loads unchanged.
+`hub/convert_campplus_onnx.py`, loads unchanged.
 
 Architecture: FCM (2-D conv + residual blocks, frequency downsampled 8×) → TDNN (k5, stride 2 in time) → three
 CAM-dense-TDNN blocks, each followed by a transit layer halving the channels → BN-ReLU → mean+std statistics pooling

@@ -8,7 +8,7 @@ own (the processor tokenizes each chat segment separately, so an answer starts w
 word-initial and the space-prefixed form of each word must be tokens).
 
 The special tokens have the release's strings and roles, so the processor's code path is the real one; they take
-the first ids (`NANO_SPECIAL_TOKENS` order, `modeling_moss_speech.script_utils`):
+the first ids (`NANO_SPECIAL_TOKENS` order, `modeling_moss_speech.apps.script_utils`):
 
     id  token                  role
     0   <|endoftext|>          text pad (left padding), stop token
@@ -32,8 +32,7 @@ from dataclasses import dataclass, field
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from modeling_moss_speech.processing_moss_speech import DEFAULT_SYSTEM_PROMPTS
-from modeling_moss_speech.script_utils import (
+from modeling_moss_speech.apps.script_utils import (
     NANO_IM_END,
     NANO_IM_START,
     NANO_MODALITY_PAD_TOKEN,
@@ -44,8 +43,9 @@ from modeling_moss_speech.script_utils import (
     nano_processor,
     threads_field,
 )
-from modeling_moss_speech.script_utils import nano_special_ids as special_ids
-from modeling_moss_speech.script_utils import read_nano_facts as read_facts
+from modeling_moss_speech.apps.script_utils import nano_special_ids as special_ids
+from modeling_moss_speech.apps.script_utils import read_nano_facts as read_facts
+from modeling_moss_speech.processing_moss_speech import DEFAULT_SYSTEM_PROMPTS
 from modeling_moss_speech.threads import set_threads
 
 ROLES = ("system", "user", "assistant")

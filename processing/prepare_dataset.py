@@ -65,10 +65,15 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from modeling_moss_speech._compat import dataset_fingerprint
+from modeling_moss_speech.apps.script_utils import (
+    InvalidRowError,
+    ScriptArgumentParser,
+    load_audio_value,
+    threads_field,
+)
 from modeling_moss_speech.loading import read_json_file
 from modeling_moss_speech.modeling_moss_speech_codec import MossSpeechCodecModel
 from modeling_moss_speech.processing_moss_speech import MossSpeechProcessor
-from modeling_moss_speech.script_utils import InvalidRowError, ScriptArgumentParser, load_audio_value, threads_field
 from modeling_moss_speech.threads import set_threads
 
 logger = logging.get_logger("moss_speech.prepare_dataset")

@@ -55,19 +55,19 @@ import prepare_dataset
 import torch
 
 from modeling_moss_speech._compat import dataset_fingerprint
-from modeling_moss_speech.feature_extraction_moss_speech import prepare_waveforms
-from modeling_moss_speech.modeling_moss_speech_codec import MossSpeechCodecModel
-from modeling_moss_speech.script_utils import NANO_CODES_MANIFEST as CODES_MANIFEST
-from modeling_moss_speech.script_utils import NANO_ROW_COLUMNS as ROW_COLUMNS
-from modeling_moss_speech.script_utils import (
+from modeling_moss_speech.apps.script_utils import NANO_CODES_MANIFEST as CODES_MANIFEST
+from modeling_moss_speech.apps.script_utils import NANO_ROW_COLUMNS as ROW_COLUMNS
+from modeling_moss_speech.apps.script_utils import (
     ScriptArgumentParser,
     codec_fingerprint,
     load_audio_value,
     nano_processor,
     threads_field,
 )
-from modeling_moss_speech.script_utils import load_nano_corpus as load_corpus
-from modeling_moss_speech.script_utils import nano_special_ids as special_ids
+from modeling_moss_speech.apps.script_utils import load_nano_corpus as load_corpus
+from modeling_moss_speech.apps.script_utils import nano_special_ids as special_ids
+from modeling_moss_speech.feature_extraction_moss_speech import prepare_waveforms
+from modeling_moss_speech.modeling_moss_speech_codec import MossSpeechCodecModel
 from modeling_moss_speech.threads import set_threads
 
 AUDIO_SPLITS = ("train", "validation", "test", "test_seen")

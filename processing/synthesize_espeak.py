@@ -528,7 +528,7 @@ class SynthesizeEspeakArguments:
                                 "each espeak-ng worker process uses one."})
 
     def __post_init__(self) -> None:
-        from modeling_moss_speech.script_utils import none_means_empty
+        from modeling_moss_speech.apps.script_utils import none_means_empty
 
         if self.output is None:
             raise ValueError("--output is required.")
@@ -537,7 +537,7 @@ class SynthesizeEspeakArguments:
 
 def make_parser() -> Any:
     """The command-line parser (`--config file.yaml` and the flags of `SynthesizeEspeakArguments`)."""
-    from modeling_moss_speech.script_utils import ScriptArgumentParser
+    from modeling_moss_speech.apps.script_utils import ScriptArgumentParser
 
     return ScriptArgumentParser(SynthesizeEspeakArguments, description=__doc__.split("\n\n")[0])
 

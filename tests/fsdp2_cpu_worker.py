@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "training"))
 
 from modeling_moss_speech import MossSpeechConfig, MossSpeechForCausalLM  # noqa: E402
 from modeling_moss_speech.threads import add_threads_argument, set_threads  # noqa: E402
-from modeling_moss_speech.training_utils import apply_training_stage  # noqa: E402
+from modeling_moss_speech.trainer.stages import apply_training_stage  # noqa: E402
 
 
 def fsdp_settings(path: Path) -> dict:
@@ -135,7 +135,7 @@ def sft_steps(model: torch.nn.Module, args: argparse.Namespace) -> list[dict]:
     from transformers import get_scheduler
 
     from modeling_moss_speech import MossSpeechProcessor
-    from modeling_moss_speech.training_utils import MossSpeechDataCollator, channel_target_counts
+    from modeling_moss_speech.trainer.sft import MossSpeechDataCollator, channel_target_counts
 
     rank, world = dist.get_rank(), dist.get_world_size()
     processor = MossSpeechProcessor.from_pretrained(args.processor)

@@ -17,7 +17,7 @@ from test_codec import tiny_codec_config
 from tokenizers_for_tests import tiny_tokenizer
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechForCausalLM
-from modeling_moss_speech.analysis import (
+from modeling_moss_speech.apps.analysis import (
     LayerSimilarityResult,
     analyze_layers_main,
     dtw,
@@ -212,7 +212,7 @@ def test_analyze_layers_cli_with_a_wav_and_with_a_prepared_dataset(model, tmp_pa
     summary = json.loads((tmp_path / "ds.json").read_text())
     assert summary["num_pairs"] == 2 and summary["path"] == "same" and len(summary["pair_scores"]) == 2
     # the same through the console script's entry point
-    from modeling_moss_speech.cli import main
+    from modeling_moss_speech.apps.cli.main import main
 
     (tmp_path / "ds.json").unlink()
     assert main(["analyze-layers", *argv]) == 0

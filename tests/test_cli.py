@@ -30,7 +30,7 @@ from modeling_moss_speech import (
     MossSpeechFeatureExtractor,
     MossSpeechForCausalLM,
 )
-from modeling_moss_speech.cli import build_parser, main
+from modeling_moss_speech.apps.cli.main import build_parser, main
 from modeling_moss_speech.processing_moss_speech import MossSpeechProcessor
 
 SAMPLES_PER_CODE = 1920

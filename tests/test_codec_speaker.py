@@ -178,7 +178,7 @@ def test_onnx_round_trip(encoder, tmp_path, exporter, request):
     pytest.importorskip("onnx")
     if exporter == "dynamo":
         pytest.importorskip("onnxscript")
-    from modeling_moss_speech.convert_campplus_onnx import campplus_state_dict_from_onnx
+    from modeling_moss_speech.hub.convert_campplus_onnx import campplus_state_dict_from_onnx
 
     if exporter == "torchscript":
         path = request.getfixturevalue("folded_onnx")
@@ -199,7 +199,7 @@ def test_onnx_round_trip(encoder, tmp_path, exporter, request):
 def test_onnx_conversion_is_strict_and_cli_writes_safetensors(encoder, folded_onnx, tmp_path):
     from safetensors.torch import load_file
 
-    from modeling_moss_speech.convert_campplus_onnx import campplus_state_dict_from_onnx, main
+    from modeling_moss_speech.hub.convert_campplus_onnx import campplus_state_dict_from_onnx, main
 
     path = folded_onnx
     # A config with one more dense layer in block 3 cannot be filled from this graph.

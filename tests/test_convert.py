@@ -21,7 +21,7 @@ from tokenizers_for_tests import qwen3_tokenizer, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechForCausalLM
-from modeling_moss_speech.convert_moss_speech_original_to_hf import (
+from modeling_moss_speech.hub.convert_moss_speech_original_to_hf import (
     ConversionError,
     convert_checkpoint,
     convert_codec,
@@ -447,7 +447,7 @@ def test_dtype_cast_and_single_shard(release, tmp_path):
 
 def test_weights_are_streamed_one_shard_at_a_time(release, tmp_path, monkeypatch):
     """Each source tensor is read once, while its shard is written; no shard holds more than the limit."""
-    import modeling_moss_speech.convert_moss_speech_original_to_hf as convert
+    import modeling_moss_speech.hub.convert_moss_speech_original_to_hf as convert
 
     written: list[dict[str, int]] = []
     real_save = convert.save_file
@@ -465,7 +465,7 @@ def test_weights_are_streamed_one_shard_at_a_time(release, tmp_path, monkeypatch
 
 
 def test_cli_convert(release, tmp_path, capsys):
-    from modeling_moss_speech.cli import main
+    from modeling_moss_speech.apps.cli.main import main
 
     codec_config = tmp_path / "codec_config.json"
     tiny_codec_config().to_json_file(str(codec_config))

@@ -36,9 +36,9 @@ from modeling_moss_speech import (  # noqa: E402 - after the skip
     MossSpeechGenerationConfig,
     MossSpeechProcessor,
 )
-from modeling_moss_speech import demo as demo_module  # noqa: E402
-from modeling_moss_speech.cli import main  # noqa: E402
-from modeling_moss_speech.demo import (  # noqa: E402
+from modeling_moss_speech.apps import demo as demo_module  # noqa: E402
+from modeling_moss_speech.apps.cli.main import main  # noqa: E402
+from modeling_moss_speech.apps.demo import (  # noqa: E402
     NO_VOICE,
     DemoSession,
     MossSpeechDemo,

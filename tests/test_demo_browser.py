@@ -52,7 +52,7 @@ def free_port() -> int:
 
 def launch(model_dir: Path, title: str) -> tuple[object, str]:
     """Build the demo of a checkpoint directory and serve it on a free localhost port (in a thread)."""
-    from modeling_moss_speech.demo import build_demo, launch_demo, load_checkpoint
+    from modeling_moss_speech.apps.demo import build_demo, launch_demo, load_checkpoint
     from modeling_moss_speech.pretrained import shipped_voices
 
     model, processor = load_checkpoint(model_dir, device="cpu")

@@ -31,8 +31,8 @@ from tokenizers_for_tests import tiny_tokenizer
 from transformers import LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechFeatureExtractor, MossSpeechForCausalLM
-from modeling_moss_speech.cli import build_parser, main
-from modeling_moss_speech.evaluation import (
+from modeling_moss_speech.apps.cli.main import build_parser, main
+from modeling_moss_speech.apps.evaluation import (
     SCHEMA,
     TASKS,
     EvalSplit,
@@ -576,7 +576,7 @@ def test_cli_eval_help_documents_every_option(capsys):
 
 
 def test_markdown_comparison_puts_runs_side_by_side():
-    from modeling_moss_speech.evaluation import markdown_comparison
+    from modeling_moss_speech.apps.evaluation import markdown_comparison
 
     def result(s2t_correct: int, retention: float) -> dict:
         return {"modes": {"s2t": {"label": "S->T (speech in, text out)", "correct": s2t_correct, "total": 4,
@@ -595,7 +595,7 @@ def test_markdown_comparison_puts_runs_side_by_side():
 
 
 def test_markdown_comparison_puts_the_independent_recogniser_first():
-    from modeling_moss_speech.evaluation import markdown_comparison
+    from modeling_moss_speech.apps.evaluation import markdown_comparison
 
     spoken = {"label": "S->S", "input": "speech", "output": "speech", "scorer": "PocketSphinx", "correct": 3,
               "total": 4, "accuracy": 0.75, "ctc": {"correct": 1, "total": 4, "accuracy": 0.25},

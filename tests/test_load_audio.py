@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from modeling_moss_speech.cli import CLIError, _read_audio
+from modeling_moss_speech.apps.cli.common import CLIError, _read_audio
 from modeling_moss_speech.feature_extraction_moss_speech import load_audio
 
 RATE = 22050

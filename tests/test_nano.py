@@ -22,7 +22,7 @@ from conftest import espeak
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 from modeling_moss_speech import MossSpeechChat, pretrained
-from modeling_moss_speech.evaluation import IndependentRecognizer, greedy_kwargs, normalize_answer
+from modeling_moss_speech.apps.evaluation import IndependentRecognizer, greedy_kwargs, normalize_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = {"colour_of_banana.wav": "yellow"}
@@ -80,7 +80,7 @@ def test_spoken_question_gets_the_right_text_answer(nano, example):
 def _readme_first_command(wav: Path, tmp_path: Path) -> tuple[str, str]:
     """`moss-speech chat --wav WAV --out answer.wav`: (printed answer, spoken answer as heard by PocketSphinx)."""
     out = tmp_path / "answer.wav"
-    result = subprocess.run([sys.executable, "-m", "modeling_moss_speech.cli", "chat", "--wav", str(wav), "--out",
+    result = subprocess.run([sys.executable, "-m", "modeling_moss_speech", "chat", "--wav", str(wav), "--out",
                              str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     speech, rate = sf.read(str(out), dtype="float32")

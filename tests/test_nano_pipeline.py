@@ -181,7 +181,7 @@ def test_prepare_nano_formats(world):
     s2s = next(e for e in sft["train"] if e["mode"] == "s2s")
     assert s2s["output_modality"] == "audio" and s2s["messages"][1]["content"]["codes"]
     # the SFT collator reads the conversations as they are
-    from modeling_moss_speech.training_utils import MossSpeechDataCollator
+    from modeling_moss_speech.trainer.sft import MossSpeechDataCollator
     batch = MossSpeechDataCollator(processor)(list(sft["train"].select(range(4))))
     assert batch["input_ids"].shape[0] == 4 and (batch["labels"] != -100).any()
 

@@ -27,7 +27,7 @@ from modeling_moss_speech import (
     MossSpeechVoicePrompt,
     pretrained,
 )
-from modeling_moss_speech.cli import main
+from modeling_moss_speech.apps.cli.main import main
 from modeling_moss_speech.processing_moss_speech import MossSpeechProcessor
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ from test_codec import tiny_codec_config
 from tokenizers_for_tests import tiny_tokenizer
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechFeatureExtractor, MossSpeechForCausalLM
-from modeling_moss_speech.cli import main
-from modeling_moss_speech.hub import BIBTEX, publish, render_model_card, stage_upload
+from modeling_moss_speech.apps.cli.main import main
+from modeling_moss_speech.hub.publish import BIBTEX, publish, render_model_card, stage_upload
 from modeling_moss_speech.processing_moss_speech import MossSpeechProcessor
 
 LM_FILES = ["README.md", "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
@@ -28,8 +28,7 @@ LM_CODE = ["_compat.py", "configuration_moss_speech.py", "configuration_moss_spe
            "modeling_moss_speech_codec.py",
            "modeling_moss_speech_codec_encoder.py", "modeling_moss_speech_codec_flow.py",
            "modeling_moss_speech_codec_griffin_lim.py", "modeling_moss_speech_codec_speaker.py",
-           "modeling_moss_speech_codec_stream.py", "modeling_moss_speech_codec_vocoder.py", "processing_moss_speech.py",
-           "training_utils.py"]
+           "modeling_moss_speech_codec_stream.py", "modeling_moss_speech_codec_vocoder.py", "processing_moss_speech.py"]
 CODEC_FILES = ["config.json", "model.safetensors", "preprocessor_config.json"]
 CODEC_CODE = ["configuration_moss_speech_codec.py", "feature_extraction_moss_speech.py", "loading.py",
               "modeling_moss_speech_codec.py", "modeling_moss_speech_codec_encoder.py",
@@ -249,7 +248,7 @@ def test_push_errors_are_one_line(saved, hub, capsys, args, message):
 def test_push_and_convert_help_document_every_option(capsys):
     import argparse
 
-    from modeling_moss_speech.cli import build_parser
+    from modeling_moss_speech.apps.cli.main import build_parser
 
     (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     for command in ("push", "convert"):

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoProcessor, BitsAndBytesConfig, TorchAoConfig
 
 from modeling_moss_speech import MossSpeechChat, MossSpeechForCausalLM, pretrained
-from modeling_moss_speech.evaluation import greedy_kwargs, normalize_answer
+from modeling_moss_speech.apps.evaluation import greedy_kwargs, normalize_answer
 
 torchao = pytest.importorskip("torchao", reason="quantization needs the [quant] extra: pip install -e '.[dev]'")
 from torchao.quantization import Int8WeightOnlyConfig  # noqa: E402 - after the skip

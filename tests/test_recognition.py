@@ -16,8 +16,8 @@ import torch
 import torchaudio
 from conftest import espeak
 
-from modeling_moss_speech.evaluation import decode_speech, score_spoken_answers
-from modeling_moss_speech.recognition import IndependentRecognizer, normalize_answer, to_recognizer_input
+from modeling_moss_speech.apps.evaluation import decode_speech, score_spoken_answers
+from modeling_moss_speech.apps.recognition import IndependentRecognizer, normalize_answer, to_recognizer_input
 
 PROCESSING = Path(__file__).resolve().parents[1] / "processing"
 if str(PROCESSING) not in sys.path:

@@ -21,14 +21,16 @@ from tokenizers_for_tests import tiny_tokenizer
 from transformers.dynamic_module_utils import get_imports
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechForCausalLM, MossSpeechProcessor
-from modeling_moss_speech.convert_moss_speech_original_to_hf import convert_checkpoint
-from modeling_moss_speech.hub import (
+from modeling_moss_speech.hub.convert_moss_speech_original_to_hf import convert_checkpoint
+from modeling_moss_speech.hub.publish import stage_upload
+from modeling_moss_speech.hub.remote_code import (
+    PACKAGE_DIR,
     REMOTE_CODE_IMPORTS,
     RemoteCodeError,
     check_remote_code,
     export_remote_code,
+    remote_code_modules,
     save_pretrained_with_remote_code,
-    stage_upload,
 )
 
 HUB_REPO = "org/tiny-moss-speech"
@@ -69,10 +71,10 @@ def test_exported_files_and_auto_maps(exported):
     for directory in (exported, exported / "codec"):
         for path in directory.glob("*.py"):
             assert set(get_imports(str(path))) <= allowed, path.name
-    # training_utils (peft, trl) is named by the modeling file but replaced by a stub that explains itself.
-    stub = exported / "training_utils.py"
-    assert get_imports(str(stub)) == [] and "moss-speech" in stub.read_text()
-    assert not (exported / "chat_moss_speech.py").exists() and not (exported / "cli.py").exists()
+    # Only the model's flat modules ship: no application module and no stand-in for one.
+    shipped = {p.name for p in exported.glob("*.py")} | {p.name for p in (exported / "codec").glob("*.py")}
+    assert all((PACKAGE_DIR / name).is_file() for name in shipped), shipped
+    assert not shipped & {"training_utils.py", "chat_moss_speech.py", "cli.py", "__init__.py"}
 
 
 def test_register_for_auto_class_path_gives_the_same_export(exported, tmp_path):
@@ -101,6 +103,14 @@ def test_disallowed_imports_are_caught(tmp_path):
         check_remote_code(tmp_path)
     with pytest.raises(ValueError, match="holds no MOSS-Speech"):
         export_remote_code(tmp_path)
+
+
+def test_remote_code_ships_only_flat_modules():
+    assert "modeling_moss_speech" in remote_code_modules(["modeling_moss_speech"])
+    # An application subpackage (or anything that is not a flat module of the package) cannot ship.
+    for name in ("apps", "trainer", "hub", "no_such_module"):
+        with pytest.raises(RemoteCodeError, match=f"{name!r} is imported relatively but .* not a flat module"):
+            remote_code_modules([name])
 
 
 # ------------------------------------------------------------------------------------------ without the package

@@ -20,14 +20,13 @@ from tokenizers_for_tests import tiny_tokenizer
 from transformers import TrainerCallback
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechForCausalLM, MossSpeechProcessor
-from modeling_moss_speech.training_utils import (
-    LORA_PRESETS,
+from modeling_moss_speech.trainer.sft import (
     MossSpeechDataCollator,
     MossSpeechSFTTrainer,
     channel_target_counts,
-    lora_config,
     prepare_sft_config,
 )
+from modeling_moss_speech.trainer.stages import LORA_PRESETS, lora_config
 
 peft = pytest.importorskip("peft")
 datasets = pytest.importorskip("datasets")

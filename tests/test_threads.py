@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_moss_speech import cli, threads
+from modeling_moss_speech import threads
+from modeling_moss_speech.apps.cli import info as cli_info
+from modeling_moss_speech.apps.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.relative_to(ROOT).as_posix() for folder in ("training", "processing", "bench")
@@ -78,7 +80,7 @@ def test_every_cli_command_takes_threads(command, capsys):
 
 def test_cli_runs_the_command_with_threads_and_restores_the_count(monkeypatch, tmp_path, restore_threads):
     seen = []
-    monkeypatch.setattr(cli, "_cmd_info", lambda args: seen.append(torch.get_num_threads()) or 0)
+    monkeypatch.setattr(cli_info, "run", lambda args: seen.append(torch.get_num_threads()) or 0)
     torch.set_num_threads(1)
     assert cli.main(["info", str(tmp_path), "--threads", "2"]) == 0
     assert cli.main(["--threads", "3", "info", str(tmp_path)]) == 0  # before the sub-command too

@@ -8,7 +8,9 @@ from conftest import AUDIO_PAD, EOSP, MODALITY_PAD, SOSP, make_prompt, tiny_conf
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from modeling_moss_speech import MossSpeechForCausalLM
-from modeling_moss_speech.training_utils import apply_training_stage, check_fsdp_active, from_text_model, grid_labels
+from modeling_moss_speech.modeling_moss_speech import from_text_model
+from modeling_moss_speech.trainer.sft import grid_labels
+from modeling_moss_speech.trainer.stages import apply_training_stage, check_fsdp_active
 
 SPECIAL = dict(sosp_token_id=SOSP, modality_pad_token_id=MODALITY_PAD, pad_token_id=280, eosp_token_id=EOSP,
                audio_pad_token_id=AUDIO_PAD)

@@ -33,16 +33,16 @@ from modeling_moss_speech import (
     MossSpeechProcessor,
     MossSpeechVoicePrompt,
 )
-from modeling_moss_speech.generation_moss_speech import MossSpeechGenerationConfig
-from modeling_moss_speech.script_utils import NANO_CODES_MANIFEST as CODES_MANIFEST
-from modeling_moss_speech.script_utils import (
+from modeling_moss_speech.apps.script_utils import NANO_CODES_MANIFEST as CODES_MANIFEST
+from modeling_moss_speech.apps.script_utils import (
     ScriptArgumentParser,
     codec_fingerprint,
     load_audio_value,
     none_means_empty,
     threads_field,
 )
-from modeling_moss_speech.script_utils import load_nano_corpus as load_corpus
+from modeling_moss_speech.apps.script_utils import load_nano_corpus as load_corpus
+from modeling_moss_speech.generation_moss_speech import MossSpeechGenerationConfig
 from modeling_moss_speech.threads import set_threads
 
 CANONICAL_VOICE = "en-us"

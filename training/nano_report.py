@@ -16,9 +16,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modeling_moss_speech.evaluation import markdown_comparison
-from modeling_moss_speech.hub import render_model_card
-from modeling_moss_speech.script_utils import ScriptArgumentParser, threads_field
+from modeling_moss_speech.apps.evaluation import markdown_comparison
+from modeling_moss_speech.apps.script_utils import ScriptArgumentParser, threads_field
+from modeling_moss_speech.hub.publish import render_model_card
 from modeling_moss_speech.threads import set_threads
 
 # How spoken answers are scored: first by a recogniser independent of the codec, then by the codec's own CTC head.

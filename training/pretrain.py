@@ -11,7 +11,7 @@ epoch plans, packed rows, collation) is `training/pretrain_data.py`; this file i
 in-process.
 
 Loss (`training_loss`): per micro-batch, the text-channel plus the audio-channel mean cross entropy (labels from
-`training_utils.grid_labels`), averaged over the accumulated micro-batches.
+`trainer.sft.grid_labels`), averaged over the accumulated micro-batches.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from pretrain_data import GridSource, PackedRows, RowCollator, plan_epoch
 from torch.utils.data import DataLoader
 
 from modeling_moss_speech import MossSpeechForCausalLM
+from modeling_moss_speech.modeling_moss_speech import from_text_model
 from modeling_moss_speech.threads import set_threads
-from modeling_moss_speech.training_utils import apply_training_stage, check_fsdp_active, from_text_model
+from modeling_moss_speech.trainer.stages import apply_training_stage, check_fsdp_active
 
 logger = logging.getLogger("moss_speech.pretrain")
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from modeling_moss_speech.script_utils import ScriptArgumentParser, threads_field
-from modeling_moss_speech.training_utils import TRAINING_STAGES
+from modeling_moss_speech.apps.script_utils import ScriptArgumentParser, threads_field
+from modeling_moss_speech.trainer.stages import TRAINING_STAGES
 
 logger = logging.getLogger("moss_speech.pretrain")
 
@@ -52,7 +52,7 @@ class PretrainArguments:
         "help": "sdpa (when unset), eager, flash_attention_2, ..."})
     stage: str = field(default="stage1", metadata={
         "help": "Training stage for apply_training_stage: stage1 (speech side only) or stage2 (all); the other "
-                "named stages of training_utils.TRAINING_STAGES are accepted too."})
+                "named stages of trainer.stages.TRAINING_STAGES are accepted too."})
     # data
     datasets: list[str] = field(default_factory=list, metadata={"help": _DATASETS_HELP + " Required."})
     eval_datasets: list[str] = field(default_factory=list, metadata={

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 
 from modeling_moss_speech import MossSpeechConfig
-from modeling_moss_speech.training_utils import grid_labels
+from modeling_moss_speech.trainer.sft import grid_labels
 
 
 class GridSource:

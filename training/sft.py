@@ -23,15 +23,13 @@ from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from modeling_moss_speech import MossSpeechForCausalLM, MossSpeechProcessor
 from modeling_moss_speech.threads import THREADS_HELP, set_threads
-from modeling_moss_speech.training_utils import (
+from modeling_moss_speech.trainer.sft import MossSpeechDataCollator, MossSpeechSFTTrainer, prepare_sft_config
+from modeling_moss_speech.trainer.stages import (
     LORA_PRESETS,
     TRAINING_STAGES,
-    MossSpeechDataCollator,
-    MossSpeechSFTTrainer,
     apply_training_stage,
     check_fsdp_active,
     lora_config,
-    prepare_sft_config,
 )
 
 logger = logging.get_logger(__name__)

@@ -36,9 +36,9 @@ import torchaudio
 from tqdm.auto import tqdm
 
 from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel
-from modeling_moss_speech.evaluation import transcription_scores
+from modeling_moss_speech.apps.evaluation import transcription_scores
+from modeling_moss_speech.apps.script_utils import ScriptArgumentParser, threads_field
 from modeling_moss_speech.modeling_moss_speech_codec import prompt_mel_spectrogram
-from modeling_moss_speech.script_utils import ScriptArgumentParser, threads_field
 from modeling_moss_speech.threads import set_threads
 
 logger = logging.getLogger("train_speech_decoder")

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from train_speech_tokenizer import _read_split, _targets, recognition_scores
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechVoicePrompt
-from modeling_moss_speech.script_utils import ScriptArgumentParser, threads_field
+from modeling_moss_speech.apps.script_utils import ScriptArgumentParser, threads_field
 from modeling_moss_speech.threads import set_threads
 
 

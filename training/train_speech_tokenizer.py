@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel
-from modeling_moss_speech.evaluation import transcription_scores
-from modeling_moss_speech.script_utils import ScriptArgumentParser, threads_field
+from modeling_moss_speech.apps.evaluation import transcription_scores
+from modeling_moss_speech.apps.script_utils import ScriptArgumentParser, threads_field
 from modeling_moss_speech.threads import set_threads
 
 VQ_START_FRACTION = 0.15

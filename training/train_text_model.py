@@ -38,9 +38,9 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-from modeling_moss_speech.script_utils import ScriptArgumentParser, nano_processor, threads_field
-from modeling_moss_speech.script_utils import nano_special_ids as special_ids
-from modeling_moss_speech.script_utils import read_nano_facts as read_facts
+from modeling_moss_speech.apps.script_utils import ScriptArgumentParser, nano_processor, threads_field
+from modeling_moss_speech.apps.script_utils import nano_special_ids as special_ids
+from modeling_moss_speech.apps.script_utils import read_nano_facts as read_facts
 from modeling_moss_speech.threads import set_threads
 
 IGNORE = -100

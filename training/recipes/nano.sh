@@ -196,7 +196,7 @@ done
 # ---------------------------------------------------------------------------------------------- evaluation
 for split in $EVAL_SPLITS; do
   for name in final ablation_final; do
-    run_step "eval_${name}_$split" "$PY" -m modeling_moss_speech.cli eval --model "$NANO_OUT/$name" \
+    run_step "eval_${name}_$split" "$PY" -m modeling_moss_speech eval --model "$NANO_OUT/$name" \
       --corpus "$NANO_DATA/voices/corpus" --split "$split" --baseline-text-model "$NANO_OUT/text_model" \
       -o "$NANO_OUT/eval/${name}_$split.json"
   done
@@ -207,7 +207,7 @@ for name in stage1 ablation_stage1; do
   src=$NANO_OUT/${name/ablation_/ablation/}
   run_step "eval_${name}_t2t" bash -c "rm -rf '$NANO_OUT/eval_$name' && mkdir -p '$NANO_OUT/eval_$name' && \
     cp '$src/config.json' '$src/model.safetensors' '$NANO_OUT/tokenizer/'* '$NANO_OUT/eval_$name/' && \
-    cp -r '$NANO_OUT/codec_voice' '$NANO_OUT/eval_$name/codec' && '$PY' -m modeling_moss_speech.cli eval \
+    cp -r '$NANO_OUT/codec_voice' '$NANO_OUT/eval_$name/codec' && '$PY' -m modeling_moss_speech eval \
     --model '$NANO_OUT/eval_$name' --corpus '$NANO_DATA/corpus' --split test --tasks t2t \
     --baseline-text-model '$NANO_OUT/text_model' -o '$NANO_OUT/eval/${name}_test_t2t.json'"
 done

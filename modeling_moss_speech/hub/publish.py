@@ -1,31 +1,6 @@
-"""Publishing MOSS-Speech checkpoints: remote-code export, model cards, and upload to the Hugging Face Hub.
+"""Publishing MOSS-Speech checkpoints: model cards and upload to the Hugging Face Hub.
 
-Remote code. `export_remote_code(directory)` makes a saved directory loadable with `trust_remote_code=True` where
-this package is not installed: it copies the defining modules (and every module they import relatively) next to the
-weights and writes `auto_map` entries:
-
-| file | auto_map |
-|---|---|
-| config.json of an LM | AutoConfig → MossSpeechConfig; AutoModelForCausalLM, AutoModel → MossSpeechForCausalLM |
-| config.json of a codec | AutoConfig → MossSpeechCodecConfig, AutoModel → MossSpeechCodecModel |
-| preprocessor_config.json of a codec | AutoFeatureExtractor → MossSpeechFeatureExtractor |
-| processor_config.json | AutoProcessor → MossSpeechProcessor (its feature extractor: AutoFeatureExtractor) |
-
-All entries of a directory are taken from one module (modeling_moss_speech.MossSpeechConfig, not
-configuration_moss_speech.MossSpeechConfig), so that each class exists once when loaded (see `LM_AUTO_MAP`).
-
-`AutoModel` gives the generation-capable `MossSpeechForCausalLM`, as the release's remote code did, so code written
-for the release (`AutoModel.from_pretrained(..., trust_remote_code=True).generate(...)`) keeps working; with this
-package installed (no `trust_remote_code`), `AutoModel` gives the head-less `MossSpeechModel` as usual.
-`save_pretrained_with_remote_code(obj, directory)` does the same for an object in memory through transformers' own
-`register_for_auto_class` mechanism (classes registered only for that call).
-
-Exported modules import only torch, torchaudio, numpy, soundfile, safetensors, transformers (and huggingface_hub,
-which transformers requires) and the standard library; this is checked on every export. Modules that belong to the
-package but not to a checkpoint (training_utils, the CLI, ...) are replaced by stubs that raise a clear ImportError
-when used, so that transformers' loader, which follows every relative import it can see, finds them.
-
-Publishing. `publish(model_dir, repo_id, ...)` stages the directory (weights linked, not copied; JSON files
+`publish(model_dir, repo_id, ...)` stages the directory (weights linked, not copied; JSON files
 rewritten), adds the remote code, a 4.x-compatible tokenizer_config.json and a README.md model card rendered from
 `model_cards/` (Hub metadata: library_name, pipeline_tag, tags, base_model, license, datasets), then uploads
 everything in one commit (`HfApi.create_repo` + `HfApi.upload_folder`). A codec given with `codec_dir` is uploaded
@@ -35,39 +10,22 @@ processor load a codec published on its own (`publish(codec_dir, repo, card="cod
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 import string
-import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitInfo, HfApi, ModelCardData
-from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
-from ._compat import registered_auto_class, restore_auto_class
+from ..loading import read_json_file
+from ..processing_moss_speech import CODEC_SUBFOLDER
 from .checkpoint_info import describe_checkpoint
-from .configuration_moss_speech import MossSpeechConfig
-from .configuration_moss_speech_codec import MossSpeechCodecConfig
 from .convert_moss_speech_original_to_hf import set_processor_codec_reference, write_portable_tokenizer_config
-from .feature_extraction_moss_speech import MossSpeechFeatureExtractor
-from .loading import read_json_file
-from .modeling_moss_speech import MossSpeechForCausalLM
-from .modeling_moss_speech_codec import MossSpeechCodecModel
-from .processing_moss_speech import CODEC_SUBFOLDER, MossSpeechProcessor
+from .remote_code import PACKAGE_DIR, _write_text, export_remote_code
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-# Top-level imports exported code may use: what a user with transformers, torch, torchaudio and soundfile has.
-# huggingface_hub (the configs' dataclass validation) and safetensors are dependencies of transformers itself.
-REMOTE_CODE_IMPORTS = frozenset({"torch", "torchaudio", "transformers", "huggingface_hub", "safetensors", "numpy",
-                                 "soundfile"})
-# Package modules that never ship with a checkpoint; where an exported module names one, a stub stands in for it.
-PACKAGE_ONLY_MODULES = frozenset({"training_utils", "chat_moss_speech", "analysis", "cli", "checkpoint_info", "hub",
-                                  "convert_moss_speech_original_to_hf", "convert_campplus_onnx", "__init__"})
 CARD_TEMPLATES = {"moss-speech": "moss_speech.md", "codec": "moss_speech_codec.md", "nano": "moss_speech_nano.md"}
 CARD_TEMPLATES_ENV = "MOSS_SPEECH_MODEL_CARDS"
 PAPER_URL = "https://arxiv.org/abs/2510.00499"
@@ -82,228 +40,6 @@ BIBTEX = """@misc{mossspeech2025,
 # Files staged as real copies (they may be rewritten); everything else (weights) is linked.
 _COPIED_SUFFIXES = (".json", ".jinja", ".md", ".txt", ".py", ".yaml", ".yml")
 _SKIPPED_NAMES = {".git", ".cache", "__pycache__", ".gitattributes", ".DS_Store"}
-
-_STUB = '''"""Stand-in for moss-speech's `{module}`, which is not part of this checkpoint's remote code.
-
-transformers' remote-code loader fetches every module that the shipped files import relatively; this stub keeps
-that lookup working. Using anything from it needs the moss-speech package installed.
-"""
-
-
-def __getattr__(name: str):
-    raise ImportError(
-        f"{{name!r}} comes from moss-speech's `{module}`, which is not shipped with this checkpoint's remote code; "
-        "install the moss-speech package to use it"
-    )
-'''
-
-
-class RemoteCodeError(RuntimeError):
-    """The exported code would not load without the package (a disallowed import or a missing module)."""
-
-
-# ------------------------------------------------------------------------------------------------- remote code
-
-
-def _entry(cls: type, module: str | None = None) -> str:
-    """The `auto_map` value for `cls`: `module_file_stem.ClassName`."""
-    return f"{module or cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
-
-
-# Every auto class of a directory names ONE module, the one that imports all the others (the model's, the
-# processor's): each class is then taken from that module's namespace. Two transformers behaviours make this
-# necessary: a local directory gets one package per entry module (`transformers_modules/<dir>/<hash of that module
-# and its imports>`), and a module first imported relatively is executed again when named by an auto_map entry.
-# Either way the same class would exist twice, and isinstance checks between a config and its model (the codec
-# checks its sub-configs) or between a processor and its feature extractor would fail.
-_LM_MODULE = MossSpeechForCausalLM.__module__.rsplit(".", 1)[-1]
-_CODEC_MODULE = MossSpeechCodecModel.__module__.rsplit(".", 1)[-1]
-_PROCESSOR_MODULE = MossSpeechProcessor.__module__.rsplit(".", 1)[-1]
-LM_AUTO_MAP = {"AutoConfig": _entry(MossSpeechConfig, _LM_MODULE), "AutoModel": _entry(MossSpeechForCausalLM),
-               "AutoModelForCausalLM": _entry(MossSpeechForCausalLM)}
-CODEC_AUTO_MAP = {"AutoConfig": _entry(MossSpeechCodecConfig, _CODEC_MODULE), "AutoModel": _entry(MossSpeechCodecModel)}
-FEATURE_EXTRACTOR_AUTO_MAP = {"AutoFeatureExtractor": _entry(MossSpeechFeatureExtractor, _CODEC_MODULE)}
-PROCESSOR_AUTO_MAP = {"AutoProcessor": _entry(MossSpeechProcessor)}
-PROCESSOR_FEATURE_EXTRACTOR_AUTO_MAP = {
-    "AutoFeatureExtractor": _entry(MossSpeechFeatureExtractor, _PROCESSOR_MODULE), **PROCESSOR_AUTO_MAP,
-}
-_MISSING = object()
-_REGISTRATIONS = ((MossSpeechConfig, "AutoConfig"), (MossSpeechForCausalLM, "AutoModelForCausalLM"),
-                  (MossSpeechCodecConfig, "AutoConfig"), (MossSpeechCodecModel, "AutoModel"),
-                  (MossSpeechProcessor, "AutoProcessor"), (MossSpeechFeatureExtractor, "AutoFeatureExtractor"))
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write `text`, replacing a symlink by a file instead of writing through it."""
-    if path.is_symlink():
-        path.unlink()
-    path.write_text(text)
-
-
-def _write_json(path: Path, values: Mapping[str, Any]) -> None:
-    _write_text(path, json.dumps(values, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
-
-
-def _set_auto_map(values: dict[str, Any], entries: Mapping[str, str]) -> None:
-    auto_map = dict(values.get("auto_map") or {})
-    auto_map.update(entries)
-    values["auto_map"] = auto_map
-
-
-def remote_code_modules(entry_modules: Sequence[str]) -> dict[str, Path | None]:
-    """Module name → source file for the closure of `entry_modules` under relative imports (None: a stub)."""
-    found: dict[str, Path | None] = {}
-    todo = list(entry_modules)
-    while todo:
-        name = todo.pop()
-        if name in found:
-            continue
-        if name in PACKAGE_ONLY_MODULES:
-            found[name] = None
-            continue
-        path = PACKAGE_DIR / f"{name}.py"
-        if not path.is_file():
-            raise RemoteCodeError(f"module {name!r} is imported relatively but {path} does not exist.")
-        found[name] = path
-        todo.extend(get_relative_imports(str(path)))
-    return found
-
-
-def check_remote_code(directory: str | os.PathLike) -> list[str]:
-    """Check that every `.py` file of `directory` imports only allowed packages and modules that are present.
-
-    Uses transformers' own import scanner (the one `trust_remote_code` loading runs). Returns the files checked;
-    raises `RemoteCodeError` listing every problem.
-    """
-    directory = Path(directory)
-    allowed = REMOTE_CODE_IMPORTS | set(sys.stdlib_module_names)
-    problems, files = [], sorted(p.name for p in directory.glob("*.py"))
-    for name in files:
-        path = directory / name
-        for module in get_imports(str(path)):
-            if module not in allowed:
-                problems.append(f"{name} imports {module!r}")
-        for module in get_relative_imports(str(path)):
-            if not (directory / f"{module}.py").is_file():
-                problems.append(f"{name} imports .{module}, which is not in {directory}")
-    if problems:
-        raise RemoteCodeError(f"the remote code in {directory} would not load without moss-speech: "
-                              + "; ".join(problems))
-    return files
-
-
-def export_remote_code(directory: str | os.PathLike) -> list[str]:
-    """Add code files and `auto_map` to a saved model, codec and/or processor directory (see the module docstring).
-
-    Works on a directory as saved (no weights are loaded). Returns the code files written. Raises `ValueError` when
-    the directory holds no MOSS-Speech model, codec or processor, `RemoteCodeError` when the code would not load.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ValueError(f"directory must be an existing directory, got {str(directory)!r}.")
-    entry_modules: list[str] = []
-    edits: list[tuple[Path, dict[str, Any]]] = []
-    config_path = directory / "config.json"
-    if config_path.is_file():
-        values = read_json_file(config_path)
-        model_type = values.get("model_type")
-        if model_type == MossSpeechConfig.model_type:
-            _set_auto_map(values, LM_AUTO_MAP)
-        elif model_type == MossSpeechCodecConfig.model_type:
-            _set_auto_map(values, CODEC_AUTO_MAP)
-        else:
-            raise ValueError(f"{config_path}: model_type {model_type!r} is not a MOSS-Speech model or codec.")
-        edits.append((config_path, values))
-        entry_modules += [entry.split(".")[0] for entry in values["auto_map"].values()]
-    processor_path = directory / "processor_config.json"
-    if processor_path.is_file():
-        values = read_json_file(processor_path)
-        _set_auto_map(values, PROCESSOR_AUTO_MAP)
-        if isinstance(values.get("feature_extractor"), dict):
-            _set_auto_map(values["feature_extractor"], PROCESSOR_FEATURE_EXTRACTOR_AUTO_MAP)
-        edits.append((processor_path, values))
-        entry_modules.append(PROCESSOR_AUTO_MAP["AutoProcessor"].split(".")[0])
-    feature_path = directory / "preprocessor_config.json"
-    if feature_path.is_file():
-        values = read_json_file(feature_path)
-        if values.get("feature_extractor_type") == MossSpeechFeatureExtractor.__name__:
-            _set_auto_map(values, FEATURE_EXTRACTOR_AUTO_MAP)
-            edits.append((feature_path, values))
-            entry_modules.append(FEATURE_EXTRACTOR_AUTO_MAP["AutoFeatureExtractor"].split(".")[0])
-    if not edits:
-        raise ValueError(f"{directory} holds no MOSS-Speech config.json, processor_config.json or "
-                         "preprocessor_config.json to export.")
-    written = []
-    for module, source in sorted(remote_code_modules(entry_modules).items()):
-        target = directory / f"{module}.py"
-        _write_text(target, _STUB.format(module=module) if source is None else source.read_text())
-        written.append(target.name)
-    check_remote_code(directory)
-    for path, values in edits:
-        _write_json(path, values)
-    return written
-
-
-@contextlib.contextmanager
-def remote_code_auto_classes() -> Iterator[None]:
-    """Register the package's classes with `register_for_auto_class` for the duration of the block.
-
-    Inside it, `save_pretrained` of a config, model, codec, processor or feature extractor copies the defining code
-    and writes `auto_map` (transformers' mechanism). Registration is undone afterwards, so ordinary saves stay free of
-    code files. Prefer `save_pretrained_with_remote_code`, which also completes what the mechanism cannot express
-    (a second auto class per model, stubs for package-only modules, the import check).
-    """
-    previous = {cls: registered_auto_class(cls) for cls, _ in _REGISTRATIONS}
-    try:
-        for cls, auto_class in _REGISTRATIONS:
-            cls.register_for_auto_class(auto_class)
-        yield
-    finally:
-        for cls, value in previous.items():
-            restore_auto_class(cls, value)
-
-
-def _auto_map_holders(obj: Any) -> list[Any]:
-    """Objects (or dicts) on which `save_pretrained` under `register_for_auto_class` may record an `auto_map`."""
-    holders: list[Any] = [obj]
-    if getattr(obj, "config", None) is not None:
-        holders.append(obj.config)
-    if isinstance(obj, MossSpeechProcessor):
-        holders += [obj.feature_extractor, obj.tokenizer, obj.tokenizer.init_kwargs]
-        codec = obj._codec_slot.model
-        if codec is not None:
-            holders += [codec, codec.config]
-    return holders
-
-
-def save_pretrained_with_remote_code(obj: Any, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
-    """`obj.save_pretrained(save_directory, **kwargs)` with remote code: code files plus `auto_map`.
-
-    `obj` is a `MossSpeechConfig`, `MossSpeechForCausalLM`, `MossSpeechCodecConfig`, `MossSpeechCodecModel`,
-    `MossSpeechProcessor` or `MossSpeechFeatureExtractor`. Returns the code files of the directory.
-    """
-    if not isinstance(obj, tuple(cls for cls, _ in _REGISTRATIONS)):
-        raise TypeError(f"obj must be a MOSS-Speech config, model, codec, processor or feature extractor, got "
-                        f"{type(obj).__name__}.")
-    # transformers records auto_map on the in-memory configs it saves; keep the caller's objects as they were.
-    holders = _auto_map_holders(obj)
-    before = [(holder, holder.get("auto_map", _MISSING) if isinstance(holder, dict)
-               else holder.__dict__.get("auto_map", _MISSING)) for holder in holders]
-    try:
-        with remote_code_auto_classes():
-            obj.save_pretrained(str(save_directory), **kwargs)
-    finally:
-        for holder, value in before:
-            store = holder if isinstance(holder, dict) else holder.__dict__
-            if value is _MISSING:
-                store.pop("auto_map", None)
-            else:
-                store["auto_map"] = value
-    written = export_remote_code(save_directory)
-    codec = Path(save_directory) / CODEC_SUBFOLDER
-    if isinstance(obj, MossSpeechProcessor) and (codec / "config.json").is_file():
-        written += [f"{CODEC_SUBFOLDER}/{name}" for name in export_remote_code(codec)]
-    return written
 
 
 # ------------------------------------------------------------------------------------------------- model cards
@@ -650,12 +386,7 @@ def publish(
 
 __all__ = [
     "BIBTEX",
-    "RemoteCodeError",
-    "check_remote_code",
-    "export_remote_code",
     "publish",
-    "remote_code_auto_classes",
     "render_model_card",
-    "save_pretrained_with_remote_code",
     "stage_upload",
 ]

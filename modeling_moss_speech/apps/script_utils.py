@@ -22,8 +22,8 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from .feature_extraction_moss_speech import load_audio
-from .threads import THREADS_HELP
+from ..feature_extraction_moss_speech import load_audio
+from ..threads import THREADS_HELP
 
 # --------------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -191,7 +191,7 @@ def nano_special_ids(tokenizer: Any) -> dict[str, int]:
 
 def nano_processor(tokenizer: Any, codec: Any = None, **kwargs: Any) -> Any:
     """A `MossSpeechProcessor` over a nano tokenizer with the nano special ids (`kwargs` as its `__init__`)."""
-    from .processing_moss_speech import MossSpeechProcessor
+    from ..processing_moss_speech import MossSpeechProcessor
 
     ids = nano_special_ids(tokenizer)
     return MossSpeechProcessor(

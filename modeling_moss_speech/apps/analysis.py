@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .configuration_moss_speech import MossSpeechConfig
-from .feature_extraction_moss_speech import load_audio
-from .grid_moss_speech import GridLayout
-from .modeling_moss_speech import MossSpeechForCausalLM, MossSpeechModel
+from ..configuration_moss_speech import MossSpeechConfig
+from ..feature_extraction_moss_speech import load_audio
+from ..grid_moss_speech import GridLayout
+from ..modeling_moss_speech import MossSpeechForCausalLM, MossSpeechModel
 
 PATHS = ("modality", "same")
 
@@ -456,8 +456,8 @@ def _pairs_from_arguments(args: argparse.Namespace, config: MossSpeechConfig, pr
 
 def run_analyze_layers(args: argparse.Namespace) -> LayerSimilarityResult:
     """Run the analysis for parsed `analyze-layers` arguments; prints a JSON summary and writes the outputs."""
-    from .modeling_moss_speech_codec import MossSpeechCodecModel
-    from .processing_moss_speech import MossSpeechProcessor
+    from ..modeling_moss_speech_codec import MossSpeechCodecModel
+    from ..processing_moss_speech import MossSpeechProcessor
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = MossSpeechForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()

@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .configuration_moss_speech import MossSpeechConfig
-from .configuration_moss_speech_codec import MossSpeechCodecConfig
-from .loading import read_json_file
-from .modeling_moss_speech import MossSpeechForCausalLM
-from .modeling_moss_speech_codec import MossSpeechCodecModel
-from .processing_moss_speech import MossSpeechProcessor
+from ..configuration_moss_speech import MossSpeechConfig
+from ..configuration_moss_speech_codec import MossSpeechCodecConfig
+from ..loading import read_json_file
+from ..modeling_moss_speech import MossSpeechForCausalLM
+from ..modeling_moss_speech_codec import MossSpeechCodecModel
+from ..processing_moss_speech import MossSpeechProcessor
 
 LM_MODEL_TYPE = MossSpeechConfig.model_type
 CODEC_MODEL_TYPE = MossSpeechCodecConfig.model_type

@@ -46,11 +46,11 @@ import torchaudio
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from .feature_extraction_moss_speech import load_audio, prepare_waveforms
-from .modeling_moss_speech import MossSpeechForCausalLM
-from .modeling_moss_speech_codec import MossSpeechCodecModel, MossSpeechVoicePrompt
-from .pretrained import shipped_voices
-from .processing_moss_speech import CODEC_SUBFOLDER, MossSpeechProcessor, MossSpeechResponse
+from ..feature_extraction_moss_speech import load_audio, prepare_waveforms
+from ..modeling_moss_speech import MossSpeechForCausalLM
+from ..modeling_moss_speech_codec import MossSpeechCodecModel, MossSpeechVoicePrompt
+from ..pretrained import shipped_voices
+from ..processing_moss_speech import CODEC_SUBFOLDER, MossSpeechProcessor, MossSpeechResponse
 from .recognition import IndependentRecognizer, SpeechRecognizer, normalize_answer, require_pocketsphinx
 
 # /2: spoken answers and the codec round trip are scored by the independent recogniser first, the CTC head second.

@@ -24,7 +24,7 @@ and plain numbers); anything that needs full unpickling is refused. A language-m
 weights (`pytorch_model.bin`) is refused: safetensors only.
 
 CLI: `moss-speech convert --model RELEASE_LM --codec RELEASE_CODEC -o OUT` (see `moss-speech convert --help`), or
-`python -m modeling_moss_speech.convert_moss_speech_original_to_hf ...` with the same options.
+`python -m modeling_moss_speech.hub.convert_moss_speech_original_to_hf ...` with the same options.
 """
 
 from __future__ import annotations
@@ -46,15 +46,16 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from .configuration_moss_speech import MossSpeechConfig
-from .configuration_moss_speech_codec import MossSpeechCodecConfig, MossSpeechCodecEncoderConfig
-from .feature_extraction_moss_speech import MossSpeechFeatureExtractor
-from .generation_moss_speech import MossSpeechGenerationConfig
-from .loading import read_json_file
-from .modeling_moss_speech import MossSpeechForCausalLM
-from .modeling_moss_speech_codec import MossSpeechCodecModel
-from .modeling_moss_speech_codec_vocoder import convert_legacy_weight_norm_keys
-from .processing_moss_speech import CODEC_SUBFOLDER, MossSpeechProcessor
+from ..configuration_moss_speech import MossSpeechConfig
+from ..configuration_moss_speech_codec import MossSpeechCodecConfig, MossSpeechCodecEncoderConfig
+from ..feature_extraction_moss_speech import MossSpeechFeatureExtractor
+from ..generation_moss_speech import MossSpeechGenerationConfig
+from ..loading import read_json_file
+from ..modeling_moss_speech import MossSpeechForCausalLM
+from ..modeling_moss_speech_codec import MossSpeechCodecModel
+from ..modeling_moss_speech_codec_vocoder import convert_legacy_weight_norm_keys
+from ..processing_moss_speech import CODEC_SUBFOLDER, MossSpeechProcessor
+from .remote_code import export_remote_code
 
 logger = logging.get_logger(__name__)
 
@@ -837,8 +838,6 @@ def run_conversion(args: argparse.Namespace) -> ConversionReport:
                                      codec_base_config=base, dtype=args.dtype, max_shard_size=args.max_shard_size,
                                      ignore_keys=args.ignore_key)
     if args.remote_code:
-        from .hub import export_remote_code
-
         export_remote_code(out)
         if args.model is not None and args.codec is not None:
             export_remote_code(out / CODEC_SUBFOLDER)
@@ -846,7 +845,7 @@ def run_conversion(args: argparse.Namespace) -> ConversionReport:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI entry point (`python -m modeling_moss_speech.convert_moss_speech_original_to_hf`)."""
+    """CLI entry point (`python -m modeling_moss_speech.hub.convert_moss_speech_original_to_hf`)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_convert_arguments(parser)
     args = parser.parse_args(argv)

@@ -1,18 +1,15 @@
-"""Training helpers: build MOSS-Speech from a text LLM, freeze by training stage, label grids, and supervised
-fine-tuning with TRL (data collator, trainer subclass, LoRA presets).
+"""Supervised fine-tuning with TRL: grid labels, the data collator and the trainer subclass.
 
 The paper's recipe ("frozen pre-training"): split a pretrained Qwen3 into a shared trunk and two tails initialised
-from the same text layers (`from_text_model`), pre-train the speech side with the text backbone frozen
-(`apply_training_stage(model, "stage1")`), then train everything jointly ("stage2"), then fine-tune ("sft") on
-conversations with [`MossSpeechDataCollator`] and [`MossSpeechSFTTrainer`], optionally with a LoRA preset
-([`lora_config`]).
+from the same text layers (`MossSpeechForCausalLM.from_text_model`), pre-train the speech side with the text
+backbone frozen (`trainer.stages.apply_training_stage(model, "stage1")`), then train everything jointly ("stage2"),
+then fine-tune ("sft") on conversations with [`MossSpeechDataCollator`] and [`MossSpeechSFTTrainer`], optionally
+with a LoRA preset (`trainer.stages.lora_config`).
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,82 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging
 
-from .configuration_moss_speech import MossSpeechConfig
-from .modeling_moss_speech import MossSpeechForCausalLM
-from .processing_moss_speech import MossSpeechProcessor
+from ..configuration_moss_speech import MossSpeechConfig
+from ..processing_moss_speech import MossSpeechProcessor
 
 if TYPE_CHECKING:  # TRL and PEFT are the [train] extra: imported where they are used
-    from peft import LoraConfig
     from trl import SFTConfig
 
 logger = logging.get_logger(__name__)
-
-# Module-name prefixes (inside MossSpeechForCausalLM) that each stage trains; everything else is frozen.
-TRAINING_STAGES: dict[str, tuple[str, ...]] = {
-    # Stage I: the text backbone (embedding, trunk, text tail, text norm and head) stays frozen.
-    "stage1": ("model.audio_embed.", "model.audio_block.", "model.audio_norm.", "audio_lm_head."),
-    # Stage II and SFT: everything is trained.
-    "stage2": ("",),
-    "sft": ("",),
-    # Cheapest adaptation: only the audio tail, its norm and head.
-    "audio_tail_only": ("model.audio_block.", "model.audio_norm.", "audio_lm_head."),
-}
-
-_QWEN3_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-    "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "attention_bias",
-    "attention_dropout", "use_sliding_window", "sliding_window", "max_window_layers", "pad_token_id",
-    "bos_token_id", "eos_token_id",
-)
-
-
-def apply_training_stage(model: nn.Module, stage: str, verbose: bool = True) -> int:
-    """Set `requires_grad` for a named training stage; returns the number of trainable parameters.
-
-    Stages: `stage1` (speech side only: audio embedding, audio tail, audio norm and head), `stage2` and `sft`
-    (everything), `audio_tail_only`. Works on a `MossSpeechForCausalLM` or a PEFT wrapper of one (LoRA
-    parameters stay as PEFT set them).
-    """
-    if stage not in TRAINING_STAGES:
-        raise ValueError(f"unknown training stage {stage!r}; choose one of {sorted(TRAINING_STAGES)}.")
-    prefixes = TRAINING_STAGES[stage]
-    trainable = total = 0
-    for name, param in model.named_parameters():
-        if "lora_" in name:
-            trainable += param.numel() if param.requires_grad else 0
-            total += param.numel()
-            continue
-        # PEFT wraps the model as base_model.model.<our names>: match on the path below that.
-        plain = name.split("base_model.model.", 1)[-1].replace(".base_layer.", ".")
-        plain = plain.replace("modules_to_save.default.", "").replace("original_module.", "")
-        param.requires_grad_(any(plain.startswith(p) for p in prefixes))
-        trainable += param.numel() if param.requires_grad else 0
-        total += param.numel()
-    if verbose:
-        logger.warning(f"training stage {stage!r}: {trainable:,} of {total:,} parameters trainable "
-                       f"({100 * trainable / max(total, 1):.2f} %)")
-    return trainable
-
-
-def check_fsdp_active(distributed_type: Any) -> None:
-    """Raise a `ValueError` when the accelerate launch asked for FSDP but accelerate is not running it.
-
-    `accelerate launch` with an FSDP config sets `ACCELERATE_USE_FSDP=true`; accelerate (1.15) honours it only on
-    accelerator devices. On CPU it silently trains with DDP (`DistributedType.MULTI_CPU`), one full model per process:
-    the memory the FSDP config was chosen for is not saved, so the scripts stop instead.
-
-    Args:
-        distributed_type: The running `accelerate.DistributedType` (`accelerator.distributed_type`).
-    """
-    requested = os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes")
-    if requested and distributed_type != "FSDP":  # DistributedType is a str enum
-        raise ValueError(f"the accelerate config asks for FSDP (ACCELERATE_USE_FSDP=true), but accelerate runs "
-                         f"{distributed_type}: accelerate enables FSDP only on accelerator devices (GPU, XPU, ...); on "
-                         "CPU it would train one full model per process. Use training/configs/ddp.yaml (or cpu.yaml) "
-                         "on CPU.")
 
 
 def grid_labels(
@@ -119,67 +49,6 @@ def grid_labels(
     if attention_mask is not None:
         labels = labels.masked_fill(~attention_mask.bool().unsqueeze(-1), -100)
     return labels
-
-
-def from_text_model(
-    text_model: PreTrainedModel | str | os.PathLike,
-    num_shared_layers: int,
-    num_tail_layers: int | None = None,
-    audio_vocab_size: int = 16512,
-    **config_overrides,
-) -> MossSpeechForCausalLM:
-    """Split a pretrained Qwen3 causal LM into MOSS-Speech (the paper's initialisation).
-
-    The first `num_shared_layers` decoder layers become the trunk, the rest the text tail, and a deep copy of the
-    rest the audio tail (both tails start from the same text layers); embeddings, final norm and LM head go to the
-    text side (the audio norm starts as a copy of the text norm); the audio embedding and audio head are new.
-    On text-only input the result's text logits equal the text model's.
-
-    Args:
-        text_model: A `Qwen3ForCausalLM` (or a path to one).
-        num_shared_layers: Layers in the shared trunk.
-        num_tail_layers: Layers per tail; must equal the remaining layers (default).
-        audio_vocab_size: Rows of the new speech embedding and audio head (codes + end-of-speech + spare ids).
-        **config_overrides: Other `MossSpeechConfig` fields, e.g. the special ids (`sosp_token_id`,
-            `modality_pad_token_id`, `eosp_token_id`, `audio_pad_token_id`) when the tokenizer is not Qwen3's.
-    """
-    if isinstance(text_model, (str, os.PathLike)):
-        text_model = AutoModelForCausalLM.from_pretrained(text_model)
-    source = text_model.config
-    if getattr(source, "model_type", None) != "qwen3":
-        raise ValueError(f"from_text_model expects a Qwen3 causal LM, got model_type {source.model_type!r}.")
-    layers = text_model.model.layers
-    n_layers = len(layers)
-    if not 0 <= num_shared_layers < n_layers:
-        raise ValueError(f"num_shared_layers must be in [0, {n_layers}) for a {n_layers}-layer model, "
-                         f"got {num_shared_layers}.")
-    tail = n_layers - num_shared_layers
-    if num_tail_layers is not None and num_tail_layers != tail:
-        raise ValueError(f"num_tail_layers must be the remaining {tail} layers ({n_layers} - {num_shared_layers}), "
-                         f"got {num_tail_layers}.")
-    values = {name: getattr(source, name) for name in _QWEN3_FIELDS if hasattr(source, name)}
-    values["rope_parameters"] = dict(source.rope_parameters)
-    values.update(num_hidden_layers=n_layers, num_shared_layers=num_shared_layers, num_modality_layers=tail,
-                  audio_vocab_size=audio_vocab_size, tie_word_embeddings=False)
-    values.update(config_overrides)
-    config = MossSpeechConfig(**values)
-
-    model = MossSpeechForCausalLM(config).to(text_model.dtype)
-    source_layers = list(layers)
-    with torch.no_grad():
-        for target, src in zip(model.model.shared_block.layers, source_layers[:num_shared_layers]):
-            target.load_state_dict(src.state_dict())
-        for target, src in zip(model.model.text_block.layers, source_layers[num_shared_layers:]):
-            target.load_state_dict(src.state_dict())
-        for target, src in zip(model.model.audio_block.layers, source_layers[num_shared_layers:]):
-            target.load_state_dict(copy.deepcopy(src.state_dict()))
-        model.model.embed_tokens.weight.copy_(text_model.model.embed_tokens.weight)
-        model.model.text_norm.weight.copy_(text_model.model.norm.weight)
-        model.model.audio_norm.weight.copy_(text_model.model.norm.weight)
-        model.text_lm_head.weight.copy_(text_model.get_output_embeddings().weight)
-    return model
-
-
 
 
 # ------------------------------------------------------------------------------------------------ SFT data
@@ -389,7 +258,7 @@ class MossSpeechSFTTrainer(_SFTTrainerBase):
       whole accumulated (and, with `average_tokens_across_devices`, all-process) batch, so the accumulated loss equals
       the model's loss on the full batch. A scalar `num_items_in_batch` passed by other callers goes to the model
       as is.
-    - PEFT models (passed wrapped, or with `peft_config=`, e.g. [`lora_config`]) work unchanged.
+    - PEFT models (passed wrapped, or with `peft_config=`, e.g. `stages.lora_config`) work unchanged.
     - `args` goes through [`prepare_sft_config`]; `data_collator` defaults to a right-padded
       [`MossSpeechDataCollator`] with `args.max_length`; `processing_class` must be a `MossSpeechProcessor`.
     """
@@ -511,59 +380,10 @@ class MossSpeechSFTTrainer(_SFTTrainerBase):
         return loss.detach(), (outputs.text_logits, outputs.audio_logits), inputs.get("labels")
 
 
-# ------------------------------------------------------------------------------------------------ LoRA presets
-
-_PROJECTIONS = r"\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
-
-# Named LoRA setups: regexes over MossSpeechForCausalLM's module names (PEFT full-matches them) and the modules
-# trained in full and saved with the adapter (the speech embedding and head are small and task-specific).
-LORA_PRESETS: dict[str, dict[str, Any]] = {
-    # The audio tail's attention and MLP projections only: adapts speech output, text behaviour untouched.
-    "audio_tail": {"target_modules": rf".*audio_block{_PROJECTIONS}",
-                   "modules_to_save": ["audio_lm_head", "audio_embed"]},
-    # Both tails (text and audio), trunk frozen.
-    "both_tails": {"target_modules": rf".*(text|audio)_block{_PROJECTIONS}",
-                   "modules_to_save": ["audio_lm_head", "audio_embed"]},
-    # Every decoder-layer projection: shared trunk and both tails.
-    "all_linear": {"target_modules": rf".*(shared|text|audio)_block{_PROJECTIONS}",
-                   "modules_to_save": ["audio_lm_head", "audio_embed"]},
-}
-
-
-def lora_config(preset: str, r: int = 16, alpha: int = 32, dropout: float = 0.0, **kwargs: Any) -> LoraConfig:
-    """A `peft.LoraConfig` for a named preset of [`LORA_PRESETS`] (`audio_tail`, `both_tails`, `all_linear`).
-
-    Args:
-        preset: The preset's name.
-        r: LoRA rank.
-        alpha: LoRA alpha (scaling `alpha / r`).
-        dropout: Dropout on the LoRA input.
-        **kwargs: Other `LoraConfig` fields (e.g. `use_rslora=True`); they override the preset's.
-    """
-    from peft import LoraConfig
-
-    if preset not in LORA_PRESETS:
-        raise ValueError(f"unknown LoRA preset {preset!r}; choose one of {sorted(LORA_PRESETS)}.")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"lora_config: r must be a positive int, got {r!r}.")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"lora_config: dropout must be in [0, 1), got {dropout!r}.")
-    values = dict(LORA_PRESETS[preset], r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM")
-    values["modules_to_save"] = list(values["modules_to_save"])
-    values.update(kwargs)
-    return LoraConfig(**values)
-
-
 __all__ = [
-    "LORA_PRESETS",
-    "TRAINING_STAGES",
     "MossSpeechDataCollator",
     "MossSpeechSFTTrainer",
-    "apply_training_stage",
     "channel_target_counts",
-    "check_fsdp_active",
-    "from_text_model",
     "grid_labels",
-    "lora_config",
     "prepare_sft_config",
 ]

@@ -7,7 +7,7 @@ search is a JSGF grammar of the closed world's phrases (the answers of the corpu
 utterance is heard as exactly one of those phrases, or as "" when the decoder finds none.
 
 ```python
-from modeling_moss_speech.recognition import IndependentRecognizer
+from modeling_moss_speech.apps.recognition import IndependentRecognizer
 
 recognizer = IndependentRecognizer(["paris", "yellow", "twenty one"])   # multi-word phrases stay whole
 recognizer.recognize(waveform, sampling_rate=24000)                      # -> "paris"

@@ -12,7 +12,7 @@ first unconsumed ONNX Conv of its shape. A folded Conv+BN becomes the conv weigh
 the folded bias. Every target tensor must be filled and every Conv/BatchNormalization node used, or a ValueError
 lists what is missing or unused.
 
-CLI: `python -m modeling_moss_speech.convert_campplus_onnx campplus.onnx campplus.safetensors`
+CLI: `python -m modeling_moss_speech.hub.convert_campplus_onnx campplus.onnx campplus.safetensors`
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .configuration_moss_speech_codec import MossSpeechCodecSpeakerConfig
-from .modeling_moss_speech_codec_speaker import MossSpeechCodecSpeakerEncoder
+from ..configuration_moss_speech_codec import MossSpeechCodecSpeakerConfig
+from ..modeling_moss_speech_codec_speaker import MossSpeechCodecSpeakerEncoder
 
 # ONNX ops that carry learned weights; a model holding any other than Conv / BatchNormalization is not CAM++.
 _PARAMETRIC_OPS = {"Conv", "BatchNormalization", "Gemm", "MatMul", "PRelu", "ConvTranspose", "LayerNormalization",

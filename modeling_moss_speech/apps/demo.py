@@ -6,7 +6,7 @@ moss-speech demo --model DIR --codec CODEC --port 8000
 ```
 
 ```py
-from modeling_moss_speech.demo import build_demo, launch_demo, load_checkpoint
+from modeling_moss_speech.apps.demo import build_demo, launch_demo, load_checkpoint
 
 model, processor = load_checkpoint("path/to/MOSS-Speech")
 demo = build_demo(model, processor, voices={"alice": "alice.safetensors"})   # a gradio.Blocks (e.g. a Space's app.py)
@@ -44,11 +44,11 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
-from .chat_moss_speech import MossSpeechChat
-from .feature_extraction_moss_speech import load_audio
-from .loading import one_line
-from .modeling_moss_speech_codec import MossSpeechVoicePrompt
-from .processing_moss_speech import CODEC_SUBFOLDER, MossSpeechProcessor
+from ..chat_moss_speech import MossSpeechChat
+from ..feature_extraction_moss_speech import load_audio
+from ..loading import one_line
+from ..modeling_moss_speech_codec import MossSpeechVoicePrompt
+from ..processing_moss_speech import CODEC_SUBFOLDER, MossSpeechProcessor
 
 logger = logging.getLogger(__name__)
 
