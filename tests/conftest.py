@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random MOSS-Speech configs and grids (offline, CPU, float32)."""
+"""Shared fixtures (tiny random MOSS-Speech configs, offline, CPU, float32) and grid builders; the builders they
+call live in helpers.py."""
 
 from __future__ import annotations
 
@@ -15,41 +16,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import AUDIO_PAD, EOSP, MODALITY_PAD, PAD, SOSP, tiny_config  # noqa: E402
 
 from modeling_moss_speech import MossSpeechConfig, MossSpeechForCausalLM  # noqa: E402
 
 torch.set_num_threads(1)  # torch may have been imported (and its pool sized) before this file ran
-
-# Tiny special ids, mirroring the release's roles: text pad / im_end stop the turn, sosp opens speech,
-# modality_pad marks speech rows; in the audio vocabulary, codes < EOSP, then eosp, then unused ids.
-PAD, IM_END, SOSP, MODALITY_PAD = 280, 282, 290, 291
-AUDIO_PAD, EOSP, AUDIO_VOCAB = 10, 64, 80
-
-
-def tiny_config(**overrides) -> MossSpeechConfig:
-    """A 2-trunk + 1-tail model with hidden size 32: fast enough for many generate() calls."""
-    values = dict(
-        vocab_size=300,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_shared_layers=2,
-        num_modality_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        audio_vocab_size=AUDIO_VOCAB,
-        sosp_token_id=SOSP,
-        modality_pad_token_id=MODALITY_PAD,
-        pad_token_id=PAD,
-        eos_token_id=[PAD, IM_END],
-        eosp_token_id=EOSP,
-        audio_pad_token_id=AUDIO_PAD,
-        max_position_embeddings=512,
-    )
-    values.update(overrides)
-    return MossSpeechConfig(**values)
-
 
 @pytest.fixture
 def config() -> MossSpeechConfig:
@@ -93,23 +64,6 @@ def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         grid[i, length - p.shape[0] :] = p
         mask[i, length - p.shape[0] :] = 1
     return grid, mask
-
-
-def espeak(text: str, voice: str = "en-us", speed: int = 160, pitch: int = 50):
-    """Real speech from espeak-ng (installed by .ci/run): (float32 waveform, sampling rate 22050)."""
-    import shutil
-    import subprocess
-    import tempfile
-
-    import soundfile as sf
-
-    if shutil.which("espeak-ng") is None:
-        pytest.fail("espeak-ng is not installed: run the README's test command (it installs espeak-ng and sox)")
-    with tempfile.NamedTemporaryFile(suffix=".wav") as handle:
-        subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", handle.name, text],
-                       check=True, capture_output=True)
-        wav, rate = sf.read(handle.name, dtype="float32")
-    return torch.from_numpy(wav), rate
 
 
 @pytest.fixture

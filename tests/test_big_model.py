@@ -7,9 +7,8 @@ import json
 
 import pytest
 import torch
-from conftest import EOSP, IM_END, PAD, SOSP, left_pad, make_prompt
-from test_codec import tiny_codec_config
-from test_generation import Force
+from conftest import left_pad, make_prompt
+from helpers import EOSP, IM_END, PAD, SOSP, Force, tiny_codec_config
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechForCausalLM, MossSpeechVoicePrompt
 from modeling_moss_speech.modeling_moss_speech import runtime_cache_config

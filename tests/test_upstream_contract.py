@@ -12,7 +12,7 @@ from unittest import mock
 import datasets
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 from transformers import GenerationMixin, PretrainedConfig
 from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.generation.configuration_utils import CompileConfig
