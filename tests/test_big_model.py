@@ -7,9 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import EOSP, IM_END, PAD, SOSP, left_pad, make_prompt
-from test_codec import tiny_codec_config
-from test_generation import Force
+from helpers import EOSP, IM_END, PAD, SOSP, Force, left_pad, make_prompt, tiny_codec_config
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechForCausalLM, MossSpeechVoicePrompt
 from modeling_moss_speech.modeling_moss_speech import runtime_cache_config

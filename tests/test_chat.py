@@ -5,10 +5,7 @@ from __future__ import annotations
 import pytest
 import soundfile as sf
 import torch
-from conftest import espeak, tiny_config
-from test_codec import tiny_codec_config
-from test_processor import ForceAt
-from tokenizers_for_tests import tiny_tokenizer
+from helpers import ForceAt, espeak, tiny_codec_config, tiny_config, tiny_tokenizer
 
 from modeling_moss_speech import MossSpeechChat, MossSpeechCodecModel, MossSpeechForCausalLM, MossSpeechProcessor
 

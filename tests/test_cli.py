@@ -1,11 +1,9 @@
 """The `moss-speech` console script, run in-process through `main([...])` (and once as the installed executable).
 
 A tiny random LM, a tiny random codec and a processor are saved to a temporary directory. The LM's weights are
-edited so that what it generates is fixed whatever is sampled: every embedding carries a large constant in
-dimension 0, so the final normalised hidden state is dominated by a positive constant there; the end-of-speech
-row of the audio head and the "hello" row of the text head then point along that dimension. Speech therefore lasts
-exactly `--min-new-tokens` codes (end-of-speech is forbidden before), then end-of-speech, then "hello" until
-`--max-new-tokens`.
+edited (`fix_answers`) so that what it generates is fixed whatever is sampled: the end-of-speech row of the audio
+head and the "hello" row of the text head dominate. Speech therefore lasts exactly `--min-new-tokens` codes
+(end-of-speech is forbidden before), then end-of-speech, then "hello" until `--max-new-tokens`.
 """
 
 from __future__ import annotations
@@ -21,9 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import EOSP, espeak, tiny_config
-from test_codec import tiny_codec_config
-from tokenizers_for_tests import tiny_tokenizer
+from helpers import EOSP, espeak, fix_answers, tiny_codec_config, tiny_config, tiny_tokenizer
 
 from modeling_moss_speech import (
     MossSpeechCodecModel,
@@ -49,14 +45,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     assert config.eosp_token_id == codec.config.num_codes
     model = MossSpeechForCausalLM(config).eval()
     tokenizer = tiny_tokenizer()
-    hello = tokenizer.convert_tokens_to_ids("hello")
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] = 10.0
-        model.model.audio_embed.weight[:, 0] = 10.0
-        model.audio_lm_head.weight[EOSP] = 0.0
-        model.audio_lm_head.weight[EOSP, 0] = 50.0
-        model.text_lm_head.weight[hello] = 0.0
-        model.text_lm_head.weight[hello, 0] = 50.0
+    fix_answers(model, audio={EOSP: 50.0}, text={tokenizer.convert_tokens_to_ids("hello"): 50.0})
     model.save_pretrained(root / "lm")
     extractor = MossSpeechFeatureExtractor()
     MossSpeechProcessor.from_model_config(config, tokenizer, extractor, codec_path=str(root / "codec")).save_pretrained(

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import espeak
+from helpers import TINY_VOCODER, espeak, tiny_codec_config, tone
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel
 
 from modeling_moss_speech import (
@@ -22,31 +22,10 @@ from modeling_moss_speech import (
 SPEC = Path(__file__).resolve().parent / "data" / "codec_keys_release.json"  # copy of shared/spec
 
 
-def tiny_codec_config(**overrides) -> MossSpeechCodecConfig:
-    values = dict(
-        encoder_config=dict(d_model=32, encoder_attention_heads=2, encoder_ffn_dim=64, encoder_layers=2,
-                            quantize_position=2, pooling_position=2, quantize_vocab_size=64),
-        flow_config=dict(vocab_size=80, input_size=32, encoder_attention_heads=2, encoder_linear_units=64,
-                         encoder_num_blocks=1, encoder_num_up_blocks=1, estimator_channels=32, estimator_num_heads=2,
-                         estimator_attention_head_dim=16, estimator_n_blocks=1, estimator_num_mid_blocks=1,
-                         estimator_time_embed_dim=64, n_timesteps=3, noise_max_frames=4000),
-        vocoder_config=dict(base_channels=32, f0_predictor_channels=32),
-        speaker_config=dict(init_channels=32, growth_rate=8, block_layers=[2, 2, 2], fcm_channels=8),
-    )
-    values.update(overrides)
-    return MossSpeechCodecConfig(**values)
-
-
 @pytest.fixture(scope="module")
 def codec() -> MossSpeechCodecModel:
     torch.manual_seed(0)
     return MossSpeechCodecModel(tiny_codec_config()).eval()
-
-
-def tone(seconds: float, rate: int = 16000, freq: float = 220.0, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    t = torch.arange(int(round(seconds * rate))) / rate
-    return (0.3 * torch.sin(2 * math.pi * freq * t) + 0.01 * torch.randn(t.shape, generator=g)).float()
 
 
 def test_release_size_parameter_names_and_shapes():
@@ -123,7 +102,7 @@ def test_stream_decode_matches_offline(codec):
 def test_stream_decode_is_close_to_offline():
     """With the vocoder's random source switched off, chunking is the only difference from the offline decode."""
     torch.manual_seed(0)
-    config = tiny_codec_config(vocoder_config=dict(base_channels=32, f0_predictor_channels=32, nsf_alpha=0.0,
+    config = tiny_codec_config(vocoder_config=dict(**TINY_VOCODER, nsf_alpha=0.0,
                                                    nsf_sigma=0.0))
     codec = MossSpeechCodecModel(config).eval()
     codes = torch.randint(0, 64, (60,))

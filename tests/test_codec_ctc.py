@@ -11,23 +11,13 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio
-from conftest import espeak
-from test_codec import tiny_codec_config
+from helpers import CTC_ALPHABET, ctc_config, espeak, tiny_codec_config
 
-from modeling_moss_speech import MossSpeechCodecConfig, MossSpeechCodecModel
+from modeling_moss_speech import MossSpeechCodecModel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "training"))
 import train_speech_tokenizer  # noqa: E402
-
-ALPHABET = " abcdefghijklmnopqrstuvwxyz'"
-
-
-def ctc_config(**encoder) -> MossSpeechCodecConfig:
-    config = tiny_codec_config()
-    values = config.encoder_config.to_dict()
-    values.update({"ctc_alphabet": ALPHABET, "ctc_layers": 1, "ctc_upsample": 4, **encoder})
-    return tiny_codec_config(encoder_config=values)
 
 
 def test_ctc_alphabet_validation():
@@ -65,9 +55,9 @@ def test_ctc_head_saves_loads_and_batches_like_single_rows(tmp_path):
 def test_greedy_decoding_merges_repeats_and_drops_blanks():
     codec = MossSpeechCodecModel(ctc_config())
     head = codec.encoder.ctc_head
-    a, b, space = ALPHABET.index("a") + 1, ALPHABET.index("b") + 1, ALPHABET.index(" ") + 1
+    a, b, space = CTC_ALPHABET.index("a") + 1, CTC_ALPHABET.index("b") + 1, CTC_ALPHABET.index(" ") + 1
     frames = [0, a, a, 0, a, space, space, b, b, 0, 0, space]
-    log_probs = torch.full((1, len(frames), len(ALPHABET) + 1), -10.0)
+    log_probs = torch.full((1, len(frames), len(CTC_ALPHABET) + 1), -10.0)
     log_probs[0, torch.arange(len(frames)), torch.tensor(frames)] = 0.0
     assert head.greedy_decode(log_probs, torch.tensor([len(frames)])) == ["aa b"]
     assert head.greedy_decode(log_probs, torch.tensor([3])) == ["a"]

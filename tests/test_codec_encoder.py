@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchaudio
+from helpers import modulated_tone, tiny_encoder_config
 from transformers import WhisperFeatureExtractor
 
 from modeling_moss_speech.configuration_moss_speech_codec import MossSpeechCodecEncoderConfig
@@ -29,23 +30,6 @@ SPEC = Path(__file__).resolve().parent / "data" / "codec_keys_release.json"  # c
 SR = 16000
 
 
-def tone(seconds: float, sampling_rate: int = SR, seed: int = 0) -> torch.Tensor:
-    """A modulated tone plus noise: enough spectral variety for varied codes."""
-    n = round(seconds * sampling_rate)
-    g = torch.Generator().manual_seed(seed)
-    t = torch.arange(n) / sampling_rate
-    freq = 150 + 300 * torch.rand(1, generator=g)
-    wave = 0.3 * torch.sin(2 * math.pi * freq * t) * (1 + torch.sin(2 * math.pi * 3 * t))
-    return (wave + 0.05 * torch.randn(n, generator=g)).float()
-
-
-def tiny_encoder_config(**overrides) -> MossSpeechCodecEncoderConfig:
-    values = dict(d_model=32, encoder_attention_heads=2, encoder_ffn_dim=64, encoder_layers=2, quantize_position=2,
-                  pooling_position=2, quantize_vocab_size=64, num_mel_bins=128)
-    values.update(overrides)
-    return MossSpeechCodecEncoderConfig(**values)
-
-
 @pytest.fixture(scope="module")
 def feature_extractor() -> MossSpeechFeatureExtractor:
     return MossSpeechFeatureExtractor()
@@ -60,7 +44,7 @@ def encoder(feature_extractor) -> MossSpeechCodecEncoder:
         for param in model.parameters():
             if param.dim() >= 2:
                 param.copy_(torch.randn_like(param) / math.sqrt(param[0].numel()))
-        feats = feature_extractor([tone(3.0, seed=s) for s in range(3)], sampling_rate=SR)
+        feats = feature_extractor([modulated_tone(3.0, seed=s) for s in range(3)], sampling_rate=SR)
         states = model(**feats).last_hidden_state.reshape(-1, 32)
         rows = torch.randint(states.shape[0], (64,))
         model.codebook.weight.copy_(states[rows] + 0.3 * states.std() * torch.randn(64, 32))
@@ -73,7 +57,7 @@ def encoder(feature_extractor) -> MossSpeechCodecEncoder:
 def test_features_match_transformers_whisper_extractor(feature_extractor):
     """The release featurizes with WhisperFeatureExtractor(feature_size=128), padded to a multiple of 1280."""
     reference = WhisperFeatureExtractor(feature_size=128)
-    waves = [tone(1.0), tone(2.4, seed=1), tone(0.77, seed=2)]
+    waves = [modulated_tone(1.0), modulated_tone(2.4, seed=1), modulated_tone(0.77, seed=2)]
     ours = feature_extractor(waves, sampling_rate=SR)
     for row, wave in enumerate(waves):
         ref = reference(wave.numpy(), sampling_rate=SR, return_tensors="pt", padding="longest",
@@ -86,7 +70,7 @@ def test_features_match_transformers_whisper_extractor(feature_extractor):
 
 
 def test_feature_shapes_mask_and_padding(feature_extractor):
-    waves = [tone(1.0), tone(0.3, seed=1)]
+    waves = [modulated_tone(1.0), modulated_tone(0.3, seed=1)]
     out = feature_extractor(waves, sampling_rate=SR)
     assert out.input_features.dtype == torch.float32
     assert out.input_features.shape == (2, 128, 104)  # 16000 samples → 16640 (13 × 1280) → 104 frames
@@ -108,19 +92,19 @@ def test_feature_extractor_save_load_round_trip(tmp_path):
     loaded = MossSpeechFeatureExtractor.from_pretrained(tmp_path)
     assert loaded.to_dict() == extractor.to_dict()
     assert loaded.n_samples == 320000
-    wave = tone(0.5)
+    wave = modulated_tone(0.5)
     torch.testing.assert_close(loaded(wave, sampling_rate=SR).input_features,
                                extractor(wave, sampling_rate=SR).input_features)
 
 
 def test_resampling_and_downmix(feature_extractor):
-    wave_8k, wave_44k = tone(1.0, 8000), tone(1.0, 44100, seed=1)
+    wave_8k, wave_44k = modulated_tone(1.0, 8000), modulated_tone(1.0, 44100, seed=1)
     prepared = feature_extractor.prepare_waveforms([wave_8k, wave_44k], sampling_rate=8000)
     assert prepared[0].shape == (16000,)
     torch.testing.assert_close(prepared[0], torchaudio.functional.resample(wave_8k, 8000, SR))
     (prepared_44k,) = feature_extractor.prepare_waveforms(wave_44k, sampling_rate=44100)
     assert prepared_44k.shape == (16000,)
-    left, right = tone(0.5, seed=2), tone(0.5, seed=3)
+    left, right = modulated_tone(0.5, seed=2), modulated_tone(0.5, seed=3)
     (stereo,) = feature_extractor.prepare_waveforms(torch.stack([left, right]), sampling_rate=SR)
     torch.testing.assert_close(stereo, (left + right) / 2)
     # the module-level helper keeps the input rate unless a target rate is given
@@ -195,7 +179,7 @@ def test_layer_norm_and_all_layers_only_when_not_encoder_only():
 
 
 def test_forward_shapes_and_valid_code_counts(encoder, feature_extractor):
-    waves = [tone(1.0), tone(2.4, seed=1), tone(0.05, seed=2)]
+    waves = [modulated_tone(1.0), modulated_tone(2.4, seed=1), modulated_tone(0.05, seed=2)]
     feats = feature_extractor(waves, sampling_rate=SR)
     with torch.no_grad():
         out = encoder(feats.input_features, feats.attention_mask)
@@ -222,7 +206,7 @@ def test_quantize_is_nearest_codebook_row(encoder):
 
 def test_encoder_is_causal(encoder, feature_extractor):
     """Codes of a prefix equal the first codes of the whole: no code looks ahead of its 80 ms window."""
-    feats = feature_extractor(tone(2.0), sampling_rate=SR).input_features
+    feats = feature_extractor(modulated_tone(2.0), sampling_rate=SR).input_features
     with torch.no_grad():
         full = encoder(feats).codes
         prefix = encoder(feats[..., :64]).codes
@@ -230,7 +214,7 @@ def test_encoder_is_causal(encoder, feature_extractor):
 
 
 def test_odd_frame_count_and_no_mask(encoder, feature_extractor):
-    feats = feature_extractor(tone(1.0), sampling_rate=SR).input_features[..., :99]
+    feats = feature_extractor(modulated_tone(1.0), sampling_rate=SR).input_features[..., :99]
     with torch.no_grad():
         out = encoder(feats)
     assert out.codes.shape == (1, 13) and bool(out.codes_mask.all())
@@ -268,7 +252,7 @@ def test_non_causal_attention_is_refused():
 
 
 def test_token_counts(encoder, feature_extractor):
-    waves = [tone(1.0), tone(2.4, seed=1), tone(31.0, seed=2)]
+    waves = [modulated_tone(1.0), modulated_tone(2.4, seed=1), modulated_tone(31.0, seed=2)]
     codes = encode_waveforms(encoder, feature_extractor, waves, SR)
     assert [c.numel() for c in codes] == [13, 30, 388]
     assert all(c.dtype == torch.long and c.dim() == 1 for c in codes)
@@ -280,7 +264,7 @@ def test_token_counts(encoder, feature_extractor):
 
 def test_batched_codes_equal_codes_alone(encoder, feature_extractor):
     # 2.4 s is an exact multiple of 1280 samples: its last frames see reflection, not the batch's zero padding
-    waves = [tone(1.0), tone(2.4, seed=1), tone(0.77, seed=2), tone(3.1, seed=3), tone(0.2, seed=4)]
+    waves = [modulated_tone(seconds, seed=seed) for seed, seconds in enumerate((1.0, 2.4, 0.77, 3.1, 0.2))]
     batched = encode_waveforms(encoder, feature_extractor, waves, SR, batch_size=3)
     for wave, codes in zip(waves, batched):
         alone = encode_waveforms(encoder, feature_extractor, wave, SR)
@@ -291,7 +275,7 @@ def test_long_audio_is_encoded_in_bounded_groups(encoder, feature_extractor):
     """Ten 30 s chunks go through the encoder a few at a time (peak memory bounded), with the same codes."""
     sizes: list[int] = []
     hook = encoder.register_forward_hook(lambda module, args, output: sizes.append(args[0].shape[0]))
-    wave = tone(300.0)
+    wave = modulated_tone(300.0)
     try:
         reference = encode_waveforms(encoder, feature_extractor, wave, SR, max_batch_seconds=1e9)
         assert sizes == [10]
@@ -303,8 +287,8 @@ def test_long_audio_is_encoded_in_bounded_groups(encoder, feature_extractor):
             assert sizes == groups and torch.equal(codes, reference[0]), kwargs
         # short utterances share a call up to the budget in padded audio (the longest of the group sets it)
         sizes.clear()
-        encode_waveforms(encoder, feature_extractor, [tone(2.0)] + [tone(1.0, seed=s) for s in range(5)], SR,
-                         max_batch_seconds=4)
+        waves = [modulated_tone(2.0)] + [modulated_tone(1.0, seed=s) for s in range(5)]
+        encode_waveforms(encoder, feature_extractor, waves, SR, max_batch_seconds=4)
         assert sizes == [2, 4]
     finally:
         hook.remove()
@@ -313,12 +297,12 @@ def test_long_audio_is_encoded_in_bounded_groups(encoder, feature_extractor):
 
 def test_other_sampling_rates_and_stereo(encoder, feature_extractor):
     for rate in (8000, 44100):
-        wave = tone(1.2, rate, seed=rate)
+        wave = modulated_tone(1.2, rate, seed=rate)
         (codes,) = encode_waveforms(encoder, feature_extractor, wave, rate)
         assert codes.numel() == 15  # ceil(1.2 × 12.5)
         expected = encode_waveforms(encoder, feature_extractor, torchaudio.functional.resample(wave, rate, SR), SR)
         assert torch.equal(codes, expected[0])
-    left, right = tone(1.0, seed=5), tone(1.0, seed=6)
+    left, right = modulated_tone(1.0, seed=5), modulated_tone(1.0, seed=6)
     (stereo,) = encode_waveforms(encoder, feature_extractor, torch.stack([left, right]).numpy(), SR)
     assert torch.equal(stereo, encode_waveforms(encoder, feature_extractor, (left + right) / 2, SR)[0])
     (dual_mono,) = encode_waveforms(encoder, feature_extractor, torch.stack([left, left]), SR)
@@ -327,15 +311,15 @@ def test_other_sampling_rates_and_stereo(encoder, feature_extractor):
 
 def test_encode_waveforms_rejects_bad_arguments(encoder, feature_extractor):
     with pytest.raises(ValueError, match="batch_size"):
-        encode_waveforms(encoder, feature_extractor, tone(0.5), SR, batch_size=0)
+        encode_waveforms(encoder, feature_extractor, modulated_tone(0.5), SR, batch_size=0)
     for budget in (0, -1.0, float("inf"), "60", True):
         with pytest.raises(ValueError, match="`max_batch_seconds` must be a positive number of seconds, got"):
-            encode_waveforms(encoder, feature_extractor, tone(0.5), SR, max_batch_seconds=budget)
+            encode_waveforms(encoder, feature_extractor, modulated_tone(0.5), SR, max_batch_seconds=budget)
     with pytest.raises(ValueError, match="sampling_rate"):
-        encode_waveforms(encoder, feature_extractor, tone(0.5), None)
+        encode_waveforms(encoder, feature_extractor, modulated_tone(0.5), None)
     with pytest.raises(TypeError, match="float dtype"):
         encode_waveforms(encoder, feature_extractor, np.zeros(8000, dtype=np.int16), SR)
     with pytest.raises(TypeError, match="feature_extractor"):
-        encode_waveforms(encoder, WhisperFeatureExtractor(feature_size=128), tone(0.5), SR)
+        encode_waveforms(encoder, WhisperFeatureExtractor(feature_size=128), modulated_tone(0.5), SR)
     with pytest.raises(ValueError, match="chunk_length"):
-        encode_waveforms(encoder, MossSpeechFeatureExtractor(chunk_length=31), tone(0.5), SR)
+        encode_waveforms(encoder, MossSpeechFeatureExtractor(chunk_length=31), modulated_tone(0.5), SR)

@@ -8,50 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import NUM_CODES, TINY_FLOW, scaled_flow, tiny_flow_config
 
 from modeling_moss_speech.configuration_moss_speech_codec import MossSpeechCodecFlowConfig
 from modeling_moss_speech.modeling_moss_speech_codec_flow import MossSpeechCodecFlow
 
 SPEC = Path(__file__).resolve().parent / "data" / "codec_keys_release.json"  # copy of shared/spec
-VOCAB, NUM_CODES, MELS, RATIO, LOOKAHEAD = 80, 64, 80, 4, 3
-
-
-def tiny_flow_config(**overrides) -> MossSpeechCodecFlowConfig:
-    values = dict(
-        vocab_size=VOCAB,
-        input_size=32,
-        encoder_attention_heads=2,
-        encoder_linear_units=64,
-        encoder_num_blocks=2,
-        encoder_num_up_blocks=1,
-        estimator_channels=32,
-        estimator_num_heads=2,
-        estimator_attention_head_dim=16,
-        estimator_num_mid_blocks=1,
-        estimator_n_blocks=1,
-        estimator_time_embed_dim=64,
-        n_timesteps=3,
-        noise_max_frames=2000,
-        spk_embed_dim=192,
-        output_size=MELS,
-    )
-    values.update(overrides)
-    return MossSpeechCodecFlowConfig(**values)
-
-
-def scaled_flow(**overrides) -> MossSpeechCodecFlow:
-    """A tiny flow with larger-than-default random weights, so that every input (codes, prompt mel, x-vector) and
-    every position's context visibly moves the mel."""
-    torch.manual_seed(0)
-    model = MossSpeechCodecFlow(tiny_flow_config(**overrides)).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() > 1:
-                param.copy_(torch.randn(param.shape, generator=generator) / param[0].numel() ** 0.5)
-            elif "pos_bias" in name:
-                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
-    return model
+VOCAB, MELS, RATIO, LOOKAHEAD = TINY_FLOW["vocab_size"], 80, 4, 3
 
 
 @pytest.fixture(scope="module")

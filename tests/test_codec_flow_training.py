@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_codec_flow import tiny_flow_config
+from helpers import NUM_CODES, tiny_flow_config
 
 from modeling_moss_speech.modeling_moss_speech_codec_flow import MossSpeechCodecFlow
 
-NUM_CODES, RATIO = 64, 4
+RATIO = 4
 NO_DROPOUT = dict(encoder_dropout_rate=0.0, encoder_positional_dropout_rate=0.0, encoder_attention_dropout_rate=0.0)
 
 

@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 import torchaudio
-from conftest import espeak
-from test_codec import tiny_codec_config
+from helpers import espeak, tiny_codec_config
 
 from modeling_moss_speech import MossSpeechCodecModel
 from modeling_moss_speech.configuration_moss_speech_codec import MossSpeechCodecVocoderConfig

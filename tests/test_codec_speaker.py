@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torchaudio
+from helpers import randomize_batchnorm, tiny_speaker_config
 
 from modeling_moss_speech.configuration_moss_speech_codec import MossSpeechCodecSpeakerConfig
 from modeling_moss_speech.modeling_moss_speech_codec_speaker import MossSpeechCodecSpeakerEncoder
@@ -16,28 +17,10 @@ RELEASE_NUM_PARAMETERS = 6_848_544
 RELEASE_NUM_STATE_TENSORS = 937
 
 
-def tiny_config(**overrides) -> MossSpeechCodecSpeakerConfig:
-    values = dict(init_channels=32, growth_rate=8, block_layers=[2, 2, 2], fcm_channels=8)
-    values.update(overrides)
-    return MossSpeechCodecSpeakerConfig(**values)
-
-
-def randomize_batchnorm(model: torch.nn.Module) -> None:
-    """Non-trivial BatchNorm statistics, so that folding/mapping mistakes change the output."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.running_mean.normal_(0.0, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-                if module.affine:
-                    module.weight.uniform_(0.5, 1.5)
-                    module.bias.normal_(0.0, 0.2)
-
-
 @pytest.fixture(scope="module")
 def encoder() -> MossSpeechCodecSpeakerEncoder:
     torch.manual_seed(0)
-    model = MossSpeechCodecSpeakerEncoder(tiny_config()).eval()
+    model = MossSpeechCodecSpeakerEncoder(tiny_speaker_config()).eval()
     randomize_batchnorm(model)
     return model
 
@@ -150,7 +133,7 @@ def test_bad_config_raises():
     with pytest.raises(TypeError, match="MossSpeechCodecSpeakerConfig"):
         MossSpeechCodecSpeakerEncoder({"feat_dim": 80})
     with pytest.raises(ValueError, match="kernel_size must be odd"):
-        MossSpeechCodecSpeakerEncoder(tiny_config(block_kernel_sizes=[3, 4, 3]))
+        MossSpeechCodecSpeakerEncoder(tiny_speaker_config(block_kernel_sizes=[3, 4, 3]))
 
 
 def _export(model: torch.nn.Module, path, exporter: str) -> None:
@@ -204,10 +187,10 @@ def test_onnx_conversion_is_strict_and_cli_writes_safetensors(encoder, folded_on
     path = folded_onnx
     # A config with one more dense layer in block 3 cannot be filled from this graph.
     with pytest.raises(ValueError, match=r"missing target tensors \[.*block3\.tdnnd3"):
-        campplus_state_dict_from_onnx(path, tiny_config(block_layers=[2, 2, 3]))
+        campplus_state_dict_from_onnx(path, tiny_speaker_config(block_layers=[2, 2, 3]))
     # One layer fewer leaves ONNX nodes unused.
     with pytest.raises(ValueError, match=r"unused ONNX ops \[.*Conv"):
-        campplus_state_dict_from_onnx(path, tiny_config(block_layers=[2, 2, 1]))
+        campplus_state_dict_from_onnx(path, tiny_speaker_config(block_layers=[2, 2, 1]))
     with pytest.raises(ValueError, match="existing .onnx file"):
         campplus_state_dict_from_onnx(tmp_path / "absent.onnx", encoder.config)
 

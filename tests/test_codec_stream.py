@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_codec import tiny_codec_config
-from test_codec_flow import NUM_CODES, scaled_flow
+from helpers import NUM_CODES, scaled_flow, tiny_codec_config, tiny_vocoder_config
 
 from modeling_moss_speech import MossSpeechCodecModel
 from modeling_moss_speech.configuration_moss_speech_codec import MossSpeechCodecVocoderConfig
@@ -100,7 +99,7 @@ def snr_db(reference, estimate):
 
 def test_streamed_hift_is_seamless():
     torch.manual_seed(0)
-    vocoder = MossSpeechCodecVocoder(MossSpeechCodecVocoderConfig(base_channels=32, f0_predictor_channels=32)).eval()
+    vocoder = MossSpeechCodecVocoder(tiny_vocoder_config()).eval()
     mel = torch.randn(1, 80, 90, generator=torch.Generator().manual_seed(3)) - 4
     left, right = vocoder_receptive_field(vocoder)
     assert 1 <= left < 30 and 1 <= right < 30
@@ -133,7 +132,7 @@ def test_vocoder_stream_rejects_misuse():
     griffin_lim = MossSpeechCodecGriffinLim(MossSpeechCodecVocoderConfig())
     with pytest.raises(TypeError, match="HiFT"):
         MossSpeechVocoderStream(griffin_lim)
-    vocoder = MossSpeechCodecVocoder(MossSpeechCodecVocoderConfig(base_channels=32, f0_predictor_channels=32))
+    vocoder = MossSpeechCodecVocoder(tiny_vocoder_config())
     with pytest.raises(ValueError, match="context_frames"):
         MossSpeechVocoderStream(vocoder, context_frames=-1)
     stream = MossSpeechVocoderStream(vocoder.eval())

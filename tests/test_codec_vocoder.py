@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_vocoder_config
 
 from modeling_moss_speech.configuration_moss_speech_codec import MossSpeechCodecVocoderConfig
 from modeling_moss_speech.modeling_moss_speech_codec_vocoder import (
@@ -23,7 +24,7 @@ RATE = 24000
 def tiny_vocoder(f0_hz: float | None = None, seed: int = 0) -> MossSpeechCodecVocoder:
     """Tiny channels, release upsampling/iSTFT; `f0_hz` pins the F0 predictor (random weights predict ~0 Hz)."""
     torch.manual_seed(seed)
-    model = MossSpeechCodecVocoder(MossSpeechCodecVocoderConfig(base_channels=32, f0_predictor_channels=32)).eval()
+    model = MossSpeechCodecVocoder(tiny_vocoder_config()).eval()
     if f0_hz is not None:
         with torch.no_grad():
             model.f0_predictor.classifier.weight.zero_()
@@ -177,8 +178,7 @@ def test_invalid_cache_source_and_config():
     with pytest.raises(ValueError, match="cache_source must have shape"):
         model.inference(torch.zeros(1, 80, 2), cache_source=torch.zeros(2, 1, 10))
     with pytest.raises(ValueError, match="differ by an even number"):
-        MossSpeechCodecVocoder(MossSpeechCodecVocoderConfig(base_channels=32, f0_predictor_channels=32,
-                                                            upsample_kernel_sizes=[16, 10, 7]))
+        MossSpeechCodecVocoder(tiny_vocoder_config(upsample_kernel_sizes=[16, 10, 7]))
 
 
 def test_release_size_parameter_names_and_shapes():

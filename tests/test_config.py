@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_config
+from helpers import small_vocab_config, tiny_config
 from transformers import AutoConfig
 
 from modeling_moss_speech import MossSpeechConfig
@@ -117,19 +117,12 @@ def test_tail_offsets(config):
 RELEASE_IDS = {151643, 151645, 151646, 151667}
 
 
-def small_config(**overrides) -> MossSpeechConfig:
-    values = dict(vocab_size=99, audio_vocab_size=40, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
-                  num_shared_layers=2, num_modality_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    values.update(overrides)
-    return MossSpeechConfig(**values)
-
-
 def test_small_vocabulary_without_special_ids_is_valid():
     config = MossSpeechConfig(vocab_size=99)  # raised "pad_token_id=151643 is outside the text vocabulary" before
     assert config.pad_token_id is None and config.eos_token_id is None
     assert (config.modality_pad_token_id, config.sosp_token_id) == (98, 97)
     assert (config.eosp_token_id, config.audio_pad_token_id) == (16384, 512)  # the audio vocabulary is the release's
-    small = small_config()
+    small = small_vocab_config()
     assert (small.audio_pad_token_id, small.eosp_token_id) == (39, 38)
     assert small.num_audio_codes == 38  # the ids below end-of-speech, as in the release's layout
     ids = {small.pad_token_id, small.sosp_token_id, small.modality_pad_token_id, small.eosp_token_id,
@@ -138,17 +131,17 @@ def test_small_vocabulary_without_special_ids_is_valid():
 
 
 def test_derived_ids_skip_the_ids_given():
-    config = small_config(modality_pad_token_id=98, pad_token_id=97, eos_token_id=[96], audio_pad_token_id=39)
+    config = small_vocab_config(modality_pad_token_id=98, pad_token_id=97, eos_token_id=[96], audio_pad_token_id=39)
     assert config.sosp_token_id == 95 and config.eosp_token_id == 38
-    assert small_config(sosp_token_id=98).modality_pad_token_id == 97
+    assert small_vocab_config(sosp_token_id=98).modality_pad_token_id == 97
     with pytest.raises(ValueError, match="vocab_size=1 is too small to derive sosp_token_id: pass modality_pad"):
-        small_config(vocab_size=1)
+        small_vocab_config(vocab_size=1)
     with pytest.raises(ValueError, match="audio_vocab_size=1 is too small to derive eosp_token_id"):
-        small_config(audio_vocab_size=1)
+        small_vocab_config(audio_vocab_size=1)
 
 
 def test_derived_ids_round_trip(tmp_path):
-    config = small_config()
+    config = small_vocab_config()
     config.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     for name in ("pad_token_id", "eos_token_id", "sosp_token_id", "modality_pad_token_id", "eosp_token_id",
@@ -170,8 +163,8 @@ def test_release_and_qwen3_sized_vocabularies_get_the_release_ids(tmp_path):
 def test_generation_config_takes_only_the_model_configs_ids():
     from modeling_moss_speech import MossSpeechGenerationConfig
 
-    small = MossSpeechGenerationConfig.from_model_config(small_config())
+    small = MossSpeechGenerationConfig.from_model_config(small_vocab_config())
     assert small.eos_token_id is None and small.pad_token_id is None
-    given = MossSpeechGenerationConfig.from_model_config(small_config(pad_token_id=3, eos_token_id=[3, 4]))
+    given = MossSpeechGenerationConfig.from_model_config(small_vocab_config(pad_token_id=3, eos_token_id=[3, 4]))
     assert given.eos_token_id == [3, 4] and given.pad_token_id == 3
     assert given.temperature == 0.6  # the release's sampling defaults stay

@@ -8,16 +8,27 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import AUDIO_PAD, EOSP, IM_END, MODALITY_PAD, PAD, SOSP, tiny_config
+from helpers import (
+    AUDIO_PAD,
+    EOSP,
+    IM_END,
+    MODALITY_PAD,
+    PAD,
+    SOSP,
+    qwen3_tokenizer,
+    tiny_codec_config,
+    tiny_config,
+    tiny_tokenizer,
+    tone,
+    write_release_codec,
+    write_release_lm,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_codec import tiny_codec_config, tone
-from tokenizers_for_tests import qwen3_tokenizer, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechForCausalLM
@@ -30,110 +41,6 @@ from modeling_moss_speech.hub.convert_moss_speech_original_to_hf import (
     write_portable_tokenizer_config,
 )
 from modeling_moss_speech.processing_moss_speech import MossSpeechProcessor
-
-# ------------------------------------------------------------------------------------------- release layout
-
-
-def release_lm_config(config) -> dict:
-    """config.json as the release writes it (4.57-era field names, remote-code auto_map, torch_dtype)."""
-    return {
-        "architectures": ["MossSpeechForCausalLM"],
-        "auto_map": {"AutoConfig": "configuration_moss_speech.MossSpeechConfig",
-                     "AutoModel": "modeling_moss_speech.MossSpeechForCausalLM"},
-        "model_type": "moss_speech",
-        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim, "hidden_act": "silu", "max_position_embeddings": config.max_position_embeddings,
-        "initializer_range": 0.02, "rms_norm_eps": 1e-6, "use_cache": True, "tie_word_embeddings": False,
-        "rope_theta": 1000000.0, "rope_scaling": None, "attention_bias": False, "use_sliding_window": False,
-        "sliding_window": None, "max_window_layers": config.num_hidden_layers, "attention_dropout": 0.0,
-        "audio_vocab_size": config.audio_vocab_size, "modality_pad_token_id": MODALITY_PAD, "sosp_token_id": SOSP,
-        "eosp_token_id": EOSP, "num_shared_layers": config.num_shared_layers,
-        "num_modality_layers": config.num_modality_layers, "channels": 2, "audio_pad_token_id": AUDIO_PAD,
-        "pad_token_id": PAD, "eos_token_id": [PAD, IM_END],
-        "torch_dtype": "bfloat16", "transformers_version": "4.57.0.dev0",
-    }
-
-
-def write_release_lm(directory: Path, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A tiny MOSS-Speech LM in the release layout; returns its (bf16) tensors by release key."""
-    directory.mkdir(parents=True)
-    config = tiny_config()
-    torch.manual_seed(seed)
-    model = MossSpeechForCausalLM(config)
-    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    keys = list(tensors)
-    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
-    for name, part in halves.items():
-        save_file({k: tensors[k] for k in part}, str(directory / name), metadata={"format": "pt"})
-    index = {"metadata": {"total_size": sum(t.numel() * 2 for t in tensors.values())},
-             "weight_map": {k: name for name, part in halves.items() for k in part}}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
-    (directory / "config.json").write_text(json.dumps(release_lm_config(config)))
-    tiny_tokenizer().save_pretrained(str(directory))
-    values = json.loads((directory / "tokenizer_config.json").read_text())
-    values.update(tokenizer_class="PreTrainedTokenizerFast", eos_token="<|im_end|>")
-    values.pop("backend")
-    (directory / "tokenizer_config.json").write_text(json.dumps(values))
-    return tensors
-
-
-def legacy_weight_norm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`parametrizations.weight.original0/1` → `weight_g` / `weight_v`, as torch's old weight_norm saved them."""
-    renamed = {}
-    for key, value in state.items():
-        key = key.replace("parametrizations.weight.original0", "weight_g")
-        renamed[key.replace("parametrizations.weight.original1", "weight_v")] = value
-    return renamed
-
-
-def release_codec_config(encoder) -> dict:
-    """A Whisper-VQ config.json: the encoder fields plus Whisper's decoder fields the tokenizer does not use."""
-    return {
-        "architectures": ["WhisperVQEncoder"], "model_type": "whisper", "activation_function": "gelu",
-        "d_model": encoder.d_model, "num_mel_bins": encoder.num_mel_bins, "encoder_layers": encoder.encoder_layers,
-        "encoder_attention_heads": encoder.encoder_attention_heads, "encoder_ffn_dim": encoder.encoder_ffn_dim,
-        "max_source_positions": encoder.max_source_positions, "pooling_kernel_size": encoder.pooling_kernel_size,
-        "pooling_type": encoder.pooling_type, "pooling_position": encoder.pooling_position,
-        "quantize_vocab_size": encoder.quantize_vocab_size, "quantize_position": encoder.quantize_position,
-        "quantize_encoder_only": True, "quantize_causal_encoder": True, "encoder_causal_attention": True,
-        "encoder_causal_convolution": True, "quantize_commit_coefficient": 0.25, "quantize_ema_decay": 0.99,
-        "decoder_layers": 32, "decoder_attention_heads": 20, "decoder_ffn_dim": 5120, "vocab_size": 51866,
-        "max_target_positions": 448, "torch_dtype": "float32", "transformers_version": "4.44.1",
-    }
-
-
-def write_release_codec(directory: Path, seed: int = 0) -> MossSpeechCodecModel:
-    """A tiny codec in the release layout; returns the original model (float32)."""
-    (directory / "flow").mkdir(parents=True)
-    torch.manual_seed(seed)
-    codec = MossSpeechCodecModel(tiny_codec_config()).eval()
-    with torch.no_grad():  # non-trivial BatchNorm statistics, so a mapping mistake changes the x-vector
-        for module in codec.speaker_encoder.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.running_mean.normal_(0.0, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-    state = codec.state_dict()
-    part = {name: {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(f"{name}.")}
-            for name in ("encoder", "flow", "hift")}
-    save_file({f"encoder.{k}": v.contiguous() for k, v in part["encoder"].items()},
-              str(directory / "model.safetensors"), metadata={"format": "pt"})
-    torch.save({**part["flow"], "epoch": 12, "step": 34567}, directory / "flow" / "flow.pt")
-    torch.save({**part["flow"], "epoch": 3}, directory / "flow" / "flow-chunk-5.pt")
-    torch.save(legacy_weight_norm(part["hift"]), directory / "flow" / "hift.pt")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(codec.speaker_encoder, (torch.randn(1, 120, 80),), str(directory / "flow" / "campplus.onnx"),
-                          dynamo=False, input_names=["input"], output_names=["output"], do_constant_folding=False)
-    (directory / "config.json").write_text(json.dumps(release_codec_config(codec.config.encoder_config)))
-    (directory / "preprocessor_config.json").write_text(json.dumps({
-        "feature_extractor_type": "WhisperFeatureExtractor", "feature_size": 128, "sampling_rate": 16000,
-        "hop_length": 160, "n_fft": 400, "chunk_length": 30, "n_samples": 480000, "nb_max_frames": 3000,
-        "padding_side": "right", "padding_value": 0.0, "return_attention_mask": False}))
-    (directory / "flow" / "config.yaml").write_text("# hyperpyyaml with !new: tags; not read by the converter\n")
-    return codec
 
 
 @pytest.fixture(scope="module")

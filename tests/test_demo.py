@@ -1,12 +1,8 @@
 """The web demo's handlers, driven without a browser, and `moss-speech demo` (with the server launch stubbed out).
 
-A tiny random LM, codec and processor are saved to a temporary directory and loaded back with the demo's loader.
-As in test_cli, the LM's weights are edited so that its answers are fixed whatever is sampled: every embedding
-carries a large constant in dimension 0, and the heads' rows of end-of-speech, "five" and <|im_end|> point along it.
-A spoken answer is therefore `MIN_CODES` speech codes (end-of-speech is forbidden before `min_new_tokens` of the
-saved generation config), end-of-speech, then "five" once: its logit (50) beats <|im_end|>'s (52 / 1.1, penalised
-because every prompt already holds <|im_end|>) until the repetition penalty hits "five" too, then <|im_end|> ends
-the turn. A written answer is "five".
+A tiny random LM, codec and processor are saved to a temporary directory (`save_tiny_checkpoint`) and loaded back
+with the demo's loader. The LM's answers are fixed whatever is sampled: a spoken answer is `MIN_CODES` speech codes,
+end-of-speech, then `ANSWER_WORD` ("five"); a written answer is `ANSWER_WORD`.
 """
 
 from __future__ import annotations
@@ -23,16 +19,18 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import EOSP, IM_END, espeak, tiny_config
-from test_codec import tiny_codec_config
-from tokenizers_for_tests import tiny_tokenizer
+from helpers import (
+    ANSWER_WORD,
+    MIN_CODES,
+    save_tiny_checkpoint,
+    tiny_codec_config,
+    tiny_tokenizer,
+)
 
 gr = pytest.importorskip("gradio", reason="the demo tests need the [demo] extra: pip install -e '.[dev]'")
 
 from modeling_moss_speech import (  # noqa: E402 - after the skip
     MossSpeechCodecModel,
-    MossSpeechFeatureExtractor,
-    MossSpeechForCausalLM,
     MossSpeechGenerationConfig,
     MossSpeechProcessor,
 )
@@ -48,42 +46,7 @@ from modeling_moss_speech.apps.demo import (  # noqa: E402
 )
 
 SAMPLES_PER_CODE = 1920
-MIN_CODES = 12
-ANSWER_WORD = "five"
 SETTINGS = dict(temperature=0.6, top_p=0.95, top_k=20, repetition_penalty=1.1, max_new_tokens=40, greedy=False)
-
-
-def save_tiny_checkpoint(root: Path) -> dict[str, Path]:
-    """Tiny LM + processor in `root/lm` (codec in `root/codec`), a question wav, a speaker wav and a voice prompt."""
-    torch.manual_seed(0)
-    codec = MossSpeechCodecModel(tiny_codec_config()).eval()
-    codec.save_pretrained(root / "codec")
-    config = tiny_config()
-    model = MossSpeechForCausalLM(config).eval()
-    tokenizer = tiny_tokenizer()
-    word = tokenizer.convert_tokens_to_ids(ANSWER_WORD)
-    with torch.no_grad():
-        model.model.embed_tokens.weight[:, 0] = 10.0
-        model.model.audio_embed.weight[:, 0] = 10.0
-        for head, row, value in ((model.audio_lm_head, EOSP, 50.0), (model.text_lm_head, word, 50.0),
-                                 (model.text_lm_head, IM_END, 52.0)):
-            head.weight[row] = 0.0
-            head.weight[row, 0] = value
-    model.generation_config.min_new_tokens = MIN_CODES
-    model.save_pretrained(root / "lm")
-    MossSpeechProcessor.from_model_config(config, tokenizer, MossSpeechFeatureExtractor(),
-                                          codec_path=str(root / "codec")).save_pretrained(root / "lm")
-    for name, text, voice in (("question", "What is two plus three?", "en-us"),
-                              ("speaker", "Paris is the capital of France.", "en+f3")):
-        wav, rate = espeak(text, voice)
-        sf.write(root / f"{name}.wav", wav.numpy(), rate)
-    speaker, rate = sf.read(root / "speaker.wav", dtype="float32")
-    (root / "lm" / "voices").mkdir()  # shipped voices live in the checkpoint's voices/ folder, as in the nano one
-    codec.voice_prompt(speaker, sampling_rate=rate).save(str(root / "lm" / "voices" / "speaker.safetensors"))
-    (root / "corrupt.wav").write_bytes(b"RIFF\x00\x01\x02garbage, not a wav file" * 20)
-    return {"root": root, "lm": root / "lm", "codec": root / "codec", "question": root / "question.wav",
-            "speaker": root / "speaker.wav", "voice": root / "lm" / "voices" / "speaker.safetensors",
-            "corrupt": root / "corrupt.wav"}
 
 
 @pytest.fixture(scope="module")

@@ -142,7 +142,7 @@ def server(tmp_path_factory):
     reason = _missing()
     if reason is not None:
         pytest.skip(f"browser test skipped: {reason}")
-    from test_demo import save_tiny_checkpoint
+    from helpers import save_tiny_checkpoint
 
     assets = save_tiny_checkpoint(tmp_path_factory.mktemp("demo_browser"))
     demo, url = launch(assets["lm"], title="MOSS-Speech (tiny random test model)")

@@ -23,11 +23,19 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import EOSP, IM_END, MODALITY_PAD, PAD, SOSP, tiny_config
-from test_codec import tiny_codec_config, tone
-from test_codec_ctc import ctc_config
-from test_processor import ForceAt
-from tokenizers_for_tests import tiny_tokenizer
+from helpers import (
+    EOSP,
+    IM_END,
+    MODALITY_PAD,
+    PAD,
+    SOSP,
+    ForceAt,
+    ctc_config,
+    tiny_codec_config,
+    tiny_config,
+    tiny_tokenizer,
+    tone,
+)
 from transformers import LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechFeatureExtractor, MossSpeechForCausalLM

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EOSP, audio_rows, make_prompt, text_rows, tiny_config
+from helpers import EOSP, audio_rows, make_prompt, text_rows, tiny_config, tiny_tokenizer
 from safetensors.torch import load_file
-from tokenizers_for_tests import tiny_tokenizer
 
 from modeling_moss_speech import MossSpeechForCausalLM, MossSpeechProcessor
 

@@ -4,29 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import AUDIO_PAD, EOSP, IM_END, MODALITY_PAD, PAD, SOSP, left_pad, make_prompt
+from helpers import AUDIO_PAD, EOSP, IM_END, MODALITY_PAD, PAD, SOSP, Force, left_pad, make_prompt, small_vocab_config
 from transformers.generation.streamers import BaseStreamer
 
 from modeling_moss_speech import MossSpeechConfig, MossSpeechForCausalLM, MossSpeechGenerationConfig
 from modeling_moss_speech.generation_moss_speech import seen_tokens
 
 GREEDY = {"do_sample": False, "repetition_penalty": 1.1}
-
-
-class Force:
-    """A per-channel logits processor that forces `token` for batch row `row` at generation step `step`."""
-
-    def __init__(self, plan: dict[tuple[int, int], int], suppress: tuple[int, ...] = ()):
-        self.plan, self.suppress, self.step = plan, list(suppress), 0
-
-    def __call__(self, history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.step += 1
-        scores[:, self.suppress] = float("-inf")
-        for (row, step), token in self.plan.items():
-            if step == self.step:
-                scores[row] = float("-inf")
-                scores[row, token] = 0.0
-        return scores
 
 
 def test_greedy_with_cache_equals_without_cache(model):
@@ -403,9 +387,7 @@ def test_every_standard_field_is_read_or_refused():
 
 def test_small_vocabulary_model_generates_without_made_up_ids():
     """A config with a small vocabulary and no special ids: valid, and generate() invents no eos / pad."""
-    config = MossSpeechConfig(vocab_size=99, audio_vocab_size=40, hidden_size=32, intermediate_size=37,
-                              num_hidden_layers=3, num_shared_layers=2, num_modality_layers=1, num_attention_heads=4,
-                              num_key_value_heads=2, head_dim=8)
+    config = small_vocab_config()
     torch.manual_seed(0)
     model = MossSpeechForCausalLM(config).eval()
     gen = model.generation_config

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import AUDIO_PAD, EOSP, IM_END, MODALITY_PAD, PAD, SOSP, tiny_config
+from helpers import AUDIO_PAD, EOSP, IM_END, MODALITY_PAD, PAD, SOSP, tiny_config
 from tokenizers_for_tests import tiny_tokenizer
 
 from modeling_moss_speech.grid_moss_speech import GridLayout, GridSegment

@@ -135,3 +135,16 @@ def test_graph_sees_relative_function_level_and_absolute_imports():
     assert f"{PACKAGE}.apps.cli.chat" in graph[f"{PACKAGE}.apps.cli.main"]
     assert f"{PACKAGE}.apps.cli.main" in graph[f"{PACKAGE}.__main__"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_test_modules_share_builders_only_through_helpers():
+    """A builder two test modules need lives in tests/helpers.py; no test module imports another or conftest."""
+    tests = Path(__file__).resolve().parent
+    local = {path.stem for path in tests.glob("*.py")} - {"helpers"}
+    crossing = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            crossing += [f"{path.name} imports {name}" for name in names if name and name.split(".")[0] in local]
+    assert not crossing, crossing

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_codec_config, tiny_config
 from safetensors.torch import load_file, save_file
-from test_codec import tiny_codec_config
 from transformers import AutoModel, AutoModelForCausalLM
 
 from modeling_moss_speech import CheckpointError, MossSpeechCodecModel, MossSpeechForCausalLM, MossSpeechModel

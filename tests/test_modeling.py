@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import AUDIO_PAD, EOSP, MODALITY_PAD, SOSP, audio_rows, left_pad, make_prompt, text_rows, tiny_config
+from helpers import AUDIO_PAD, EOSP, MODALITY_PAD, SOSP, audio_rows, left_pad, make_prompt, text_rows, tiny_config
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, Qwen3Config, Qwen3ForCausalLM, StaticCache
 
 from modeling_moss_speech import MossSpeechConfig, MossSpeechForCausalLM, MossSpeechModel

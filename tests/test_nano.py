@@ -18,7 +18,7 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio
-from conftest import espeak
+from helpers import espeak
 from transformers import AutoModelForCausalLM, AutoProcessor
 
 from modeling_moss_speech import MossSpeechChat, pretrained

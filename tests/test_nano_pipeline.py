@@ -19,7 +19,7 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
-from test_codec import tiny_codec_config
+from helpers import tiny_codec_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechForCausalLM, MossSpeechProcessor

@@ -19,9 +19,7 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio
-from conftest import espeak, tiny_config
-from test_codec import tiny_codec_config
-from tokenizers_for_tests import tiny_tokenizer
+from helpers import espeak, tiny_codec_config, tiny_config, tiny_tokenizer
 
 from modeling_moss_speech import MossSpeechCodecModel
 from modeling_moss_speech.processing_moss_speech import MossSpeechProcessor

@@ -12,7 +12,7 @@ import datasets
 import pytest
 import torch
 import yaml
-from conftest import AUDIO_PAD, EOSP, MODALITY_PAD, SOSP, audio_rows, make_prompt, text_rows, tiny_config
+from helpers import AUDIO_PAD, EOSP, MODALITY_PAD, SOSP, audio_rows, make_prompt, text_rows, tiny_config
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from modeling_moss_speech import MossSpeechForCausalLM

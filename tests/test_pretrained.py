@@ -16,9 +16,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-from conftest import tiny_config
-from test_codec import tiny_codec_config, tone
-from tokenizers_for_tests import tiny_tokenizer
+from helpers import tiny_codec_config, tiny_config, tiny_tokenizer, tone
 
 from modeling_moss_speech import (
     MossSpeechCodecModel,

@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import espeak, tiny_config
-from test_codec import tiny_codec_config
-from tokenizers_for_tests import TINY_EMPTY, TINY_END_EMPTY, qwen3_tokenizer, tiny_tokenizer
+from helpers import EMPTY, END_EMPTY, ForceAt, espeak, qwen3_tokenizer, tiny_codec_config, tiny_config, tiny_tokenizer
 from transformers import AutoProcessor
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
@@ -312,7 +310,7 @@ def test_decode_segments_padding_and_text(tiny):
     rows = (
         [[words[0], 10], [290, 10], [291, 3], [291, 4], [291, 64]]  # text, then a 2-code segment
         + [[290, 10], [291, 64]]                                    # an empty segment
-        + [[words[1], 10], [TINY_EMPTY, 10], [TINY_END_EMPTY, 10], [290, 10], [291, 7], [291, 8], [291, 9], [291, 64]]
+        + [[words[1], 10], [EMPTY, 10], [END_EMPTY, 10], [290, 10], [291, 7], [291, 8], [291, 9], [291, 64]]
         + [[282, 55], [280, 10], [280, 10]]                         # im_end (audio id ignored), padding
     )
     (response,) = tiny.batch_decode(torch.tensor(rows), decode_audio=False)
@@ -360,25 +358,6 @@ def test_real_tokenizer_decode_hides_the_modality_pad(qwen):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-
-
-class ForceAt:
-    """Per-channel logits processor forcing `token` for batch row `row` at generation step `step` (1-based).
-
-    The step is read off the channel history's length, so it does not depend on which tails ran before.
-    """
-
-    def __init__(self, prompt_length: int, plan: dict[tuple[int, int], int], suppress: tuple[int, ...] = ()):
-        self.prompt_length, self.plan, self.suppress = prompt_length, plan, list(suppress)
-
-    def __call__(self, history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        step = history.shape[1] - self.prompt_length + 1
-        scores[:, self.suppress] = float("-inf")
-        for (row, at), token in self.plan.items():
-            if at == step:
-                scores[row] = float("-inf")
-                scores[row, token] = 0.0
-        return scores
 
 
 def test_end_to_end_four_modes(tiny, codec, speech_file, monkeypatch):

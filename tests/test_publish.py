@@ -10,10 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from helpers import tiny_codec_config, tiny_config, tiny_tokenizer
 from huggingface_hub import CommitInfo, HfApi
-from test_codec import tiny_codec_config
-from tokenizers_for_tests import tiny_tokenizer
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechFeatureExtractor, MossSpeechForCausalLM
 from modeling_moss_speech.apps.cli.main import main

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torchaudio
-from conftest import espeak
+from helpers import espeak
 
 from modeling_moss_speech.apps.evaluation import decode_speech, score_spoken_answers
 from modeling_moss_speech.apps.recognition import IndependentRecognizer, normalize_answer, to_recognizer_input

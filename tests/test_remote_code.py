@@ -14,10 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import AUDIO_PAD, EOSP, MODALITY_PAD, SOSP, tiny_config
-from test_codec import tiny_codec_config, tone
-from test_convert import write_release_codec, write_release_lm
-from tokenizers_for_tests import tiny_tokenizer
+from helpers import (
+    AUDIO_PAD,
+    EOSP,
+    MODALITY_PAD,
+    SOSP,
+    tiny_codec_config,
+    tiny_config,
+    tiny_tokenizer,
+    tone,
+    write_release_codec,
+    write_release_lm,
+)
 from transformers.dynamic_module_utils import get_imports
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechForCausalLM, MossSpeechProcessor

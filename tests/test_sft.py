@@ -14,9 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 import torchaudio
-from conftest import AUDIO_PAD, EOSP, IM_END, MODALITY_PAD, PAD, SOSP, espeak, tiny_config
-from test_codec import tiny_codec_config
-from tokenizers_for_tests import tiny_tokenizer
+from helpers import (
+    AUDIO_PAD,
+    EOSP,
+    IM_END,
+    MODALITY_PAD,
+    PAD,
+    SOSP,
+    espeak,
+    tiny_codec_config,
+    tiny_config,
+    tiny_tokenizer,
+)
 from transformers import TrainerCallback
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechForCausalLM, MossSpeechProcessor

@@ -12,8 +12,7 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio
-from conftest import espeak
-from test_codec import tiny_codec_config
+from helpers import espeak, tiny_codec_config
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechVoicePrompt
 

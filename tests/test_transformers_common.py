@@ -312,7 +312,7 @@ def test_every_skip_names_an_upstream_test_and_a_reason():
 def test_meta_device_codec_materialises_with_init_weights():
     """The codec built on the meta device, `to_empty()`, then `init_weights()`: every tensor written (the storage is
     poisoned with NaN first), buffers equal to a normally built codec's, and it encodes and decodes."""
-    from test_codec import tiny_codec_config, tone
+    from helpers import tiny_codec_config, tone
     from transformers import initialization as init
 
     from modeling_moss_speech import MossSpeechCodecModel

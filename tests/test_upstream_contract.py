@@ -12,13 +12,12 @@ from unittest import mock
 import datasets
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config, tiny_encoder_config
 from transformers import GenerationMixin, PretrainedConfig
 from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.generation.configuration_utils import CompileConfig
 
 from modeling_moss_speech import MossSpeechForCausalLM, _compat
-from modeling_moss_speech.configuration_moss_speech_codec import MossSpeechCodecEncoderConfig
 from modeling_moss_speech.modeling_moss_speech import MossSpeechRotaryEmbedding
 from modeling_moss_speech.modeling_moss_speech_codec_encoder import MossSpeechCodecEncoder
 
@@ -100,9 +99,7 @@ def test_module_casts_go_through_apply(cast):
 
 def test_whisper_layers_built_with_sdpa_call_it():
     """`WhisperConfig(attn_implementation="sdpa")` makes the codec encoder's Whisper layers call torch's SDPA."""
-    encoder = MossSpeechCodecEncoder(MossSpeechCodecEncoderConfig(
-        d_model=32, encoder_attention_heads=2, encoder_ffn_dim=64, encoder_layers=2, quantize_position=2,
-        pooling_position=2, quantize_vocab_size=64, num_mel_bins=128))
+    encoder = MossSpeechCodecEncoder(tiny_encoder_config())
     sdpa = torch.nn.functional.scaled_dot_product_attention
     with mock.patch("torch.nn.functional.scaled_dot_product_attention", side_effect=sdpa) as spy:
         encoder.layers[0](torch.randn(1, 5, 32), attention_mask=None)

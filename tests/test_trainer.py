@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import AUDIO_PAD, EOSP, MODALITY_PAD, SOSP, make_prompt, tiny_config
+from helpers import AUDIO_PAD, EOSP, MODALITY_PAD, SOSP, make_prompt, tiny_config
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from modeling_moss_speech import MossSpeechForCausalLM
