@@ -3,8 +3,8 @@
 ```
 moss-speech chat --model DIR --wav question.wav --out answer.wav     # spoken question → text (stdout) + speech
 moss-speech chat --model DIR --text "Hello" --output-modality text   # text question → text answer
-moss-speech encode a.wav b.wav --codec CODEC -o codes.json            # speech → 12.5 Hz codes
-moss-speech decode codes.json --codec CODEC --voice me.wav -o out/    # codes → 24 kHz speech
+moss-speech encode a.wav b.wav [--codec CODEC] -o codes.json          # speech → 12.5 Hz codes
+moss-speech decode codes.json [--codec CODEC] --voice me.wav -o out/  # codes → 24 kHz speech
 moss-speech info DIR [--json]                                         # what a checkpoint directory holds
 moss-speech eval --corpus data/nano/corpus --split test -o results.json  # spoken-QA accuracy of a checkpoint
 moss-speech convert --model RELEASE --codec RELEASE_CODEC -o OUT      # the original release → this layout
@@ -15,7 +15,8 @@ moss-speech demo [--model DIR] [--port 7860]                          # talk to 
 Errors are reported as one line on stderr (`moss-speech: error: ...`) with exit code 2; `--debug` adds the
 traceback. Progress (tqdm bars, streamed-chunk lines, transformers' loading bars) goes to stderr; `--quiet`
 silences it. Answers go to stdout, one-line summaries to stderr. `--threads N` sets torch's CPU threads (default:
-`$OMP_NUM_THREADS` if set, else half the usable CPUs; see `threads.py`).
+`$OMP_NUM_THREADS` if set, else half the usable CPUs; see `threads.py`). Without `--model` / `--codec`, every
+command that loads a checkpoint uses the shipped MOSS-Speech-Nano one (`pretrained.nano_path()`).
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    help=summary, description=description, epilog=_examples(*examples))
 
     codec_help = "speech-codec checkpoint directory (config.json with model_type moss_speech_codec)"
+    nano_codec = "the shipped MOSS-Speech-Nano checkpoint's codec/ folder"
     voice_help = ("voice to speak in: an audio file (turned into a prompt by the codec) or a voice prompt saved as "
                   ".safetensors with MossSpeechVoicePrompt.save (default: the codec's prompt-less voice)")
 
@@ -240,10 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     encode = command(
         "encode", "turn audio files into speech codes (.npy for one file, .json for several)",
         "Encode audio files (any rate, mono or multi-channel) into the codec's 12.5 Hz speech codes.",
+        "encode question.wav -o codes.npy        (the shipped MOSS-Speech-Nano codec)",
         "encode question.wav --codec MOSS-Speech-Codec -o codes.npy",
         "encode data/*.wav --codec MOSS-Speech-Codec -o codes.json")
     encode.add_argument("inputs", nargs="+", metavar="AUDIO", help="audio file(s) to encode (wav/flac/ogg)")
-    encode.add_argument("--codec", metavar="DIR", required=True, help=codec_help)
+    encode.add_argument("--codec", metavar="DIR", help=f"{codec_help} (default: {nano_codec})")
     encode.add_argument("-o", "--output", metavar="PATH", required=True,
                         help="codes.npy (one input: a 1-D int64 array) or codes.json (an object mapping each input "
                              "path, as given, to its list of codes)")
@@ -254,10 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
         "decode", "turn speech codes (.npy or .json) into 24 kHz speech",
         "Decode speech codes written by 'moss-speech encode' (or any .npy of integer codes, or a .json list of "
         "codes or object of name -> codes) into 24 kHz speech, 1920 samples per code.",
+        "decode codes.npy -o out.wav             (the shipped MOSS-Speech-Nano codec)",
         "decode codes.npy --codec MOSS-Speech-Codec -o out.wav",
         "decode codes.json --codec MOSS-Speech-Codec --voice speaker.wav -o speech/")
     decode.add_argument("codes", metavar="CODES", help="codes.npy or codes.json")
-    decode.add_argument("--codec", metavar="DIR", required=True, help=codec_help)
+    decode.add_argument("--codec", metavar="DIR", help=f"{codec_help} (default: {nano_codec})")
     decode.add_argument("--voice", metavar="PATH", help=voice_help)
     decode.add_argument("-o", "--output", metavar="PATH", required=True,
                         help="audio file for one utterance; for several (a .json object with several entries) a "
@@ -335,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Feed paired speech and transcripts through the model, compare speech frames and text tokens layer by layer "
         "(cosine similarity aligned with DTW), print one score per layer and a suggested num_shared_layers, and "
         "optionally write the scores (JSON) and a plot (PNG, needs the [analysis] extra).",
+        "analyze-layers --audio q.wav --transcript 'What colour is a banana?'   (the shipped MOSS-Speech-Nano)",
         "analyze-layers --model MOSS-Speech --processor MOSS-Speech --audio q.wav --transcript 'What is two plus "
         "three?' --output-png layers.png")
     add_analyze_layers_arguments(analyze)
@@ -460,6 +465,16 @@ def _model_dir(value: str | None) -> Path:
         except FileNotFoundError as error:
             raise CLIError(f"--model not given, and {error}") from error
     return _check_checkpoint(value, "--model", LM_MODEL_TYPE)
+
+
+def _codec_dir(value: str | None) -> Path:
+    """The `--codec` checkpoint directory, or the shipped MOSS-Speech-Nano codec when it is not given."""
+    if value is None:
+        try:
+            value = str(pretrained.nano_path() / CODEC_SUBFOLDER)
+        except FileNotFoundError as error:
+            raise CLIError(f"--codec not given, and {error}") from error
+    return _check_checkpoint(value, "--codec", CODEC_MODEL_TYPE)
 
 
 def _voice_path(value: str | None, model_dir: Path) -> str | None:
@@ -721,8 +736,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
             sf.info(str(path))
         except Exception as error:
             raise CLIError(f"encode: cannot read {str(path)!r} as audio ({one_line(error)})") from error
-    codec_dir = _check_checkpoint(args.codec, "--codec", CODEC_MODEL_TYPE)
-    codec = _load_codec(codec_dir, _resolve_device(args.device))
+    codec = _load_codec(_codec_dir(args.codec), _resolve_device(args.device))
 
     codes: dict[str, list[int]] = {}
     seconds = 0.0
@@ -797,9 +811,8 @@ def _cmd_decode(args: argparse.Namespace) -> int:
         if len(set(targets)) != len(targets):
             raise CLIError("decode: two entries have the same file name stem; rename them in the .json")
     voice = _check_voice(args.voice)
-    codec_dir = _check_checkpoint(args.codec, "--codec", CODEC_MODEL_TYPE)
     device = _resolve_device(args.device)
-    codec = _load_codec(codec_dir, device)
+    codec = _load_codec(_codec_dir(args.codec), device)
     for name, codes in entries:
         if int(codes.min()) < 0 or int(codes.max()) >= codec.config.num_codes:
             bad = int(codes.min()) if int(codes.min()) < 0 else int(codes.max())
