@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,24 @@ def test_nano_report_tables_of_the_shipped_eval():
     for title, stem in RUNS:
         assert (title in tables) == any(eval_dir.glob(f"{stem}_test*.json")), title
     assert "| S->T |" in tables
+
+
+def test_nano_report_writes_the_card_with_the_experiment_and_this_run_s_findings(tmp_path):
+    sys.path.insert(0, str(ROOT / "training"))
+    from nano_report import main
+
+    from modeling_moss_speech.pretrained import nano_path
+
+    checkpoint = tmp_path / "nano"
+    shutil.copytree(nano_path(), checkpoint, ignore=shutil.ignore_patterns("*.safetensors", "eval"))
+    eval_dir = tmp_path / "eval"
+    shutil.copytree(Path(nano_path()) / "eval", eval_dir)
+    tables = main(["--eval", str(eval_dir), "--checkpoint", str(checkpoint)])
+    card = (checkpoint / "README.md").read_text()
+    assert tables in card
+    assert "**The experiment.** A closed world of 255 facts" in card  # the template's recipe section
+    assert "**What they show, honestly.**" in card  # eval/findings.md
+    (eval_dir / "findings.md").unlink()  # a fresh run of the recipe has no reading of its numbers yet
+    main(["--eval", str(eval_dir), "--checkpoint", str(checkpoint)])
+    assert "What they show" not in (checkpoint / "README.md").read_text()
+    assert (checkpoint / "README.md").read_text().split("## Evaluation")[0] == card.split("## Evaluation")[0]
