@@ -24,6 +24,11 @@ PRETRAINED_ROOT = Path(__file__).resolve().parent / "pretrained"
 NANO_NAME = "moss-speech-nano"
 VOICES_SUBFOLDER = "voices"
 VOICE_SUFFIX = ".safetensors"
+# What a user talking to the shipped checkpoint should expect (its corpus: processing/synthesize_espeak.py).
+NANO_DESCRIPTION = ("MOSS-Speech-Nano, the 2.5M-parameter demonstration model shipped with the package: it knows "
+                    "only a closed world of 255 facts (small-number arithmetic, capitals, colours, opposites, the "
+                    "day, number and month after), asked in English by synthetic espeak-ng voices, e.g. \"what "
+                    "colour is a banana\"; anything else gets a fluent but meaningless answer.")
 
 
 def nano_path() -> Path:
@@ -63,4 +68,4 @@ def shipped_voices(checkpoint: str | os.PathLike | None = None) -> dict[str, Pat
             if path.is_file() and path.suffix == VOICE_SUFFIX}
 
 
-__all__ = ["NANO_NAME", "PRETRAINED_ROOT", "nano_path", "shipped_voices"]
+__all__ = ["NANO_DESCRIPTION", "NANO_NAME", "PRETRAINED_ROOT", "nano_path", "shipped_voices"]

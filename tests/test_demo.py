@@ -304,6 +304,13 @@ def test_build_demo_wires_the_page(app):
     assert answer.streaming
     names = {fn.api_name for fn in demo.fns.values()}
     assert {"ask", "stop", "clear"} <= names
+    assert all(getattr(b, "elem_id", None) != "moss-model" for b in demo.blocks.values())  # no description given
+
+
+def _model_line(demo) -> str:
+    """The page's line naming its model."""
+    (block,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "moss-model"]
+    return block.value
 
 
 @pytest.fixture
@@ -319,6 +326,7 @@ def test_cli_demo_launches_on_localhost(assets, launched, capsys):
     assert kwargs == {"host": "127.0.0.1", "port": 7999, "share": False}
     assert demo.moss_speech.voice_choices() == [NO_VOICE, "speaker"]  # the checkpoint's voices/ folder
     assert "http://127.0.0.1:7999" in capsys.readouterr().err
+    assert _model_line(demo) == f"Model: `{assets['lm']}`"
 
 
 def test_cli_demo_defaults_to_the_shipped_model(assets, launched, monkeypatch, capsys):
@@ -329,6 +337,8 @@ def test_cli_demo_defaults_to_the_shipped_model(assets, launched, monkeypatch, c
     (demo, kwargs), = launched
     assert kwargs == {"host": "0.0.0.0", "port": 7860, "share": True}
     assert demo.moss_speech.voice_choices() == [NO_VOICE, "speaker"]
+    assert _model_line(demo) == f"Model: {pretrained.NANO_DESCRIPTION}"
+    assert "MOSS-Speech-Nano" in _model_line(demo) and "255 facts" in _model_line(demo)
 
 
 def test_cli_demo_errors(assets, launched, monkeypatch, capsys):

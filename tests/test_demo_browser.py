@@ -9,7 +9,7 @@ writing for a text answer. A screenshot is saved to $PYTEST_ARTIFACTS (default: 
 Needs: `apt-get install chromium ffmpeg` (ffmpeg: Gradio encodes the audio stream) and the [dev] extra (gradio,
 playwright). Run alone with `.venv/bin/python -m pytest -q tests/test_demo_browser.py`.
 
-The same browser session makes the README's screenshot of any checkpoint (default: the shipped nano one):
+The same browser session makes docs/demo.md's screenshot of any checkpoint (default: the shipped nano one):
 
     .venv/bin/python tests/test_demo_browser.py --question examples/question.wav --out docs/demo.png [--model DIR]
 """
@@ -170,7 +170,7 @@ def test_spoken_question_gets_a_streamed_spoken_answer_in_the_browser(server, tm
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Screenshot the demo of a checkpoint answering a spoken question (for the README)."""
+    """Screenshot the demo of a checkpoint answering a spoken question (for docs/demo.md)."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--model", help="checkpoint directory (default: the shipped MOSS-Speech-Nano checkpoint)")
     parser.add_argument("--question", required=True, help="audio file of the question to ask")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ def test_recipe_steps_in_order(tmp_path):
              "prepare_voices", "stage1", "stage2", "sft", "sft_voices", "stage2_voices_1", "sft_voices_1",
              "stage2_voices_2", "sft_voices_2", "stage2_voices_4", "sft_voices_4", "assemble", "ablation_stage1",
              "ablation_sft_voices_4",
-             "ablation_assemble", "eval_final_test_seen_dialect", "ship"]
+             "ablation_assemble", "eval_final_test_seen_dialect", "report", "ship"]
     assert [s for s in steps if s in order] == order
     commands = dict(line[3:].split(": ", 1) for line in lines)
     # the first corpus has no question voices; the voices round reads the corpus that has them
@@ -38,7 +39,19 @@ def test_recipe_steps_in_order(tmp_path):
     assert f"--model {tmp_path}/out/sft_voices_3 " in commands["stage2_voices_4"]
     assert f"--model {tmp_path}/out/sft_voices_4 " in commands["assemble"]
     assert f"--corpus {tmp_path}/data/voices/corpus --split test_dialect" in commands["eval_final_test_dialect"]
+    assert commands["report"].endswith(f"training/nano_report.py --eval {tmp_path}/out/eval --checkpoint "
+                                       f"{tmp_path}/out/final")
+    assert commands["ship"].startswith("not asked for, skipped")  # the package's checkpoint is left alone
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_recipe_ships_into_the_package_only_when_asked(tmp_path):
+    shipped = ROOT / "modeling_moss_speech" / "pretrained" / "moss-speech-nano"
+    before = sorted(path.name for path in shipped.iterdir())
+    commands = dict(line[3:].split(": ", 1) for line in _dry_run(tmp_path, NANO_SHIP="1"))
+    assert commands["ship"].startswith("bash -c rm -rf 'modeling_moss_speech/pretrained/moss-speech-nano' && "
+                                       f"cp -r '{tmp_path}/out/final'")
+    assert sorted(path.name for path in shipped.iterdir()) == before  # a dry run copies nothing
 
 
 def test_recipe_voices_rounds_knob(tmp_path):
@@ -61,3 +74,24 @@ def test_nano_report_tables_of_the_shipped_eval():
     for title, stem in RUNS:
         assert (title in tables) == any(eval_dir.glob(f"{stem}_test*.json")), title
     assert "| S->T |" in tables
+
+
+def test_nano_report_writes_the_card_with_the_experiment_and_this_run_s_findings(tmp_path):
+    sys.path.insert(0, str(ROOT / "training"))
+    from nano_report import main
+
+    from modeling_moss_speech.pretrained import nano_path
+
+    checkpoint = tmp_path / "nano"
+    shutil.copytree(nano_path(), checkpoint, ignore=shutil.ignore_patterns("*.safetensors", "eval"))
+    eval_dir = tmp_path / "eval"
+    shutil.copytree(Path(nano_path()) / "eval", eval_dir)
+    tables = main(["--eval", str(eval_dir), "--checkpoint", str(checkpoint)])
+    card = (checkpoint / "README.md").read_text()
+    assert tables in card
+    assert "**The experiment.** A closed world of 255 facts" in card  # the template's recipe section
+    assert "**What they show, honestly.**" in card  # eval/findings.md
+    (eval_dir / "findings.md").unlink()  # a fresh run of the recipe has no reading of its numbers yet
+    main(["--eval", str(eval_dir), "--checkpoint", str(checkpoint)])
+    assert "What they show" not in (checkpoint / "README.md").read_text()
+    assert (checkpoint / "README.md").read_text().split("## Evaluation")[0] == card.split("## Evaluation")[0]

@@ -7,12 +7,14 @@ for the real checkpoint by patching `pretrained.nano_path`; the real one is chec
 from __future__ import annotations
 
 import glob
+import json
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
@@ -202,3 +204,29 @@ def test_chat_without_a_model_when_none_is_shipped(tmp_path, monkeypatch, capsys
     assert err.startswith("moss-speech: error: --model not given, and the shipped MOSS-Speech-Nano checkpoint is not "
                           "installed")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_encode_decode_and_analyze_layers_default_to_the_shipped_checkpoint(nano_like, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(pretrained, "nano_path", lambda: nano_like["nano"])
+    code, _, err = run(capsys, "encode", nano_like["question"], "-o", tmp_path / "q.npy")
+    assert code == 0, err
+    codes = np.load(tmp_path / "q.npy")
+    wave, rate = sf.read(nano_like["question"], dtype="float32")
+    codec = MossSpeechCodecModel.from_pretrained(str(nano_like["nano"] / "codec")).eval()
+    expected = codec.encode(torch.from_numpy(wave), sampling_rate=rate).codes[0]
+    assert codes.tolist() == expected.tolist()  # the codec of the nano directory's codec/ folder
+    code, _, err = run(capsys, "decode", tmp_path / "q.npy", "-o", tmp_path / "q.wav", "--seed", 0)
+    assert code == 0, err
+    assert sf.info(str(tmp_path / "q.wav")).frames == codes.size * 1920
+    code, out, err = run(capsys, "analyze-layers", "--audio", nano_like["question"], "--transcript", "a tone",
+                         "--device", "cpu")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["num_pairs"] == 1
+
+
+def test_codec_commands_without_a_codec_when_none_is_shipped(nano_like, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pretrained, "PRETRAINED_ROOT", tmp_path)
+    code, out, err = run(capsys, "encode", nano_like["question"], "-o", tmp_path / "q.npy")
+    assert code == 2 and out == ""
+    assert err.startswith("moss-speech: error: --codec not given, and the shipped MOSS-Speech-Nano checkpoint is not "
+                          "installed")

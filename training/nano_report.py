@@ -7,7 +7,13 @@ Reads the `moss-speech eval` JSON files of the recipe (`final_*.json`, `ablation
 text checks `stage1_test_t2t.json` / `ablation_stage1_test_t2t.json`; also `v1_final_*.json` /
 `v1_ablation_final_*.json` where present: the earlier recipe without the voices round, kept with the shipped
 checkpoint as the before column), prints the Markdown tables (one column per run found, per split) and writes
-`README.md` (the nano model card) into `--checkpoint`.
+`README.md` (the nano model card: the experiment from `model_cards/moss_speech_nano.md`, these tables, and the
+hand-written reading of this run's results, `findings.md` of the eval directory, where there is one) into
+`--checkpoint`.
+
+Without running the recipe, the tables of the shipped checkpoint:
+
+    python training/nano_report.py --eval modeling_moss_speech/pretrained/moss-speech-nano/eval
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ RUNS = (("frozen stage I + voices round (shipped)", "final"),
         ("no freezing + voices round (ablation)", "ablation_final"),
         ("v1: frozen stage I, no voices round", "v1_final"),
         ("v1: no freezing, no voices round", "v1_ablation_final"))
+# Hand-written reading of one run's results, kept in its eval directory and appended to the card's evaluation.
+FINDINGS = "findings.md"
 
 
 def _load(path: Path) -> dict | None:
@@ -89,8 +97,10 @@ def main(argv: list[str] | None = None) -> str:
     if args.checkpoint:
         evaluation = (tables + "\n\nMeasured with `moss-speech eval` (JSON in this checkpoint's `eval/` folder). "
                       "Targets for facts trained as speech, asked in unseen voices: S->T >= 85 %, S->S >= 70 %; "
-                      "for facts known only as text: S->T >= 30 %. What limits them is measured in the "
-                      "moss-speech README (section MOSS-Speech-Nano).")
+                      "for facts known only as text: S->T >= 30 %.")
+        findings = Path(args.eval) / FINDINGS
+        if findings.is_file():  # the reading of these numbers belongs to this run only, so it lives beside them
+            evaluation += "\n\n" + findings.read_text().strip()
         card = render_model_card(args.checkpoint, card="nano", repo_id=args.repo_id, codec_location="codec",
                                  values={"evaluation": evaluation})
         (Path(args.checkpoint) / "README.md").write_text(card)

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import pretrained
 from ..configuration_moss_speech import MossSpeechConfig
 from ..feature_extraction_moss_speech import load_audio
 from ..grid_moss_speech import GridLayout
@@ -368,8 +369,10 @@ def plot_layer_similarity(
 
 def add_analyze_layers_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the `analyze-layers` flags to `parser` (for a `moss-speech` subcommand or a standalone parser)."""
-    parser.add_argument("--model", required=True, help="MossSpeechForCausalLM directory or repo id.")
-    parser.add_argument("--processor", required=True, help="MossSpeechProcessor directory (tokenizer, special ids).")
+    parser.add_argument("--model", default=None, help="MossSpeechForCausalLM directory or repo id (default: the "
+                                                      "shipped MOSS-Speech-Nano checkpoint).")
+    parser.add_argument("--processor", default=None, help="MossSpeechProcessor directory (tokenizer, special ids) "
+                                                          "(default: the --model directory).")
     parser.add_argument("--codec", default=None, help="codec directory for audio inputs (default: the processor's).")
     parser.add_argument("--audio", nargs="+", default=None, help="audio files (any rate, read with soundfile).")
     parser.add_argument("--transcript", nargs="+", default=None, help="one transcript per --audio file.")
@@ -460,8 +463,10 @@ def run_analyze_layers(args: argparse.Namespace) -> LayerSimilarityResult:
     from ..processing_moss_speech import MossSpeechProcessor
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = MossSpeechForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
-    processor = MossSpeechProcessor.from_pretrained(args.processor)
+    model_path = args.model if args.model is not None else str(pretrained.nano_path())
+    processor_path = args.processor if args.processor is not None else model_path
+    model = MossSpeechForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype)).to(device).eval()
+    processor = MossSpeechProcessor.from_pretrained(processor_path)
 
     def codec_loader() -> MossSpeechCodecModel:
         codec = MossSpeechCodecModel.from_pretrained(args.codec) if args.codec else processor.codec

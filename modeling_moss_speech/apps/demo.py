@@ -44,6 +44,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
+from .. import pretrained
 from ..chat_moss_speech import MossSpeechChat
 from ..feature_extraction_moss_speech import load_audio
 from ..loading import one_line
@@ -548,7 +549,8 @@ def _wav_bytes(samples: np.ndarray, rate: int) -> bytes:
 
 def build_demo(model: Any, processor: Any, *, voices: Mapping[str, str | os.PathLike] | None = None,
                default_voice: str | None = None, title: str = "MOSS-Speech", chunk_size: int = 10,
-               max_question_seconds: float = 60.0, system_prompt: str | None = None):
+               max_question_seconds: float = 60.0, system_prompt: str | None = None,
+               description: str | None = None):
     """The demo page as a `gradio.Blocks`: `.launch()` it, or use it as a Space's `demo`.
 
     Args:
@@ -560,6 +562,8 @@ def build_demo(model: Any, processor: Any, *, voices: Mapping[str, str | os.Path
         chunk_size: Speech codes per streamed chunk (12.5 codes = 1 s).
         max_question_seconds: Longest spoken question accepted.
         system_prompt: Text of the system turn (default: the processor's fallback for the answer's modality).
+        description: A line under the heading naming the model the page talks to (e.g.
+            `model_description(model_dir)`); none by default.
 
     The `MossSpeechDemo` behind the page is its `moss_speech` attribute.
     """
@@ -570,6 +574,8 @@ def build_demo(model: Any, processor: Any, *, voices: Mapping[str, str | os.Path
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"# {title}\nAsk by voice (microphone or file) or in writing. Spoken answers play while they "
                     "are generated; the conversation keeps every turn.")
+        if description:
+            gr.Markdown(description, elem_id="moss-model")
         session = gr.State(DemoSession)
         with gr.Row():
             with gr.Column(scale=3):
@@ -631,6 +637,15 @@ def launch_demo(demo: Any, host: str = "127.0.0.1", port: int | None = None, sha
                                                           show_error=False, **kwargs)
 
 
+def model_description(model_dir: str | os.PathLike) -> str:
+    """One line naming the checkpoint a page talks to; for the shipped MOSS-Speech-Nano, what it knows."""
+    try:
+        is_nano = Path(model_dir).resolve() == pretrained.nano_path().resolve()
+    except FileNotFoundError:
+        is_nano = False
+    return f"Model: {pretrained.NANO_DESCRIPTION}" if is_nano else f"Model: `{model_dir}`"
+
+
 def load_checkpoint(model_dir: str | os.PathLike, codec_dir: str | os.PathLike | None = None,
                     device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
     """`(model, processor)` of a checkpoint directory, on `device` (default: cuda if available, else cpu).
@@ -654,4 +669,4 @@ def load_checkpoint(model_dir: str | os.PathLike, codec_dir: str | os.PathLike |
 
 
 __all__ = ["DemoSession", "MossSpeechDemo", "SamplingSettings", "build_demo", "launch_demo", "load_checkpoint",
-           "require_gradio"]
+           "model_description", "require_gradio"]

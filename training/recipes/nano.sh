@@ -8,7 +8,10 @@
 # -> text model (every fact as text) -> codes and training data -> stage I (frozen text backbone) -> stage II (joint,
 # text mixed in) -> SFT (TRL, four modes) -> the voices round (the corpus again with 35 more voices asking the train
 # facts: SFT, then VOICES_ROUNDS x (stage II, SFT)) -> checkpoint outputs/nano/final; then the ablation (the same
-# recipe with stage I unfrozen) -> outputs/nano/ablation_final; then `moss-speech eval` of both on the test splits.
+# recipe with stage I unfrozen) -> outputs/nano/ablation_final; then `moss-speech eval` of both on the test splits
+# and the model card with the result tables (training/nano_report.py) -> outputs/nano/final/README.md.
+# Everything is written under NANO_DATA and NANO_OUT; the package's shipped checkpoint
+# (modeling_moss_speech/pretrained/moss-speech-nano) is replaced only with NANO_SHIP=1.
 #
 # Knobs (environment variables, defaults in brackets):
 #   NANO_DATA [data/nano]     generated data: corpus/, codes/, pretrain/, sft/, and voices/ (the same for the corpus
@@ -20,6 +23,8 @@
 #                             pre-training from its last checkpoint; 0: run every step from scratch
 #   NANO_STEPS [all]          run only these steps (space-separated names, as printed), e.g. "stage1 stage2"
 #   NANO_DRY_RUN [0]          1: print each step's command without running anything
+#   NANO_SHIP [0]             1: last step `ship`: copy outputs/nano/final, its eval JSON and step times into the
+#                             package as the shipped checkpoint (replacing it), then rewrite its model card
 #   Budgets: CODEC_TOKENIZER_MINUTES [20] CODEC_DECODER_MINUTES [18] CODEC_VOICE_MINUTES [25, twice] TEXT_MINUTES [6] STAGE1_STEPS [1100]
 #            STAGE2_STEPS [750] SFT_STEPS [1000] (steps measured at ~0.8 s (stage I/II) and ~0.55 s (SFT) per step on
 #            a busy 2-core machine: <= 15, 10 and 10 minutes), VOICES_ROUNDS [4],
@@ -45,6 +50,7 @@ SFT_STEPS=${SFT_STEPS:-1000}
 EVAL_SPLITS=${EVAL_SPLITS:-test test_seen test_dialect test_seen_dialect}
 VOICES_ROUNDS=${VOICES_ROUNDS:-4}
 NANO_DRY_RUN=${NANO_DRY_RUN:-0}
+NANO_SHIP=${NANO_SHIP:-0}
 
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -211,11 +217,19 @@ for name in stage1 ablation_stage1; do
     --model '$NANO_OUT/eval_$name' --corpus '$NANO_DATA/corpus' --split test --tasks t2t \
     --baseline-text-model '$NANO_OUT/text_model' -o '$NANO_OUT/eval/${name}_test_t2t.json'"
 done
-# ship: the frozen recipe's checkpoint becomes the package's default model, with its results and model card
+# the result tables, and the model card with them in the frozen recipe's checkpoint
+run_step report "$PY" training/nano_report.py --eval "$NANO_OUT/eval" --checkpoint "$NANO_OUT/final"
+# ship (only when asked): the frozen recipe's checkpoint becomes the package's default model, with its results and
+# model card; without NANO_SHIP=1 the shipped checkpoint of the working tree is left as it is
 SHIP=modeling_moss_speech/pretrained/moss-speech-nano
-run_step ship bash -c "rm -rf '$SHIP' && cp -r '$NANO_OUT/final' '$SHIP' && chmod -R a+r '$SHIP' && \
-  mkdir -p '$SHIP/eval' && cp '$NANO_OUT/eval/'*.json '$SHIP/eval/' && cp '$LOGS/timings.txt' '$SHIP/eval/training_times.txt' && \
-  '$PY' training/nano_report.py --eval '$SHIP/eval' --checkpoint '$SHIP'"
+if [[ "$NANO_SHIP" == 1 ]]; then
+  run_step ship bash -c "rm -rf '$SHIP' && cp -r '$NANO_OUT/final' '$SHIP' && chmod -R a+r '$SHIP' && \
+    mkdir -p '$SHIP/eval' && cp '$NANO_OUT/eval/'*.json '$SHIP/eval/' && cp '$LOGS/timings.txt' '$SHIP/eval/training_times.txt' && \
+    '$PY' training/nano_report.py --eval '$SHIP/eval' --checkpoint '$SHIP'"
+else
+  echo "== ship: not asked for, skipped (NANO_SHIP=1 copies $NANO_OUT/final into $SHIP)"
+fi
 
 echo "== nano recipe finished in $(((SECONDS - TOTAL_START) / 60)) min; step times in $LOGS/timings.txt"
 echo "   checkpoints: $NANO_OUT/final (frozen stage I), $NANO_OUT/ablation_final (no freezing); results: $NANO_OUT/eval/"
+echo "   model card with the tables: $NANO_OUT/final/README.md"

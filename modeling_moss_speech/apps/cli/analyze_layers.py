@@ -17,6 +17,7 @@ def add_parser(command: CommandFactory) -> None:
         "Feed paired speech and transcripts through the model, compare speech frames and text tokens layer by layer "
         "(cosine similarity aligned with DTW), print one score per layer and a suggested num_shared_layers, and "
         "optionally write the scores (JSON) and a plot (PNG, needs the [analysis] extra).",
+        "analyze-layers --audio q.wav --transcript 'What colour is a banana?'   (the shipped MOSS-Speech-Nano)",
         "analyze-layers --model MOSS-Speech --processor MOSS-Speech --audio q.wav --transcript 'What is two plus "
         "three?' --output-png layers.png")
     add_analyze_layers_arguments(analyze)

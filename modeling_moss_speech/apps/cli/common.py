@@ -26,6 +26,7 @@ from ...feature_extraction_moss_speech import load_audio
 from ...hub.checkpoint_info import read_config
 from ...loading import one_line
 from ...modeling_moss_speech_codec import MossSpeechCodecModel, MossSpeechVoicePrompt
+from ...processing_moss_speech import CODEC_SUBFOLDER
 from ...threads import add_threads_argument
 
 PROG = "moss-speech"
@@ -121,6 +122,7 @@ def _examples(*lines: str) -> str:
 # A sub-command factory: command(name, summary, description, *examples) -> the sub-parser.
 CommandFactory = Callable[..., argparse.ArgumentParser]
 CODEC_HELP = "speech-codec checkpoint directory (config.json with model_type moss_speech_codec)"
+NANO_CODEC = "the shipped MOSS-Speech-Nano checkpoint's codec/ folder"
 VOICE_HELP = ("voice to speak in: an audio file (turned into a prompt by the codec) or a voice prompt saved as "
               ".safetensors with MossSpeechVoicePrompt.save (default: the codec's prompt-less voice)")
 
@@ -170,6 +172,16 @@ def _model_dir(value: str | None) -> Path:
         except FileNotFoundError as error:
             raise CLIError(f"--model not given, and {error}") from error
     return _check_checkpoint(value, "--model", LM_MODEL_TYPE)
+
+
+def _codec_dir(value: str | None) -> Path:
+    """The `--codec` checkpoint directory, or the shipped MOSS-Speech-Nano codec when it is not given."""
+    if value is None:
+        try:
+            value = str(pretrained.nano_path() / CODEC_SUBFOLDER)
+        except FileNotFoundError as error:
+            raise CLIError(f"--codec not given, and {error}") from error
+    return _check_checkpoint(value, "--codec", CODEC_MODEL_TYPE)
 
 
 def _voice_path(value: str | None, model_dir: Path) -> str | None:

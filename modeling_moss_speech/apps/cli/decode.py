@@ -16,15 +16,15 @@ from tqdm import tqdm
 from ...loading import one_line, read_json_file
 from .common import (
     CODEC_HELP,
-    CODEC_MODEL_TYPE,
+    NANO_CODEC,
     VOICE_HELP,
     CLIError,
     CommandFactory,
     _add_device_options,
-    _check_checkpoint,
     _check_output_file,
     _check_path,
     _check_voice,
+    _codec_dir,
     _generator,
     _load_codec,
     _note,
@@ -40,10 +40,11 @@ def add_parser(command: CommandFactory) -> None:
         "decode", "turn speech codes (.npy or .json) into 24 kHz speech",
         "Decode speech codes written by 'moss-speech encode' (or any .npy of integer codes, or a .json list of "
         "codes or object of name -> codes) into 24 kHz speech, 1920 samples per code.",
+        "decode codes.npy -o out.wav             (the shipped MOSS-Speech-Nano codec)",
         "decode codes.npy --codec MOSS-Speech-Codec -o out.wav",
         "decode codes.json --codec MOSS-Speech-Codec --voice speaker.wav -o speech/")
     decode.add_argument("codes", metavar="CODES", help="codes.npy or codes.json")
-    decode.add_argument("--codec", metavar="DIR", required=True, help=CODEC_HELP)
+    decode.add_argument("--codec", metavar="DIR", help=f"{CODEC_HELP} (default: {NANO_CODEC})")
     decode.add_argument("--voice", metavar="PATH", help=VOICE_HELP)
     decode.add_argument("-o", "--output", metavar="PATH", required=True,
                         help="audio file for one utterance; for several (a .json object with several entries) a "
@@ -108,9 +109,8 @@ def run(args: argparse.Namespace) -> int:
         if len(set(targets)) != len(targets):
             raise CLIError("decode: two entries have the same file name stem; rename them in the .json")
     voice = _check_voice(args.voice)
-    codec_dir = _check_checkpoint(args.codec, "--codec", CODEC_MODEL_TYPE)
     device = _resolve_device(args.device)
-    codec = _load_codec(codec_dir, device)
+    codec = _load_codec(_codec_dir(args.codec), device)
     for name, codes in entries:
         if int(codes.min()) < 0 or int(codes.max()) >= codec.config.num_codes:
             bad = int(codes.min()) if int(codes.min()) < 0 else int(codes.max())

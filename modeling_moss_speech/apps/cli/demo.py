@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, processor = web_demo.load_checkpoint(model_dir, codec_dir, device=device,
                                                 dtype=_resolve_dtype(args.dtype, device))
-    page = web_demo.build_demo(model, processor, voices=pretrained.shipped_voices(model_dir))
+    page = web_demo.build_demo(model, processor, voices=pretrained.shipped_voices(model_dir),
+                               description=web_demo.model_description(model_dir))
     _note(f"loaded {model_dir} in {time.perf_counter() - start:.1f} s; serving the demo on "
           f"http://{args.host}:{args.port} (Ctrl+C to stop)")
     web_demo.launch_demo(page, host=args.host, port=args.port, share=args.share)

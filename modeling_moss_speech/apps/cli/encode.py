@@ -14,13 +14,13 @@ from tqdm import tqdm
 from ...loading import one_line
 from .common import (
     CODEC_HELP,
-    CODEC_MODEL_TYPE,
+    NANO_CODEC,
     CLIError,
     CommandFactory,
     _add_device_options,
-    _check_checkpoint,
     _check_output_file,
     _check_path,
+    _codec_dir,
     _load_codec,
     _note,
     _read_audio,
@@ -33,10 +33,11 @@ def add_parser(command: CommandFactory) -> None:
     encode = command(
         "encode", "turn audio files into speech codes (.npy for one file, .json for several)",
         "Encode audio files (any rate, mono or multi-channel) into the codec's 12.5 Hz speech codes.",
+        "encode question.wav -o codes.npy        (the shipped MOSS-Speech-Nano codec)",
         "encode question.wav --codec MOSS-Speech-Codec -o codes.npy",
         "encode data/*.wav --codec MOSS-Speech-Codec -o codes.json")
     encode.add_argument("inputs", nargs="+", metavar="AUDIO", help="audio file(s) to encode (wav/flac/ogg)")
-    encode.add_argument("--codec", metavar="DIR", required=True, help=CODEC_HELP)
+    encode.add_argument("--codec", metavar="DIR", help=f"{CODEC_HELP} (default: {NANO_CODEC})")
     encode.add_argument("-o", "--output", metavar="PATH", required=True,
                         help="codes.npy (one input: a 1-D int64 array) or codes.json (an object mapping each input "
                              "path, as given, to its list of codes)")
@@ -60,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
             sf.info(str(path))
         except Exception as error:
             raise CLIError(f"encode: cannot read {str(path)!r} as audio ({one_line(error)})") from error
-    codec_dir = _check_checkpoint(args.codec, "--codec", CODEC_MODEL_TYPE)
-    codec = _load_codec(codec_dir, _resolve_device(args.device))
+    codec = _load_codec(_codec_dir(args.codec), _resolve_device(args.device))
 
     codes: dict[str, list[int]] = {}
     seconds = 0.0

@@ -3,8 +3,8 @@
 ```
 moss-speech chat --model DIR --wav question.wav --out answer.wav     # spoken question → text (stdout) + speech
 moss-speech chat --model DIR --text "Hello" --output-modality text   # text question → text answer
-moss-speech encode a.wav b.wav --codec CODEC -o codes.json            # speech → 12.5 Hz codes
-moss-speech decode codes.json --codec CODEC --voice me.wav -o out/    # codes → 24 kHz speech
+moss-speech encode a.wav b.wav [--codec CODEC] -o codes.json          # speech → 12.5 Hz codes
+moss-speech decode codes.json [--codec CODEC] --voice me.wav -o out/  # codes → 24 kHz speech
 moss-speech info DIR [--json]                                         # what a checkpoint directory holds
 moss-speech eval --corpus data/nano/corpus --split test -o results.json  # spoken-QA accuracy of a checkpoint
 moss-speech convert --model RELEASE --codec RELEASE_CODEC -o OUT      # the original release → this layout
@@ -15,7 +15,8 @@ moss-speech demo [--model DIR] [--port 7860]                          # talk to 
 Errors are reported as one line on stderr (`moss-speech: error: ...`) with exit code 2; `--debug` adds the
 traceback. Progress (tqdm bars, streamed-chunk lines, transformers' loading bars) goes to stderr; `--quiet`
 silences it. Answers go to stdout, one-line summaries to stderr. `--threads N` sets torch's CPU threads (default:
-`$OMP_NUM_THREADS` if set, else half the usable CPUs; see `threads.py`).
+`$OMP_NUM_THREADS` if set, else half the usable CPUs; see `threads.py`). Without `--model` / `--codec`, every
+command that loads a checkpoint uses the shipped MOSS-Speech-Nano one (`pretrained.nano_path()`).
 
 Each command is a module of this package with `add_parser` (its options) and `run` (the command); `common` holds
 what they share (argument types, input checks, codec and voice loading).
