@@ -25,6 +25,10 @@ processor: a text segment is its tokens with the audio pad, a speech segment is 
   line question, answer, `<|endoftext|>` (`plain_t2t`) — the forms the text model was trained on;
 - `pretrain/eval`: the `validation` split (held-out facts, dev voice) as `speech`, `t2s`, `s2t` and `qa_s2t`;
 - `pretrain/text_eval`: the `chat_t2t` grids of the held-out facts.
+- `pretrain/wordmix` (an alignment lever, not in the main recipe): word-level interleaved questions of train facts
+  (a random half of the words spoken, from the train split's single-word utterances) followed by the answer text;
+- `pretrain/align` (the other lever): per train question utterance of a train fact, its S->T and T->T chat grids
+  (`speech_ids`, `text_ids`) and `suffix`, the number of final rows they share (pretrain.py's `align_dataset`).
 
 SFT conversations (`<output>/sft`, a `DatasetDict` with `train` and `validation`), in the column layout of
 `processing/prepare_dataset.py --mode sft` (`messages` of `{"role", "content": {"type", "text", "codes"}}`,
@@ -271,6 +275,94 @@ def pretrain_datasets(codes: datasets.DatasetDict, facts: list[dict], maker: Gri
     return {name: _dataset(examples, GRID_FEATURES) for name, examples in named.items()}
 
 
+ALIGN_FEATURES = datasets.Features({
+    "speech_ids": datasets.List(datasets.List(datasets.Value("int32"))),
+    "text_ids": datasets.List(datasets.List(datasets.Value("int32"))),
+    "suffix": datasets.Value("int32"),
+    "utt_id": datasets.Value("string"),
+})
+
+
+def word_codes(train: datasets.Dataset) -> dict[str, list[list[int]]]:
+    """word -> codes of every train-split utterance of that word alone (any voice)."""
+    out: dict[str, list[list[int]]] = {}
+    for kind, text, codes in zip(train["kind"], train["text"], train["codes"]):
+        if kind == "word" and codes:
+            out.setdefault(text.strip().lower(), []).append(list(codes))
+    return out
+
+
+def wordmix_dataset(codes: datasets.DatasetDict, facts: list[dict], maker: GridMaker, repeats: int = 8,
+                    seed: int = 0) -> datasets.Dataset:
+    """Word-level interleaved questions of TRAIN facts, answered in text (the `wordmix` alignment lever).
+
+    Each of `repeats` copies of a train fact's question speaks a random half of its words (each word that was spoken
+    alone in the train split, with probability 0.5, at least one) and writes the others; consecutive spoken words
+    form one speech segment (their single-word codes joined), consecutive written words one text segment; the
+    answer text and `<|endoftext|>` follow, the plain-line form the text model learned facts in. So the model reads
+    a word's speech in exactly the context where it has read its text. Held-out facts never appear.
+    """
+    spoken = word_codes(codes["train"])
+    rng = random.Random(seed)
+    examples = []
+    for fact in facts:
+        if fact["fact_split"] != "train":
+            continue
+        words = fact["question"].split()
+        speakable = [i for i, w in enumerate(words) if w.lower() in spoken]
+        if not speakable:
+            continue
+        for copy in range(repeats):
+            chosen = {i for i in speakable if rng.random() < 0.5} or {rng.choice(speakable)}
+            rows: list[list[int]] = []
+            run: list[str] = []
+            run_codes: list[int] = []
+            for i, word in enumerate(words + [""]):
+                if i in chosen:
+                    if run:
+                        rows += maker.text(" ".join(run))
+                        run = []
+                    run_codes += rng.choice(spoken[word.lower()])
+                    continue
+                if run_codes:
+                    rows += maker.speech(run_codes)
+                    run_codes = []
+                if word:
+                    run.append(word)
+            if run:
+                rows += maker.text(" ".join(run))
+            rows += maker.text(fact["answer"]) + maker.eos()
+            examples.append(_grid(rows, "wordmix_s2t", f"{fact['fact_id']}-{copy}"))
+    return _dataset(examples, GRID_FEATURES)
+
+
+def align_dataset(codes: datasets.DatasetDict, facts: list[dict], maker: GridMaker) -> datasets.Dataset:
+    """Pairs for the trunk-state alignment lever: per train question utterance of a train fact, the S->T chat grid
+    (its speech as the user turn) and the T->T chat grid of the same fact, as the processor lays them out for
+    training; `suffix` is the number of final rows they share (the assistant turn: header, answer, `<|im_end|>`).
+    Held-out facts never appear."""
+    by_id = {f["fact_id"]: f for f in facts if f["fact_split"] == "train"}
+    text_rows: dict[str, list[list[int]]] = {}
+    examples = []
+    for row in codes["train"]:
+        fact = by_id.get(row["fact_id"])
+        if row["kind"] != "question" or fact is None or not row["codes"]:
+            continue
+        if fact["fact_id"] not in text_rows:
+            text_rows[fact["fact_id"]] = maker.chat_t2t(fact["question"], fact["answer"])
+        (item,) = maker.processor.training_rows(
+            [[{"role": "user", "content": {"type": "audio", "codes": list(row["codes"])}},
+              {"role": "assistant", "content": fact["answer"]}]], output_modality="text")
+        speech_rows, text = item["input_ids"].tolist(), text_rows[fact["fact_id"]]
+        suffix = 0
+        while suffix < min(len(speech_rows), len(text)) and speech_rows[-1 - suffix] == text[-1 - suffix]:
+            suffix += 1
+        examples.append({"speech_ids": speech_rows, "text_ids": text, "suffix": suffix, "utt_id": row["utt_id"]})
+    if not examples:
+        raise ValueError("the corpus has no train question utterance of a train fact to pair.")
+    return datasets.Dataset.from_list(examples, features=ALIGN_FEATURES)
+
+
 def _message(role: str, text: str | None = None, codes: list[int] | None = None) -> dict[str, Any]:
     if codes is not None:
         return {"role": role, "content": {"type": "audio", "text": None, "codes": list(codes)}}
@@ -359,6 +451,11 @@ def prepare(corpus: str | os.PathLike, codec: str | os.PathLike, tokenizer: str 
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _save(dataset, path)
         summary["datasets"][f"pretrain/{name}"] = _summary(dataset)
+    # the alignment levers' data (read only by recipes that ask for it: training/recipes/nano_levers.sh)
+    for name, dataset in (("wordmix", wordmix_dataset(codes, facts, maker, seed=seed)),
+                          ("align", align_dataset(codes, facts, maker))):
+        _save(dataset, os.path.join(output, "pretrain", name))
+        summary["datasets"][f"pretrain/{name}"] = {"rows": len(dataset)}
     sft = sft_datasets(codes, facts, sft_t2s_repeats, sft_t2t_repeats, seed)
     _save(sft, os.path.join(output, "sft"))
     for split, dataset in sft.items():

@@ -186,6 +186,42 @@ def test_prepare_nano_formats(world):
     assert batch["input_ids"].shape[0] == 4 and (batch["labels"] != -100).any()
 
 
+def test_prepare_nano_alignment_lever_data(world):
+    """pretrain/wordmix speaks single-word utterances inside train-fact questions; pretrain/align pairs each train
+    question utterance's S->T grid with its fact's T->T grid; neither holds a held-out fact."""
+    data = Path(world["data"])
+    processor = MossSpeechProcessor.from_pretrained(world["tokenizer"])
+    codes = datasets.load_from_disk(str(data / "codes"))["train"]
+    word_codes = {t: c for t, k, c in zip(codes["text"], codes["kind"], codes["codes"]) if k == "word"}
+    heldout = {f[0] for f in FACTS if f[4] == "heldout"}
+
+    wordmix = datasets.load_from_disk(str(data / "pretrain" / "wordmix"))
+    assert len(wordmix) == 8 * 2  # 8 copies of each train fact with a speakable word ("one", "two")
+    assert not any(u.rsplit("-", 1)[0] in heldout for u in wordmix["utt_id"])
+    allowed = [word_codes["one"], word_codes["two"], word_codes["one"] * 2, word_codes["one"] + word_codes["two"],
+               word_codes["two"] * 2]
+    for grid, utt in zip(wordmix["input_ids"], wordmix["utt_id"]):
+        segments = processor.grid_layout.split_rows(torch.tensor(grid))
+        spoken = [s for s in segments if s.modality == "audio"]
+        assert spoken, utt
+        assert all(s.ids in allowed for s in spoken), utt
+        fact = next(f for f in FACTS if f[0] == utt.rsplit("-", 1)[0])
+        assert processor.tokenizer.decode([r[0] for r in grid[-2:-1]]).strip() == fact[3]
+
+    align = datasets.load_from_disk(str(data / "pretrain" / "align"))
+    questions = [u for u, k in zip(codes["utt_id"], codes["kind"]) if k == "question"]
+    assert sorted(align["utt_id"]) == sorted(questions)
+    for pair in align:
+        fact = next(f for f in FACTS if f[0] == pair["utt_id"].split("/")[0])
+        (expected,) = processor.training_rows([[{"role": "user", "content": fact[2]},
+                                                {"role": "assistant", "content": fact[3]}]])
+        assert pair["text_ids"] == expected["input_ids"].tolist()
+        k = pair["suffix"]
+        assert pair["speech_ids"][-k:] == pair["text_ids"][-k:]
+        assert pair["speech_ids"][-k - 1] != pair["text_ids"][-k - 1]
+        assert any(r[0] == processor.sosp_token_id for r in pair["speech_ids"])
+
+
 def test_prepare_nano_reuses_the_codes_and_rejects_speech_of_heldout_facts(world, tmp_path, capsys):
     codes_dir = Path(world["data"]) / "codes"
     before = (codes_dir / "nano_codes.json").stat().st_mtime_ns

@@ -334,3 +334,57 @@ def test_ddp_two_cpu_processes(tmp_path, mixed_data):
 
     resumed = launch(tmp_path / "resumed", resume_from=str(out / "checkpoint-2"))
     assert [m["loss"] for m in resumed if "loss" in m] == [m["loss"] for m in full if "loss" in m][2:]
+
+
+def align_pairs(path: Path, n: int = 6) -> str:
+    """S->T / T->T grid pairs with a shared 5-row suffix, as processing/prepare_nano.py's `pretrain/align`."""
+    rows = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(100 + i)
+        suffix = text_rows(torch.randint(0, 250, (5,), generator=g).tolist())
+        question = torch.randint(0, 250, (3 + i % 3,), generator=g).tolist()
+        rows.append({"speech_ids": speech_only(200 + i, 4 + i) + suffix, "text_ids": text_rows(question) + suffix,
+                     "suffix": 5, "utt_id": f"fact-{i // 2}/question/voice-{i % 2}"})
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.1])
+def test_alignment_loss_trains_speech_states_toward_text(tmp_path, temperature):
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = MossSpeechForCausalLM(config)
+    source = pretrain_data.AlignPairs(align_pairs(tmp_path / "align"), batch_size=4, seed=0)
+    pairs = source.sample()
+    layers = config.num_shared_layers + config.num_modality_layers
+    same = dict(pairs, speech_ids=pairs["text_ids"], speech_lengths=pairs["text_lengths"])
+    if not temperature:  # identical grids have identical states
+        assert pretrain.alignment_loss(model, same, layers).item() == pytest.approx(0.0, abs=1e-5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = pretrain.alignment_loss(model, pairs, layers, temperature)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_pretrain_with_alignment_loss_logs_it(tmp_path, mixed_data):
+    model = save_model(tmp_path / "init")
+    pairs = align_pairs(tmp_path / "align")
+    result = pretrain.main(argv(model, mixed_data, tmp_path / "out", align_dataset=pairs, align_weight=0.5,
+                                align_batch_size=2, align_temperature=0.1))
+    assert all(entry["align_loss"] > 0 for entry in result["history"])
+    plain = pretrain.main(argv(model, mixed_data, tmp_path / "plain"))
+    assert "align_loss" not in plain["history"][0]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"align_weight": 1.0}, "needs 'align_dataset'"),
+    ({"align_weight": -1.0, "align_dataset": "."}, "must be >= 0"),
+])
+def test_bad_alignment_settings(tmp_path, mixed_data, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        pretrain.main(argv(save_model(tmp_path / "init"), mixed_data, tmp_path / "out", **overrides))

@@ -11,7 +11,9 @@ epoch plans, packed rows, collation) is `training/pretrain_data.py`; this file i
 in-process.
 
 Loss (`training_loss`): per micro-batch, the text-channel plus the audio-channel mean cross entropy (labels from
-`trainer.sft.grid_labels`), averaged over the accumulated micro-batches.
+`trainer.sft.grid_labels`), averaged over the accumulated micro-batches; with `align_weight` > 0, plus that
+weight times `alignment_loss` on a batch of `align_dataset` pairs (an experiment: see the nano checkpoint's
+eval/findings.md).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 import yaml
 from pretrain_arguments import PretrainArguments, make_parser
-from pretrain_data import GridSource, PackedRows, RowCollator, plan_epoch
+from pretrain_data import AlignPairs, GridSource, PackedRows, RowCollator, plan_epoch
 from torch.utils.data import DataLoader
 
 from modeling_moss_speech import MossSpeechForCausalLM
@@ -53,6 +55,38 @@ def training_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     """The objective of one micro-batch: the model output whose `loss` is backpropagated (text + audio channel
     cross entropy); `text_loss` and `audio_loss` are logged beside it."""
     return forward_batch(model, batch)
+
+
+def alignment_loss(model: torch.nn.Module, pairs: dict[str, torch.Tensor], num_layers: int,
+                   temperature: float = 0.0) -> torch.Tensor:
+    """How far the hidden states after a spoken question are from those after the same question as text.
+
+    Compared: the `suffix` final rows both grids share (system and assistant turn), at the output of every trunk
+    layer and of the text tail (`num_layers` entries of `hidden_states` after the embeddings). The text side is the
+    target (no gradient): speech is pulled toward where text already is. `temperature` 0: mean `1 - cosine`;
+    > 0: InfoNCE over the batch (each spoken question against every pair's text, same-fact pairs masked out).
+    """
+    suffix = int(pairs["suffix"].min())
+
+    def states(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        out = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+        layers = torch.stack(out.hidden_states[1: 1 + num_layers], dim=1)  # (B, layers, L, H)
+        index = lengths.to(ids.device)[:, None] - suffix + torch.arange(suffix, device=ids.device)[None, :]
+        return torch.gather(layers, 2, index[:, None, :, None].expand(-1, num_layers, -1, layers.shape[-1]))
+
+    with torch.no_grad():
+        target = states(pairs["text_ids"], pairs["text_lengths"])
+    spoken = states(pairs["speech_ids"], pairs["speech_lengths"])
+    if not temperature:
+        return (1 - torch.nn.functional.cosine_similarity(spoken, target, dim=-1)).mean()
+    spoken = torch.nn.functional.normalize(spoken.transpose(0, 1).flatten(2), dim=-1)  # (layers, B, suffix * H)
+    target = torch.nn.functional.normalize(target.transpose(0, 1).flatten(2), dim=-1)
+    logits = spoken @ target.transpose(1, 2) / temperature  # (layers, B, B)
+    group = pairs["group"].to(logits.device)
+    same_fact = (group[:, None] == group[None, :]) & ~torch.eye(len(group), dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(same_fact, float("-inf"))
+    labels = torch.arange(len(group), device=logits.device).expand(logits.shape[0], -1)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -256,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         accelerator.init_trackers(cfg.tracker_project, config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
 
     collator = RowCollator(config, cfg.pack)
+    align = AlignPairs(cfg.align_dataset, cfg.align_batch_size, cfg.seed + progress.step) if cfg.align_weight else None
+    align_sum = 0.0
     history: list[dict[str, Any]] = []
     eval_history: list[dict[str, Any]] = []
     window = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, text, audio (micro-batch sums)
@@ -290,7 +326,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             progress.batches_in_epoch += 1
             with accelerator.accumulate(model):
                 out = training_loss(model, batch)
-                accelerator.backward(out.loss)
+                loss = out.loss
+                if align is not None:
+                    pairs = {k: v.to(accelerator.device) for k, v in align.sample().items()}
+                    aligned = alignment_loss(model, pairs, config.num_shared_layers + config.num_modality_layers,
+                                             cfg.align_temperature)
+                    align_sum += aligned.item()
+                    loss = loss + cfg.align_weight * aligned
+                accelerator.backward(loss)
                 window += torch.stack([out.loss.detach(), out.text_loss.detach(), out.audio_loss.detach()]).double()
                 counts += torch.stack([batch["num_sequences"].sum(), batch["num_text_only"].sum()]).double()
                 if accelerator.sync_gradients:
@@ -312,6 +355,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          "grad_norm": None if grad_norm is None else float(grad_norm),
                          "sequences": int(totals[0].item()), "text_only_sequences": int(totals[1].item()),
                          "epoch": progress.epoch}
+                if align is not None:
+                    entry["align_loss"] = align_sum / (window_steps * cfg.gradient_accumulation_steps)
+                    align_sum = 0.0
                 history.append(entry)
                 record(entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}")

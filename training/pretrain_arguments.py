@@ -116,6 +116,17 @@ class PretrainArguments:
     tracker_project: str = field(default="moss-speech-pretrain", metadata={
         "help": "Project name passed to the trackers."})
     progress_bar: bool = field(default=True, metadata={"help": "tqdm bar on the main process."})
+    align_dataset: str | None = field(default=None, metadata={
+        "help": "Pairs for the trunk-state alignment loss (processing/prepare_nano.py's pretrain/align: an S->T and a "
+                "T->T chat grid of the same fact that end in the same rows); read only when align_weight > 0."})
+    align_weight: float = field(default=0.0, metadata={
+        "help": "Weight of the alignment loss added to each micro-batch's loss (0: off). It pulls the hidden states "
+                "of the shared final rows after a spoken question toward those after the same question as text, at "
+                "every trunk layer and the text tail (text side without gradient)."})
+    align_batch_size: int = field(default=8, metadata={"help": "Pairs per micro-batch for the alignment loss."})
+    align_temperature: float = field(default=0.0, metadata={
+        "help": "0: the alignment loss is 1 - cosine similarity; > 0: contrastive (InfoNCE over the micro-batch's "
+                "pairs at this temperature: a spoken question must be nearer its own text than other facts' texts)."})
 
     def __post_init__(self) -> None:
         """Check every value; raise a ValueError that names the key, its value and what was expected."""
@@ -160,6 +171,16 @@ class PretrainArguments:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"recipe key 'mixed_precision' must be one of no, bf16, fp16 or null, "
                              f"got {self.mixed_precision!r}.")
+        if self.align_weight < 0 or self.align_temperature < 0 or self.align_batch_size < 1:
+            raise ValueError(f"recipe keys 'align_weight' and 'align_temperature' must be >= 0 and "
+                             f"'align_batch_size' >= 1, got {self.align_weight}, {self.align_temperature}, "
+                             f"{self.align_batch_size}.")
+        if self.align_weight > 0 and not self.align_dataset:
+            raise ValueError("recipe key 'align_weight' > 0 needs 'align_dataset' (processing/prepare_nano.py's "
+                             "pretrain/align pairs).")
+        if self.align_dataset is not None and not os.path.isdir(self.align_dataset):
+            raise ValueError(f"recipe key 'align_dataset': {self.align_dataset!r} is not a directory written by "
+                             "datasets' save_to_disk.")
         if self.stage == "stage1" and self.text_mix_ratio:
             logger.warning("stage1 freezes the text backbone: text-only sequences (text_mix_ratio=%s) train nothing.",
                            self.text_mix_ratio)

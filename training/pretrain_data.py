@@ -259,3 +259,39 @@ class RowCollator:
         else:
             out["attention_mask"] = attention_mask
         return out
+
+
+class AlignPairs:
+    """Random micro-batches of the alignment loss' pairs: an S->T and a T->T chat grid of the same fact
+    (`input_ids` of the spoken and the written question, right-padded) and `suffix`, the number of final rows both
+    share (system turn and assistant turn). `group` tells pairs of the same fact apart for the contrastive form."""
+
+    def __init__(self, path: str, batch_size: int, seed: int) -> None:
+        import datasets
+
+        data = datasets.load_from_disk(path)
+        missing = {"speech_ids", "text_ids", "suffix", "utt_id"} - set(data.column_names)
+        if missing:
+            raise ValueError(f"align_dataset {path!r} lacks the columns {sorted(missing)} (has {data.column_names}).")
+        if batch_size > len(data):
+            raise ValueError(f"align_batch_size {batch_size} exceeds the {len(data)} pairs of {path!r}.")
+        self.data, self.batch_size, self.generator = data, batch_size, np.random.default_rng(seed)
+
+    def sample(self) -> dict[str, torch.Tensor]:
+        """One micro-batch of distinct pairs."""
+        rows = self.data[self.generator.choice(len(self.data), self.batch_size, replace=False).tolist()]
+        facts = [u.split("/")[0] for u in rows["utt_id"]]
+        return {"speech_ids": _right_padded(rows["speech_ids"]), "text_ids": _right_padded(rows["text_ids"]),
+                "speech_lengths": torch.tensor([len(g) for g in rows["speech_ids"]]),
+                "text_lengths": torch.tensor([len(g) for g in rows["text_ids"]]),
+                "suffix": torch.tensor(rows["suffix"]),
+                "group": torch.tensor([facts.index(f) for f in facts])}
+
+
+def _right_padded(grids: list) -> torch.Tensor:
+    # causal attention: rows before the padding never see it, so no attention mask is needed
+    longest = max(len(g) for g in grids)
+    out = torch.zeros(len(grids), longest, 2, dtype=torch.long)
+    for i, grid in enumerate(grids):
+        out[i, : len(grid)] = torch.as_tensor(grid)
+    return out
