@@ -95,3 +95,40 @@ def test_nano_report_writes_the_card_with_the_experiment_and_this_run_s_findings
     main(["--eval", str(eval_dir), "--checkpoint", str(checkpoint)])
     assert "What they show" not in (checkpoint / "README.md").read_text()
     assert (checkpoint / "README.md").read_text().split("## Evaluation")[0] == card.split("## Evaluation")[0]
+
+
+def test_levers_recipe_runs_differ_only_in_stage_two(tmp_path):
+    env = {**os.environ, "NANO_DRY_RUN": "1", "LEVERS_OUT": str(tmp_path / "out"), "NANO_DATA": str(tmp_path / "data"),
+           "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(ROOT / "training" / "recipes" / "nano_levers.sh")], capture_output=True,
+                            text=True, cwd=ROOT, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    commands = dict(line[3:].split(": ", 1) for line in result.stdout.splitlines() if line.startswith("== "))
+    stage2 = {lever: commands[f"{lever}_stage2"] for lever in ("control", "wordmix", "align", "contrast")}
+    base = "--model modeling_moss_speech/pretrained/moss-speech-nano "
+    assert all(base in command for command in stage2.values())
+    assert f"{tmp_path}/data/pretrain/wordmix --eval_datasets" in stage2["wordmix"]
+    assert "--align" not in stage2["control"] + stage2["wordmix"] and "wordmix" not in stage2["control"]
+    assert f"--align_dataset {tmp_path}/data/pretrain/align --align_weight 1 --output_dir" in stage2["align"]
+    assert "--align_temperature 0.1 --align_batch_size 16" in stage2["contrast"]
+    # the same SFT for every run, then eval JSON files named for nano_report.py's lever columns
+    sft = {lever: commands[f"{lever}_sft"].replace(lever, "RUN") for lever in stage2}
+    assert len(set(sft.values())) == 1
+    assert commands["eval_contrast_test"].endswith(f"-o {tmp_path}/out/eval/lever_contrast_test.json")
+    assert not (tmp_path / "out" / "control").exists()
+    bad = subprocess.run(["bash", str(ROOT / "training" / "recipes" / "nano_levers.sh")], capture_output=True,
+                         text=True, cwd=ROOT, timeout=60, env={**env, "LEVERS": "nope"})
+    assert bad.returncode == 2 and "unknown lever 'nope'" in bad.stderr
+
+
+def test_nano_report_shows_the_lever_runs_it_finds(tmp_path):
+    sys.path.insert(0, str(ROOT / "training"))
+    from nano_report import report
+
+    from modeling_moss_speech.pretrained import nano_path
+
+    for stem in ("lever_control", "lever_align"):
+        shutil.copy(Path(nano_path()) / "eval" / "final_test.json", tmp_path / f"{stem}_test.json")
+    header = report(tmp_path).split("\n\n")[1].splitlines()[0]
+    assert "lever: none (one more round)" in header and "lever: cosine state alignment" in header
+    assert "shipped" not in header and "contrastive" not in header

@@ -6,7 +6,7 @@
 Reads the `moss-speech eval` JSON files of the recipe (`final_*.json`, `ablation_final_*.json` and the stage-I
 text checks `stage1_test_t2t.json` / `ablation_stage1_test_t2t.json`; also `v1_final_*.json` /
 `v1_ablation_final_*.json` where present: the earlier recipe without the voices round, kept with the shipped
-checkpoint as the before column), prints the Markdown tables (one column per run found, per split) and writes
+checkpoint as the before column; `lever_<run>_*.json` of `training/recipes/nano_levers.sh`), prints the Markdown tables (one column per run found, per split) and writes
 `README.md` (the nano model card: the experiment from `model_cards/moss_speech_nano.md`, these tables, and the
 hand-written reading of this run's results, `findings.md` of the eval directory, where there is one) into
 `--checkpoint`.
@@ -42,7 +42,12 @@ SPLITS = {"test": "held-out facts (seen only as text), held-out voice — the tr
 RUNS = (("frozen stage I + voices round (shipped)", "final"),
         ("no freezing + voices round (ablation)", "ablation_final"),
         ("v1: frozen stage I, no voices round", "v1_final"),
-        ("v1: no freezing, no voices round", "v1_ablation_final"))
+        ("v1: no freezing, no voices round", "v1_ablation_final"),
+        # training/recipes/nano_levers.sh: one more round from the shipped checkpoint, with or without a lever
+        ("lever: none (one more round)", "lever_control"),
+        ("lever: word-level interleaving", "lever_wordmix"),
+        ("lever: cosine state alignment", "lever_align"),
+        ("lever: contrastive state alignment", "lever_contrast"))
 # Hand-written reading of one run's results, kept in its eval directory and appended to the card's evaluation.
 FINDINGS = "findings.md"
 

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The alignment-lever ablation of MOSS-Speech-Nano: does anything make the model answer spoken questions about facts
+# it knows only as text? One command from the repository root:
+#
+#   bash training/recipes/nano_levers.sh
+#
+# Every run continues the same checkpoint (BASE, default: the shipped one) with one round of the recipe's voices
+# round: stage II (STAGE2_STEPS on the corpus with the question voices, text mixed in) and SFT (SFT_STEPS), then is
+# assembled with BASE's processor, codec and voices and evaluated on the held-out facts (test, test_dialect) and the
+# trained facts (test_seen, test_seen_dialect). The runs differ only in stage II:
+#   control    nothing more (so the other rows are compared with one more round of the plain recipe)
+#   wordmix    + pretrain/wordmix: word-level interleaved questions of train facts (a random half of the words
+#              spoken, the rest written) followed by the answer text
+#   align      + alignment_loss (weight 1, cosine): the trunk and text-tail states of the final rows after a spoken
+#              question are pulled toward those after the same question as text (pretrain/align pairs)
+#   contrast   + alignment_loss (weight 1, InfoNCE at temperature 0.1 over 16 pairs per micro-batch)
+# The lever data (pretrain/wordmix, pretrain/align) comes from the 12-voice corpus, the round's data from the corpus
+# with the 35 question voices, both encoded with BASE's codec and tokenizer. A run takes about 25-35 min on a busy
+# 2-core machine; the tables: python training/nano_report.py --eval $LEVERS_OUT/eval
+#
+# Knobs (environment variables, defaults in brackets), as in nano.sh where the names are the same:
+#   BASE [modeling_moss_speech/pretrained/moss-speech-nano]   checkpoint every run starts from
+#   NANO_DATA [data/nano]   corpus/ and voices/corpus/ (made here unless present), their codes and datasets
+#   LEVERS_OUT [outputs/nano_levers]   runs, logs/, eval/ (lever_<run>_<split>.json)
+#   LEVERS [control wordmix align contrast]   runs to make
+#   THREADS [2], PYTHON, NANO_RESUME [1], NANO_STEPS [all], NANO_DRY_RUN [0], STAGE2_STEPS [500], SFT_STEPS [500],
+#   EVAL_SPLITS ["test test_dialect test_seen test_seen_dialect"]
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; fi
+PY=${PYTHON:-python}
+BASE=${BASE:-modeling_moss_speech/pretrained/moss-speech-nano}
+NANO_DATA=${NANO_DATA:-data/nano}
+LEVERS_OUT=${LEVERS_OUT:-outputs/nano_levers}
+LEVERS=${LEVERS:-control wordmix align contrast}
+THREADS=${THREADS:-2}
+NANO_RESUME=${NANO_RESUME:-1}
+NANO_STEPS=${NANO_STEPS:-}
+NANO_DRY_RUN=${NANO_DRY_RUN:-0}
+STAGE2_STEPS=${STAGE2_STEPS:-500}
+SFT_STEPS=${SFT_STEPS:-500}
+EVAL_SPLITS=${EVAL_SPLITS:-test test_dialect test_seen test_seen_dialect}
+
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+LOGS=$LEVERS_OUT/logs
+DONE=$LEVERS_OUT/.done
+mkdir -p "$LOGS" "$DONE" "$LEVERS_OUT/eval" "$NANO_DATA"
+source training/recipes/steps.sh
+
+# ---------------------------------------------------------------------------------------------- data
+# the two corpora of nano.sh (same seed, same rows), encoded with BASE's codec (its encoder is the tokenizer's)
+if [[ -d "$NANO_DATA/corpus" && "$NANO_RESUME" == 1 ]]; then
+  echo "== corpus: $NANO_DATA/corpus exists, kept"
+else
+  run_step corpus "$PY" processing/synthesize_espeak.py --output "$NANO_DATA/corpus" --num_workers "$THREADS" \
+    --question_voices none --overwrite --no_progress
+fi
+if [[ -d "$NANO_DATA/voices/corpus" && "$NANO_RESUME" == 1 ]]; then
+  echo "== corpus_voices: $NANO_DATA/voices/corpus exists, kept"
+else
+  run_step corpus_voices "$PY" processing/synthesize_espeak.py --output "$NANO_DATA/voices/corpus" \
+    --num_workers "$THREADS" --overwrite --no_progress
+fi
+run_step prepare "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/corpus" --codec "$BASE/codec" \
+  --tokenizer "$BASE" --output "$NANO_DATA" --threads "$THREADS" --no_progress
+run_step prepare_voices "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/voices/corpus" --codec "$BASE/codec" \
+  --tokenizer "$BASE" --output "$NANO_DATA/voices" --threads "$THREADS" --no_progress
+
+P=$NANO_DATA/pretrain
+V=$NANO_DATA/voices/pretrain
+ROUND_DATA=("$V/speech" "$V/interleaved" "$V/spoken_qa" "{path: $V/text, kind: text}")
+ROUND_EVAL_DATA=("$V/eval" "{path: $V/text_eval, kind: text}")
+
+# ---------------------------------------------------------------------------------------------- the runs
+for lever in $LEVERS; do
+  data=("${ROUND_DATA[@]}") extra=()
+  case $lever in
+    control) ;;
+    wordmix) data+=("$P/wordmix") ;;
+    align) extra=(--align_dataset "$P/align" --align_weight 1) ;;
+    contrast) extra=(--align_dataset "$P/align" --align_weight 1 --align_temperature 0.1 --align_batch_size 16) ;;
+    *) echo "nano_levers.sh: unknown lever '$lever' (control, wordmix, align, contrast)" >&2; exit 2 ;;
+  esac
+  root=$LEVERS_OUT/$lever
+  pretrain "${lever}_stage2" "$root/stage2" --config training/configs/nano_stage2.yaml --model "$BASE" \
+    --datasets "${data[@]}" --eval_datasets "${ROUND_EVAL_DATA[@]}" --max_steps "$STAGE2_STEPS" \
+    --threads "$THREADS" ${extra[@]+"${extra[@]}"}
+  run_step "${lever}_sft" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
+    --model_name_or_path "$root/stage2" --processor_name_or_path "$BASE" \
+    --dataset_name "$NANO_DATA/voices/sft" --output_dir "$root/sft" --max_steps "$SFT_STEPS"
+  run_step "${lever}_assemble" "$PY" training/assemble_nano.py --model "$root/sft" --processor "$BASE" \
+    --codec "$BASE/codec" --corpus "$NANO_DATA/corpus" --data "$NANO_DATA" --voices_dir "$BASE/voices" \
+    --voices none --output "$root/final"
+  for split in $EVAL_SPLITS; do
+    run_step "eval_${lever}_$split" "$PY" -m modeling_moss_speech eval --model "$root/final" \
+      --corpus "$NANO_DATA/voices/corpus" --split "$split" -o "$LEVERS_OUT/eval/lever_${lever}_$split.json"
+  done
+done
+
+run_step report "$PY" training/nano_report.py --eval "$LEVERS_OUT/eval"
+echo "== lever runs in $LEVERS_OUT; results: $LEVERS_OUT/eval/lever_*.json"
