@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import AUDIO_PAD, EOSP, IM_END, MODALITY_PAD, PAD, SOSP, tiny_config
-from tokenizers_for_tests import tiny_tokenizer
+from helpers import AUDIO_PAD, EOSP, IM_END, IM_START, LAYOUT, MODALITY_PAD, PAD, SOSP, tiny_config, tiny_tokenizer
 
 from modeling_moss_speech.grid_moss_speech import GridLayout, GridSegment
 from modeling_moss_speech.processing_moss_speech import MossSpeechProcessor
 
-LAYOUT = GridLayout(SOSP, EOSP, MODALITY_PAD, AUDIO_PAD, text_pad_token_id=PAD)
-IM_START, NEWLINE = 281, 1
+NEWLINE = 1
 
 
 def tokenize(text: str) -> list[int]:
