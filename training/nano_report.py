@@ -3,13 +3,13 @@
     python training/nano_report.py --eval outputs/nano/eval \
         --checkpoint modeling_moss_speech/pretrained/moss-speech-nano
 
-Reads the `moss-speech eval` JSON files of the recipe (`final_*.json`, `ablation_final_*.json` and the stage-I
-text checks `stage1_test_t2t.json` / `ablation_stage1_test_t2t.json`; also `v1_final_*.json` /
-`v1_ablation_final_*.json` where present: the earlier recipe without the voices round, kept with the shipped
-checkpoint as the before column; `lever_<run>_*.json` of `training/recipes/nano_levers.sh`), prints the Markdown tables (one column per run found, per split) and writes
-`README.md` (the nano model card: the experiment from `model_cards/moss_speech_nano.md`, these tables, and the
-hand-written reading of this run's results, `findings.md` of the eval directory, where there is one) into
-`--checkpoint`.
+Reads the `moss-speech eval` JSON files of the recipe (`final_*.json`, `ablation_final_*.json` and the stage-I text
+checks `stage1_test_t2t.json` / `ablation_stage1_test_t2t.json`; also `v1_final_*.json` / `v1_ablation_final_*.json`
+where present: the earlier recipe without the voices round, kept with the shipped checkpoint as the before column;
+`lever_<run>_*.json` of `training/recipes/nano_levers.sh`), prints the Markdown tables (one column per run found,
+per split) and writes `README.md` (the nano model card: the experiment from `model_cards/moss_speech_nano.md`, these
+tables, and the hand-written reading of this run's results, `findings.md` of the eval directory, where there is one)
+into `--checkpoint`.
 
 Without running the recipe, the tables of the shipped checkpoint:
 
