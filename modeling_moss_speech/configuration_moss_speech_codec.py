@@ -137,6 +137,11 @@ class MossSpeechCodecFlowConfig(PretrainedConfig):
     estimator_num_mid_blocks: int = 12
     estimator_time_embed_dim: int = 1024
     estimator_static_chunk_size: int = 20
+    # Chunked (streaming) mode only: static chunks before its own that an estimator attention query sees, besides
+    # the voice prompt's frames, which stay visible. None: every earlier chunk (the release). A bound makes a long
+    # stream's per-chunk cost and cache memory constant (the estimator attention otherwise reads the whole history
+    # at every ODE step); the stream still equals re-running the chunked flow with the same bound.
+    estimator_left_chunks: int | None = None
     noise_seed: int = 0
     noise_max_frames: int = 15000
     # Scale of the starting noise of the ODE at inference (Matcha-TTS's "temperature"). The release integrates from
@@ -159,6 +164,10 @@ class MossSpeechCodecFlowConfig(PretrainedConfig):
         if self.input_size % self.encoder_attention_heads:
             raise ValueError(f"{owner}: input_size ({self.input_size}) must be divisible by encoder_attention_heads "
                              f"({self.encoder_attention_heads}).")
+        if self.estimator_left_chunks is not None and (isinstance(self.estimator_left_chunks, bool)
+                                                       or self.estimator_left_chunks < 0):
+            raise ValueError(f"{owner}.estimator_left_chunks must be None or an integer >= 0, "
+                             f"got {self.estimator_left_chunks!r}.")
         if self.t_scheduler not in ("cosine", "linear"):
             raise ValueError(f"{owner}.t_scheduler must be 'cosine' or 'linear', got {self.t_scheduler!r}.")
 

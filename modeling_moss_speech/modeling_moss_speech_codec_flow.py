@@ -55,11 +55,23 @@ def _chunk_mask(size: int, chunk_size: int, device: torch.device) -> torch.Tenso
     return positions.unsqueeze(0) < chunk_end.unsqueeze(1)
 
 
-def _attention_mask(valid: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """(B, T) valid positions → bool key mask, (B, 1, T) without chunks or (B, T, T) with static chunks."""
+def _attention_mask(valid: torch.Tensor, chunk_size: int, left_chunks: int | None = None,
+                    prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) valid positions → bool key mask, (B, 1, T) without chunks or (B, T, T) with static chunks.
+
+    With `left_chunks`, a query sees only the keys of its own chunk and of the `left_chunks` chunks before it, plus
+    each row's first `prefix[b]` positions (the voice prompt's frames)."""
     mask = valid.unsqueeze(1)
     if chunk_size > 0:
         mask = mask & _chunk_mask(valid.size(1), chunk_size, valid.device).unsqueeze(0)
+        if left_chunks is not None:
+            positions = torch.arange(valid.size(1), device=valid.device)
+            low = (positions // chunk_size - left_chunks) * chunk_size  # first visible key of each query's window
+            recent = positions.unsqueeze(0) >= low.unsqueeze(1)
+            if prefix is None:
+                prefix = torch.zeros(valid.size(0), dtype=torch.long, device=valid.device)
+            kept = positions.view(1, 1, -1) < prefix.to(valid.device).view(-1, 1, 1)
+            mask = mask & (recent.unsqueeze(0) | kept)
     return mask
 
 
@@ -432,12 +444,17 @@ class MossSpeechCodecFlowEstimator(nn.Module):
         spks: torch.Tensor,
         cond: torch.Tensor,
         streaming: bool = False,
+        prompt_frames: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x, mu, cond: (N, 80, T); mask: (N, 1, T); t: (N,); spks: (N, 80) → velocity (N, 80, T)."""
+        """x, mu, cond: (N, 80, T); mask: (N, 1, T); t: (N,); spks: (N, 80) → velocity (N, 80, T).
+
+        `prompt_frames` (N,): frames of each row's voice prompt, visible to every query when streaming with
+        `estimator_left_chunks` (default: none)."""
         t = self.time_mlp(_sinusoidal_time_embedding(t, 4 * self.config.output_size))
         h = torch.cat([x, mu, spks.unsqueeze(-1).expand(-1, -1, x.size(-1)), cond], dim=1)
         chunk = self.config.estimator_static_chunk_size if streaming else 0
-        keys = _attention_mask(mask[:, 0].bool(), chunk).expand(-1, x.size(-1), -1)
+        keys = _attention_mask(mask[:, 0].bool(), chunk, self.config.estimator_left_chunks if streaming else None,
+                               prompt_frames).expand(-1, x.size(-1), -1)
         bias = (1.0 - keys.to(h.dtype)) * ESTIMATOR_MASK_BIAS
 
         def run(transformer_blocks: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
@@ -492,9 +509,11 @@ class MossSpeechCodecFlowCFM(nn.Module):
         return t_span
 
     def forward(
-        self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor, streaming: bool = False
+        self, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor, streaming: bool = False,
+        prompt_frames: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """mu, cond: (B, 80, T); mask: (B, 1, T); spks: (B, 80) → mel (B, 80, T)."""
+        """mu, cond: (B, 80, T); mask: (B, 1, T); spks: (B, 80) → mel (B, 80, T); prompt_frames: (B,) frames of
+        each row's voice prompt (see the estimator)."""
         batch, _, length = mu.shape
         x = self.rand_noise[:, :, :length].to(mu).expand(batch, -1, -1) * self.config.inference_noise_scale
         t_span = self.time_steps(mu.device).to(mu.dtype)
@@ -504,11 +523,12 @@ class MossSpeechCodecFlowCFM(nn.Module):
         mu_in = torch.cat([mu, torch.zeros_like(mu)])
         spks_in = torch.cat([spks, torch.zeros_like(spks)])
         cond_in = torch.cat([cond, torch.zeros_like(cond)])
+        prompt_in = None if prompt_frames is None else torch.cat([prompt_frames, prompt_frames])
         # The release advances t by dt and takes the next dt against the accumulated t: kept for parity.
         t, dt = t_span[0], t_span[1] - t_span[0]
         for step in range(1, len(t_span)):
             velocity = self.estimator(torch.cat([x, x]), mask_in, mu_in, t.expand(2 * batch), spks_in, cond_in,
-                                      streaming=streaming)
+                                      streaming=streaming, prompt_frames=prompt_in)
             v_cond, v_uncond = velocity.split(batch)
             x = x + dt * ((1.0 + rate) * v_cond - rate * v_uncond)
             t = t + dt
@@ -526,6 +546,7 @@ class MossSpeechCodecFlowCFM(nn.Module):
         loss_mask: torch.Tensor | None = None,
         streaming: bool = False,
         generator: torch.Generator | None = None,
+        prompt_frames: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Conditional flow-matching loss (the release's `CausalConditionalCFM.compute_loss`, CosyVoice2 recipe).
 
@@ -538,6 +559,8 @@ class MossSpeechCodecFlowCFM(nn.Module):
             loss_mask: (B, 1, T) frames that count (default: `mask`; prompt frames given in `cond` are left out).
             streaming: use the estimator's static chunk attention masks.
             generator: source of t, z and the guidance dropout (default: the global RNG).
+            prompt_frames: (B,) frames of each row's prompt (`cond`), visible to every query with
+                `estimator_left_chunks`.
 
         Returns:
             The mean squared velocity error over the counted frames and mel bins (a scalar).
@@ -553,7 +576,8 @@ class MossSpeechCodecFlowCFM(nn.Module):
         if config.training_cfg_rate > 0:
             keep = (_uniform((batch,), generator, mu) >= config.training_cfg_rate).to(mu.dtype)
             mu, spks, cond = mu * keep.view(-1, 1, 1), spks * keep.view(-1, 1), cond * keep.view(-1, 1, 1)
-        prediction = self.estimator(y, mask, mu, t.view(batch), spks, cond, streaming=streaming)
+        prediction = self.estimator(y, mask, mu, t.view(batch), spks, cond, streaming=streaming,
+                                    prompt_frames=prompt_frames)
         weight = mask if loss_mask is None else loss_mask
         error = F.mse_loss(prediction * weight, u * weight, reduction="sum")
         return error / (weight.sum() * u.size(1)).clamp(min=1.0)
@@ -719,7 +743,8 @@ class MossSpeechCodecFlow(nn.Module):
         prompt_frames = min(prompt_feat.size(1), frames)
         prompt_mask = _length_mask(prompt_feat_len, prompt_frames).unsqueeze(1).to(dtype)
         cond[:, :, :prompt_frames] = prompt_feat[:, :prompt_frames].transpose(1, 2) * prompt_mask
-        mel = self.decoder(mu, frame_mask.unsqueeze(1).to(dtype), spks, cond, streaming=streaming)
+        mel = self.decoder(mu, frame_mask.unsqueeze(1).to(dtype), spks, cond, streaming=streaming,
+                           prompt_frames=prompt_feat_len)
 
         # Keep each row's frames after its prompt.
         mel_len = mel_total - prompt_feat_len
@@ -816,7 +841,8 @@ class MossSpeechCodecFlow(nn.Module):
         cond = x1 * in_prompt
         spks = self.spk_embed_affine_layer(F.normalize(embedding.to(device, dtype), dim=1))
         return self.decoder.compute_loss(x1, frame_mask, mu, spks, cond, loss_mask=frame_mask * (1 - in_prompt),
-                                         streaming=streaming, generator=generator)
+                                         streaming=streaming, generator=generator,
+                                         prompt_frames=prompt_frames.to(device))
 
     def forward(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Alias of [`inference`]."""

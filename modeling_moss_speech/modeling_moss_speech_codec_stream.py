@@ -41,31 +41,51 @@ class _KeyValueCache:
 
     The window's keys are written after the committed ones and attention reads a view of the buffer, so no call
     copies the history; buffers grow by half when full (amortised O(1) per position, at most 1.5x the memory).
+    With a bounded attention context, `trim` drops committed positions no query will read again, except the first
+    `prefix` ones (kept for good): buffer index `prefix` then holds absolute position `offset`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: int = 0) -> None:
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
-        self.length = 0  # committed positions
+        self.length = 0  # committed positions (absolute)
+        self.prefix = self.offset = prefix
+
+    def index(self, position: int) -> int:
+        """Buffer index of absolute `position` (one kept: in the prefix, or at or after `offset`)."""
+        return position if position < self.prefix else self.prefix + position - self.offset
 
     def extended(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Committed keys/values followed by the window's `keys`/`values` (overwritten by the next call)."""
-        needed = self.length + keys.size(2)
+        """Kept committed keys/values followed by the window's `keys`/`values` (overwritten by the next call)."""
+        here = self.index(self.length)
+        needed = here + keys.size(2)
         if self.keys is None or needed > self.keys.size(2):
             old = 0 if self.keys is None else self.keys.size(2)
             shape = (*keys.shape[:2], max(needed, old + old // 2, 64), keys.size(3))
             grown_k, grown_v = keys.new_empty(shape), values.new_empty(shape)
             if self.keys is not None:
-                grown_k[:, :, : self.length] = self.keys[:, :, : self.length]
-                grown_v[:, :, : self.length] = self.values[:, :, : self.length]
+                grown_k[:, :, :here] = self.keys[:, :, :here]
+                grown_v[:, :, :here] = self.values[:, :, :here]
             self.keys, self.values = grown_k, grown_v
-        self.keys[:, :, self.length : needed] = keys
-        self.values[:, :, self.length : needed] = values
+        self.keys[:, :, here:needed] = keys
+        self.values[:, :, here:needed] = values
         return self.keys[:, :, :needed], self.values[:, :, :needed]
 
     def commit(self, count: int) -> None:
         """The window's first `count` positions are final: keep them."""
         self.length += count
+
+    def trim(self, before: int) -> None:
+        """Forget committed positions in [prefix, before); moves the rest only once the dropped part is at least as
+        long as it (amortised O(1) per position), so the buffer stays about twice the context."""
+        before = min(before, self.length)
+        dropped, kept = before - self.offset, self.length - before
+        if self.keys is None or dropped <= 0 or dropped < max(kept, 64):
+            return
+        source = slice(self.index(before), self.index(self.length))
+        self.keys[:, :, self.prefix : self.prefix + kept] = self.keys[:, :, source].clone()
+        self.values[:, :, self.prefix : self.prefix + kept] = self.values[:, :, source].clone()
+        self.offset = before
 
     def nbytes(self) -> int:
         return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
@@ -205,6 +225,9 @@ class MossSpeechFlowStream:
         self.ratio, self.lookahead = config.token_mel_ratio, config.pre_lookahead_len
         self.code_chunk = config.encoder_static_chunk_size
         self.frame_chunk = config.estimator_static_chunk_size
+        # Bounded estimator context (estimator_left_chunks): frames before a chunk's start its queries still see.
+        left_chunks = config.estimator_left_chunks
+        self.left_frames = None if left_chunks is None else left_chunks * self.frame_chunk
         if self.code_chunk < 1 or self.frame_chunk < 1:
             raise ValueError("streaming needs encoder_static_chunk_size and estimator_static_chunk_size >= 1.")
         t_span = flow.decoder.time_steps(self.device).to(self.dtype)
@@ -318,7 +341,7 @@ class MossSpeechFlowStream:
         def transformers(blocks, h: torch.Tensor) -> torch.Tensor:
             h = h.transpose(1, 2)
             for transformer in blocks:
-                h = h + self._self_attention(transformer.attn1, transformer.norm1(h), caches, self.frame_chunk, state)
+                h = h + self._self_attention(transformer.attn1, transformer.norm1(h), caches, state)
                 h = h + transformer.ff(transformer.norm3(h))
             return h.transpose(1, 2)
 
@@ -337,27 +360,40 @@ class MossSpeechFlowStream:
         rate = self.config.inference_cfg_rate
         return (1.0 + rate) * v_cond - rate * v_uncond
 
-    @staticmethod
-    def _self_attention(attn, x: torch.Tensor, caches: dict, chunk: int, state: _StreamState) -> torch.Tensor:
+    def _self_attention(self, attn, x: torch.Tensor, caches: dict, state: _StreamState) -> torch.Tensor:
         batch, length, _ = x.shape
+        chunk, left, prefix = self.frame_chunk, self.left_frames, self.prompt_frames
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2)
 
-        cache = caches.setdefault(attn, _KeyValueCache())
+        cache = caches.get(attn)
+        if cache is None:
+            cache = caches[attn] = _KeyValueCache(prefix if left is not None else 0)
         k, v = heads(attn.to_k(x)), heads(attn.to_v(x))
         keys, values = cache.extended(k, v)
         q = heads(attn.to_q(x))
         # One unmasked attention per static chunk of the window: its queries see exactly the keys before the chunk's
         # end (the offline mask's -1e10 bias gives the hidden keys weight 0), so no (window x all keys) bias is built
-        # and read at every call and every ODE step, and the hidden keys are not computed at all.
+        # and read at every call and every ODE step, and the hidden keys are not computed at all. With a bounded
+        # context (left frames), the keys before the chunk's window are left out too, except the prompt's.
         outs, position = [], state.start
         while position < state.end:
-            chunk_end = min((position // chunk + 1) * chunk, state.end)
+            chunk_start = (position // chunk) * chunk
+            chunk_end = min(chunk_start + chunk, state.end)
+            low = 0 if left is None else max(chunk_start - left, 0)
+            end = cache.index(chunk_end)
+            if low <= prefix:
+                k_seen, v_seen = keys[:, :, :end], values[:, :, :end]
+            else:
+                k_seen = torch.cat([keys[:, :, :prefix], keys[:, :, cache.index(low) : end]], dim=2)
+                v_seen = torch.cat([values[:, :, :prefix], values[:, :, cache.index(low) : end]], dim=2)
             outs.append(F.scaled_dot_product_attention(q[:, :, position - state.start : chunk_end - state.start],
-                                                       keys[:, :, :chunk_end], values[:, :, :chunk_end]))
+                                                       k_seen, v_seen))
             position = chunk_end
         cache.commit(state.commit)
+        if left is not None:  # the next call's first window starts at the new commit point
+            cache.trim(state.start + state.commit - left)
         out = torch.cat(outs, dim=2).transpose(1, 2).reshape(batch, length, -1)
         return attn.to_out[1](attn.to_out[0](out))
 

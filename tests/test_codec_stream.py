@@ -34,12 +34,27 @@ def rerun_reference(flow, codes, chunk, prompt_token, prompt_feat, embedding) ->
     return pieces
 
 
+def stream_pieces(stream: MossSpeechFlowStream, codes: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+    """The cached stream's mel pieces, `chunk` codes at a time (as `rerun_reference` cuts them)."""
+    pieces, done = [], 0
+    while done + chunk + LOOKAHEAD <= codes.numel():
+        pieces.append(stream.step(codes[: done + chunk + LOOKAHEAD], done + chunk))
+        done += chunk
+    pieces.append(stream.step(codes, codes.numel(), finalize=True))
+    return pieces
+
+
 @pytest.mark.parametrize("chunks", [{}, {"encoder_static_chunk_size": 3, "estimator_static_chunk_size": 8},
-                                    {"inference_noise_scale": 0.0}])  # the nano codec's zero starting noise
+                                    {"inference_noise_scale": 0.0},  # the nano codec's zero starting noise
+                                    # a bounded estimator context: 0, 1 and 3 chunks before a query's own
+                                    {"estimator_static_chunk_size": 8, "estimator_left_chunks": 0},
+                                    {"estimator_static_chunk_size": 8, "estimator_left_chunks": 1},
+                                    {"estimator_left_chunks": 3}])
 def test_cached_flow_equals_rerun_streaming_flow(chunks):
     flow = scaled_flow(**chunks)
     generator = torch.Generator().manual_seed(2)
-    codes = torch.randint(0, NUM_CODES, (22,), generator=generator)
+    # long enough for a bounded context to drop (and the cache to trim) keys several times
+    codes = torch.randint(0, NUM_CODES, (60 if "estimator_left_chunks" in chunks else 22,), generator=generator)
     for prompt_len in (0, 7):
         prompt_token = torch.randint(0, NUM_CODES, (prompt_len,), generator=generator)
         prompt_feat = torch.randn(RATIO * prompt_len, 80, generator=generator)
@@ -57,6 +72,34 @@ def test_cached_flow_equals_rerun_streaming_flow(chunks):
             pieces.append(stream.step(codes, codes.numel(), finalize=True))
             assert [p.shape for p in pieces] == [r.shape for r in reference]
             torch.testing.assert_close(torch.cat(pieces, 2), torch.cat(reference, 2), atol=1e-4, rtol=0)
+
+
+def test_bounded_estimator_context_keeps_the_prompt_and_bounds_the_cache():
+    generator = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, NUM_CODES, (120,), generator=generator)
+    prompt_token = torch.randint(0, NUM_CODES, (6,), generator=generator)
+    prompt_feat, embedding = torch.randn(RATIO * 6, 80, generator=generator), torch.randn(192, generator=generator)
+    full, bounded = scaled_flow(estimator_static_chunk_size=8), scaled_flow(estimator_static_chunk_size=8,
+                                                                               estimator_left_chunks=2)
+    with torch.no_grad():
+        exact = torch.cat(stream_pieces(MossSpeechFlowStream(full, prompt_token, prompt_feat, embedding,
+                                                             num_codes=NUM_CODES), codes, 5), 2)
+        cut = MossSpeechFlowStream(bounded, prompt_token, prompt_feat, embedding, num_codes=NUM_CODES)
+        sizes = []
+        for done in range(0, codes.numel() - 5 - LOOKAHEAD + 1, 5):
+            cut.step(codes[: done + 5 + LOOKAHEAD], done + 5)
+            sizes.append(sum(c.nbytes() for d in cut.step_caches for c in d.values()))
+        # Frames within the context of every query are unchanged; later ones differ (the bound is applied).
+        near = torch.cat(stream_pieces(MossSpeechFlowStream(bounded, prompt_token, prompt_feat, embedding,
+                                                            num_codes=NUM_CODES), codes, 5), 2)
+    torch.testing.assert_close(near[:, :, :16], exact[:, :, :16], atol=1e-4, rtol=0)
+    assert (near[:, :, 200:] - exact[:, :, 200:]).abs().max() > 1e-2
+    # The estimator caches stop growing once the context is full (the conformer's keep growing, much smaller).
+    assert max(sizes[len(sizes) // 2 :]) == max(sizes[len(sizes) // 4 :])
+    # The prompt's frames stay visible: another prompt of the same length changes the end of the stream.
+    other = torch.cat(stream_pieces(MossSpeechFlowStream(bounded, prompt_token, prompt_feat.flip(0), embedding,
+                                                         num_codes=NUM_CODES), codes, 5), 2)
+    assert (other[:, :, -40:] - near[:, :, -40:]).abs().max() > 1e-3
 
 
 def test_flow_stream_rejects_misuse():
