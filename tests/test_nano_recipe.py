@@ -127,8 +127,17 @@ def test_nano_report_shows_the_lever_runs_it_finds(tmp_path):
 
     from modeling_moss_speech.pretrained import nano_path
 
+    shipped = Path(nano_path()) / "eval" / "final_test.json"
     for stem in ("lever_control", "lever_align"):
-        shutil.copy(Path(nano_path()) / "eval" / "final_test.json", tmp_path / f"{stem}_test.json")
-    header = report(tmp_path).split("\n\n")[1].splitlines()[0]
+        shutil.copy(shipped, tmp_path / f"{stem}_test.json")
+    parts = report(tmp_path).split("\n\n")
+    assert parts[0].startswith("Alignment levers, split `test`")
+    header = parts[1].splitlines()[0]
     assert "lever: none (one more round)" in header and "lever: cosine state alignment" in header
     assert "shipped" not in header and "contrastive" not in header
+    # with the shipped run's results: its own table, then the levers' with the shipped column first
+    shutil.copy(shipped, tmp_path / "final_test.json")
+    parts = report(tmp_path).split("\n\n")
+    assert parts[0].startswith("Split `test`") and "lever" not in parts[1]
+    lever_header = parts[parts.index(next(p for p in parts if p.startswith("Alignment levers"))) + 1].splitlines()[0]
+    assert lever_header.index("shipped") < lever_header.index("lever: none")

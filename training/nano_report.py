@@ -42,12 +42,14 @@ SPLITS = {"test": "held-out facts (seen only as text), held-out voice — the tr
 RUNS = (("frozen stage I + voices round (shipped)", "final"),
         ("no freezing + voices round (ablation)", "ablation_final"),
         ("v1: frozen stage I, no voices round", "v1_final"),
-        ("v1: no freezing, no voices round", "v1_ablation_final"),
-        # training/recipes/nano_levers.sh: one more round from the shipped checkpoint, with or without a lever
-        ("lever: none (one more round)", "lever_control"),
-        ("lever: word-level interleaving", "lever_wordmix"),
-        ("lever: cosine state alignment", "lever_align"),
-        ("lever: contrastive state alignment", "lever_contrast"))
+        ("v1: no freezing, no voices round", "v1_ablation_final"))
+# training/recipes/nano_levers.sh: one more round from the shipped checkpoint, with or without an alignment lever;
+# their own tables, the shipped checkpoint as the first column
+LEVER_RUNS = (("shipped", "final"),
+              ("lever: none (one more round)", "lever_control"),
+              ("lever: word-level interleaving", "lever_wordmix"),
+              ("lever: cosine state alignment", "lever_align"),
+              ("lever: contrastive state alignment", "lever_contrast"))
 # Hand-written reading of one run's results, kept in its eval directory and appended to the card's evaluation.
 FINDINGS = "findings.md"
 
@@ -57,16 +59,19 @@ def _load(path: Path) -> dict | None:
 
 
 def report(eval_dir: Path) -> str:
-    """Markdown: one comparison table per split found, plus text retention right after stage I."""
+    """Markdown: one comparison table per split found (the recipe's runs, then the lever runs), plus text retention
+    right after stage I."""
     parts = []
-    for split, meaning in SPLITS.items():
-        runs = {name: _load(eval_dir / f"{stem}_{split}.json")
-                for name, stem in RUNS}
-        runs = {k: v for k, v in runs.items() if v is not None}
-        if runs:
-            count = next(iter(runs.values()))["counts"]["spoken_questions"]
-            parts.append(f"Split `{split}` ({meaning}; {count} spoken questions, greedy decoding):\n\n"
-                         + markdown_comparison(runs))
+    for runs_of, title in ((RUNS, "Split"), (LEVER_RUNS, "Alignment levers, split")):
+        for split, meaning in SPLITS.items():
+            runs = {name: _load(eval_dir / f"{stem}_{split}.json") for name, stem in runs_of}
+            runs = {k: v for k, v in runs.items() if v is not None}
+            if runs_of is LEVER_RUNS and len(runs) == ("shipped" in runs):
+                continue  # no lever run in this directory
+            if runs:
+                count = next(iter(runs.values()))["counts"]["spoken_questions"]
+                parts.append(f"{title} `{split}` ({meaning}; {count} spoken questions, greedy decoding):\n\n"
+                             + markdown_comparison(runs))
     stage1 = {name: _load(eval_dir / f"{stem}_test_t2t.json")
               for name, stem in (("frozen stage I", "stage1"), ("no freezing", "ablation_stage1"))}
     stage1 = {k: v for k, v in stage1.items() if v is not None}
