@@ -126,21 +126,13 @@ def answer(lm: MossSpeechForCausalLM, codec: MossSpeechCodecModel, voice, second
     rate = codec.config.output_sampling_rate
     audio_s = streamer.samples / rate
     times = [c["decode_s"] for c in streamer.chunks]
-    steady = times[1:] or times  # the first chunk also holds one-time work (the voice prompt, first allocations)
     return {
         "answer_codes": streamer.codes,
         "audio_s": audio_s,
         "chunk_size_codes": chunk_size,
         "time_to_first_audio_s": streamer.first_audio_s,
         "first_chunk_audio_s": streamer.chunks[0]["samples"] / rate if streamer.chunks else None,
-        "chunks": len(times),
-        "chunk_decode_s": [round(t, 4) for t in times],
-        "first_chunk_decode_s": times[0],
-        "second_chunk_decode_s": steady[0],
-        "last_chunk_decode_s": times[-1],
-        "median_chunk_decode_s": statistics.median(times),
-        "last_over_first": times[-1] / times[0],
-        "last3_over_first3_excluding_first_chunk": statistics.mean(steady[-3:]) / statistics.mean(steady[:3]),
+        **chunk_stats(times),
         "flush_s": streamer.flush_s,
         "decode_s": streamer.decode_s,
         "generate_s": wall - streamer.decode_s,
@@ -153,19 +145,26 @@ def answer(lm: MossSpeechForCausalLM, codec: MossSpeechCodecModel, voice, second
     }
 
 
+def chunk_stats(times: list[float]) -> dict:
+    """The per-chunk decode times and how they change along the answer."""
+    steady = times[1:] or times  # the first chunk also holds one-time work (the voice prompt, first allocations)
+    return {
+        "chunks": len(times),
+        "chunk_decode_s": [round(t, 4) for t in times],
+        "first_chunk_decode_s": times[0],
+        "second_chunk_decode_s": steady[0],
+        "last_chunk_decode_s": times[-1],
+        "median_chunk_decode_s": statistics.median(times),
+        "last_over_first": times[-1] / times[0],
+        "last3_over_first3_excluding_first_chunk": statistics.mean(steady[-3:]) / statistics.mean(steady[:3]),
+    }
+
+
 def best_of(runs: list[dict]) -> dict:
     """One result from repeated runs of the same answer: each time (every chunk's decode, TTFA, wall) at its minimum
     over the runs, as timeit does, so that a neighbour's load on a shared machine does not pass for a trend."""
-    best = dict(runs[0])
-    times = [min(chunk) for chunk in zip(*(run["chunk_decode_s"] for run in runs))]
-    steady = times[1:] or times
-    best.update({
-        "repeats": len(runs),
-        "chunk_decode_s": [round(t, 4) for t in times],
-        "first_chunk_decode_s": times[0], "second_chunk_decode_s": steady[0], "last_chunk_decode_s": times[-1],
-        "median_chunk_decode_s": statistics.median(times), "last_over_first": times[-1] / times[0],
-        "last3_over_first3_excluding_first_chunk": statistics.mean(steady[-3:]) / statistics.mean(steady[:3]),
-    })
+    best = {**runs[0], "repeats": len(runs),
+            **chunk_stats([min(chunk) for chunk in zip(*(run["chunk_decode_s"] for run in runs))])}
     for key in ("time_to_first_audio_s", "flush_s", "decode_s", "generate_s", "wall_s", "rtf", "decode_rtf"):
         best[key] = min(run[key] for run in runs)
     return best

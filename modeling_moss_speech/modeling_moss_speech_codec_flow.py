@@ -67,11 +67,10 @@ def _attention_mask(valid: torch.Tensor, chunk_size: int, left_chunks: int | Non
         if left_chunks is not None:
             positions = torch.arange(valid.size(1), device=valid.device)
             low = (positions // chunk_size - left_chunks) * chunk_size  # first visible key of each query's window
-            recent = positions.unsqueeze(0) >= low.unsqueeze(1)
-            if prefix is None:
-                prefix = torch.zeros(valid.size(0), dtype=torch.long, device=valid.device)
-            kept = positions.view(1, 1, -1) < prefix.to(valid.device).view(-1, 1, 1)
-            mask = mask & (recent.unsqueeze(0) | kept)
+            visible = positions.unsqueeze(0) >= low.unsqueeze(1)
+            if prefix is not None:
+                visible = visible | (positions.view(1, 1, -1) < prefix.to(valid.device).view(-1, 1, 1))
+            mask = mask & visible
     return mask
 
 

@@ -369,7 +369,7 @@ class MossSpeechFlowStream:
 
         cache = caches.get(attn)
         if cache is None:
-            cache = caches[attn] = _KeyValueCache(prefix if left is not None else 0)
+            cache = caches[attn] = _KeyValueCache(prefix)
         k, v = heads(attn.to_k(x)), heads(attn.to_v(x))
         keys, values = cache.extended(k, v)
         q = heads(attn.to_q(x))
@@ -385,6 +385,8 @@ class MossSpeechFlowStream:
             end = cache.index(chunk_end)
             if low <= prefix:
                 k_seen, v_seen = keys[:, :, :end], values[:, :, :end]
+            elif not prefix:  # no prompt: the context is one slice of the buffer
+                k_seen, v_seen = keys[:, :, cache.index(low) : end], values[:, :, cache.index(low) : end]
             else:
                 k_seen = torch.cat([keys[:, :, :prefix], keys[:, :, cache.index(low) : end]], dim=2)
                 v_seen = torch.cat([values[:, :, :prefix], values[:, :, cache.index(low) : end]], dim=2)

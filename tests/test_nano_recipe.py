@@ -11,12 +11,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _dry_run(tmp_path: Path, **env: str) -> list[str]:
-    """The recipe's '== step: command' lines of a dry run into tmp_path (nothing is executed or written there)."""
-    env = {**os.environ, "NANO_DRY_RUN": "1", "NANO_OUT": str(tmp_path / "out"), "NANO_DATA": str(tmp_path / "data"),
-           "PYTHON": sys.executable, **env}
-    result = subprocess.run(["bash", str(ROOT / "training" / "recipes" / "nano.sh")], capture_output=True, text=True,
-                            cwd=ROOT, timeout=60, env=env)
+def _run_recipe(tmp_path: Path, recipe: str = "nano.sh", **env: str) -> subprocess.CompletedProcess:
+    """A dry run of training/recipes/`recipe` into tmp_path (nothing is executed or written there)."""
+    env = {**os.environ, "NANO_DRY_RUN": "1", "NANO_OUT": str(tmp_path / "out"), "LEVERS_OUT": str(tmp_path / "out"),
+           "NANO_DATA": str(tmp_path / "data"), "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", str(ROOT / "training" / "recipes" / recipe)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60, env=env)
+
+
+def _dry_run(tmp_path: Path, recipe: str = "nano.sh", **env: str) -> list[str]:
+    """The recipe's '== step: command' lines of a dry run into tmp_path."""
+    result = _run_recipe(tmp_path, recipe, **env)
     assert result.returncode == 0, result.stderr
     return [line for line in result.stdout.splitlines() if line.startswith("== ") and ": " in line]
 
@@ -98,12 +103,7 @@ def test_nano_report_writes_the_card_with_the_experiment_and_this_run_s_findings
 
 
 def test_levers_recipe_runs_differ_only_in_stage_two(tmp_path):
-    env = {**os.environ, "NANO_DRY_RUN": "1", "LEVERS_OUT": str(tmp_path / "out"), "NANO_DATA": str(tmp_path / "data"),
-           "PYTHON": sys.executable}
-    result = subprocess.run(["bash", str(ROOT / "training" / "recipes" / "nano_levers.sh")], capture_output=True,
-                            text=True, cwd=ROOT, timeout=60, env=env)
-    assert result.returncode == 0, result.stderr
-    commands = dict(line[3:].split(": ", 1) for line in result.stdout.splitlines() if line.startswith("== "))
+    commands = dict(line[3:].split(": ", 1) for line in _dry_run(tmp_path, "nano_levers.sh"))
     stage2 = {lever: commands[f"{lever}_stage2"] for lever in ("control", "wordmix", "align", "contrast")}
     base = "--model modeling_moss_speech/pretrained/moss-speech-nano "
     assert all(base in command for command in stage2.values())
@@ -116,8 +116,7 @@ def test_levers_recipe_runs_differ_only_in_stage_two(tmp_path):
     assert len(set(sft.values())) == 1
     assert commands["eval_contrast_test"].endswith(f"-o {tmp_path}/out/eval/lever_contrast_test.json")
     assert not (tmp_path / "out" / "control").exists()
-    bad = subprocess.run(["bash", str(ROOT / "training" / "recipes" / "nano_levers.sh")], capture_output=True,
-                         text=True, cwd=ROOT, timeout=60, env={**env, "LEVERS": "nope"})
+    bad = _run_recipe(tmp_path, "nano_levers.sh", LEVERS="nope")
     assert bad.returncode == 2 and "unknown lever 'nope'" in bad.stderr
 
 

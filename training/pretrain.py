@@ -291,10 +291,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     collator = RowCollator(config, cfg.pack)
     align = AlignPairs(cfg.align_dataset, cfg.align_batch_size, cfg.seed + progress.step) if cfg.align_weight else None
-    align_sum = 0.0
     history: list[dict[str, Any]] = []
     eval_history: list[dict[str, Any]] = []
-    window = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, text, audio (micro-batch sums)
+    # loss, text, audio, alignment (micro-batch sums; alignment 0 when off)
+    window = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
     counts = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # sequences, text-only sequences
     window_steps, grad_norm = 0, None
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
@@ -326,15 +326,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             progress.batches_in_epoch += 1
             with accelerator.accumulate(model):
                 out = training_loss(model, batch)
-                loss = out.loss
+                loss, aligned = out.loss, torch.zeros_like(out.loss)
                 if align is not None:
                     pairs = {k: v.to(accelerator.device) for k, v in align.sample().items()}
                     aligned = alignment_loss(model, pairs, config.num_shared_layers + config.num_modality_layers,
                                              cfg.align_temperature)
-                    align_sum += aligned.item()
                     loss = loss + cfg.align_weight * aligned
                 accelerator.backward(loss)
-                window += torch.stack([out.loss.detach(), out.text_loss.detach(), out.audio_loss.detach()]).double()
+                window += torch.stack([out.loss, out.text_loss, out.audio_loss, aligned]).detach().double()
                 counts += torch.stack([batch["num_sequences"].sum(), batch["num_text_only"].sum()]).double()
                 if accelerator.sync_gradients:
                     if cfg.max_grad_norm > 0:
@@ -356,8 +355,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          "sequences": int(totals[0].item()), "text_only_sequences": int(totals[1].item()),
                          "epoch": progress.epoch}
                 if align is not None:
-                    entry["align_loss"] = align_sum / (window_steps * cfg.gradient_accumulation_steps)
-                    align_sum = 0.0
+                    entry["align_loss"] = means[3].item()
                 history.append(entry)
                 record(entry)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}")

@@ -164,24 +164,25 @@ def _check_checkpoint(value: str, option: str, model_type: str) -> Path:
     return path
 
 
-def _model_dir(value: str | None) -> Path:
-    """The `--model` checkpoint directory, or the shipped MOSS-Speech-Nano checkpoint when it is not given."""
+def _checkpoint_or_nano(value: str | None, option: str, model_type: str, subfolder: str = "") -> Path:
+    """The checkpoint directory given with `option`, or the shipped MOSS-Speech-Nano's (its `subfolder`) when none
+    is."""
     if value is None:
         try:
-            value = str(pretrained.nano_path())
+            value = str(pretrained.nano_path() / subfolder)
         except FileNotFoundError as error:
-            raise CLIError(f"--model not given, and {error}") from error
-    return _check_checkpoint(value, "--model", LM_MODEL_TYPE)
+            raise CLIError(f"{option} not given, and {error}") from error
+    return _check_checkpoint(value, option, model_type)
+
+
+def _model_dir(value: str | None) -> Path:
+    """The `--model` checkpoint directory, or the shipped MOSS-Speech-Nano checkpoint when it is not given."""
+    return _checkpoint_or_nano(value, "--model", LM_MODEL_TYPE)
 
 
 def _codec_dir(value: str | None) -> Path:
     """The `--codec` checkpoint directory, or the shipped MOSS-Speech-Nano codec when it is not given."""
-    if value is None:
-        try:
-            value = str(pretrained.nano_path() / CODEC_SUBFOLDER)
-        except FileNotFoundError as error:
-            raise CLIError(f"--codec not given, and {error}") from error
-    return _check_checkpoint(value, "--codec", CODEC_MODEL_TYPE)
+    return _checkpoint_or_nano(value, "--codec", CODEC_MODEL_TYPE, CODEC_SUBFOLDER)
 
 
 def _voice_path(value: str | None, model_dir: Path) -> str | None:
