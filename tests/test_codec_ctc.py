@@ -86,9 +86,11 @@ def test_train_speech_tokenizer_learns_and_saves_a_transcribing_codec(tmp_path):
     summary = train_speech_tokenizer.main([
         "--corpus", str(tmp_path / "corpus"), "--codec_config", str(tmp_path / "codec.json"),
         "--output", str(tmp_path / "out"), "--max_steps", "600", "--batch_size", "5", "--eval_every", "1000",
-        "--learning_rate", "5e-3",
+        "--learning_rate", "5e-3", "--report_splits", "validation",
     ])
     assert summary["steps"] == 600
+    # The held-out report reads the same split through the same inference path as the final validation score.
+    assert summary["held_out_splits"]["validation"]["cer"] == pytest.approx(summary["validation"]["cer"], abs=1e-4)
     codec = MossSpeechCodecModel.from_pretrained(tmp_path / "out").eval()
     texts = ["red", "blue", "green", "red blue", "green red"]
     speech = [espeak(text, voice="en-us") for text in texts]
@@ -116,3 +118,23 @@ def test_train_speech_recognizer_changes_only_the_ctc_head(tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     # The codes the LLM was trained on stay exactly the same: only the recogniser head moves.
     assert changed and all(k.startswith("encoder.ctc_head.") for k in changed)
+
+
+def test_warp_features_moves_formants_and_stretches_time():
+    feat = torch.zeros(40, 30)
+    feat[10] = 1.0  # one spectral peak
+    assert torch.equal(train_speech_tokenizer.warp_features(feat), feat)
+    up = train_speech_tokenizer.warp_features(feat, frequency_factor=1.2)
+    down = train_speech_tokenizer.warp_features(feat, frequency_factor=0.8)
+    assert up.shape == down.shape == feat.shape
+    assert int(up[:, 0].argmax()) == 12 and int(down[:, 0].argmax()) == 8
+    longer = train_speech_tokenizer.warp_features(feat, time_factor=1.1)
+    assert longer.shape == (40, 33) and torch.allclose(longer[10], torch.ones(33))
+    with pytest.raises(ValueError, match="positive"):
+        train_speech_tokenizer.warp_features(feat, frequency_factor=0.0)
+
+
+def test_train_speech_tokenizer_refuses_out_of_range_augmentation(tmp_path):
+    with pytest.raises(ValueError, match="--vtlp"):
+        train_speech_tokenizer.main(["--corpus", "c", "--codec_config", "c.json", "--output", str(tmp_path),
+                                     "--vtlp", "0.7"])

@@ -77,21 +77,45 @@ def _targets(texts: list[str], alphabet: str) -> list[torch.Tensor]:
     return out
 
 
-def _batch(features: list[torch.Tensor], ids: list[int], augment: bool, rng: random.Random):
-    frames = [features[i].shape[1] for i in ids]
-    longest = max(frames)
-    longest += longest % 2
-    batch = torch.zeros(len(ids), features[ids[0]].shape[0], longest)
-    mask = torch.zeros(len(ids), longest, dtype=torch.long)
-    for row, i in enumerate(ids):
+def warp_features(feat: torch.Tensor, frequency_factor: float = 1.0, time_factor: float = 1.0) -> torch.Tensor:
+    """A log-mel (bins, frames) with its frequency axis scaled by `frequency_factor` (vocal-tract-length
+    perturbation: formants move as between a shorter and a longer voice) and its time axis by `time_factor` (speaking
+    rate), both by linear interpolation; factors above 1 move content up / make it longer."""
+    if frequency_factor <= 0 or time_factor <= 0:
+        raise ValueError(f"warp factors must be positive, got {frequency_factor} and {time_factor}.")
+    bins, frames = feat.shape
+    if frequency_factor != 1.0:
+        # Output bin b reads input bin b / factor; past the top the highest bin repeats.
+        source = (torch.arange(bins, dtype=feat.dtype) / frequency_factor).clamp(max=bins - 1)
+        low = source.floor().long()
+        high = (low + 1).clamp(max=bins - 1)
+        weight = (source - low.to(feat.dtype))[:, None]
+        feat = feat[low] * (1 - weight) + feat[high] * weight
+    if time_factor != 1.0:
+        length = max(2, round(frames * time_factor))
+        feat = F.interpolate(feat[None], size=length, mode="linear", align_corners=True)[0]
+    return feat
+
+
+def _batch(features: list[torch.Tensor], ids: list[int], augment: bool, rng: random.Random,
+           vtlp: float = 0.0, time_stretch: float = 0.0):
+    feats = []
+    for i in ids:
         feat = features[i]
         if augment:
+            feat = warp_features(feat, 1.0 + rng.uniform(-vtlp, vtlp), 1.0 + rng.uniform(-time_stretch, time_stretch))
             feat = feat.clone()
             # Frequency masking: speaker identity lives partly in spectral detail the codes should not need.
             for _ in range(2):
                 width = rng.randint(0, 12)
                 start = rng.randint(0, feat.shape[0] - width)
                 feat[start : start + width] = feat.min()
+        feats.append(feat)
+    longest = max(feat.shape[1] for feat in feats)
+    longest += longest % 2
+    batch = torch.zeros(len(ids), feats[0].shape[0], longest)
+    mask = torch.zeros(len(ids), longest, dtype=torch.long)
+    for row, feat in enumerate(feats):
         batch[row, :, : feat.shape[1]] = feat
         mask[row, : feat.shape[1]] = 1
     return batch, mask
@@ -200,6 +224,15 @@ class TrainSpeechTokenizerArguments:
     max_train_examples: int | None = field(default=None, metadata={"help": "Use only this many train utterances."})
     threads: int | None = threads_field()
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and augmentation."})
+    vtlp: float = field(default=0.0, metadata={
+        "help": "Vocal-tract-length perturbation: each training example's mel axis is scaled by a factor drawn from "
+                "[1 - vtlp, 1 + vtlp] (0: off; 0.1 spans about the distance between a male and a female voice)."})
+    time_stretch: float = field(default=0.0, metadata={
+        "help": "Speaking-rate perturbation: each training example's frames are stretched by a factor drawn from "
+                "[1 - time_stretch, 1 + time_stretch] (0: off)."})
+    report_splits: list[str] = field(default_factory=list, metadata={
+        "help": "Corpus splits whose character error rate the summary reports at the end (held-out voices: "
+                "test_seen, test_seen_dialect, ...)."})
 
     def __post_init__(self) -> None:
         for name in ("corpus", "codec_config", "output"):
@@ -208,6 +241,9 @@ class TrainSpeechTokenizerArguments:
         for name in ("max_steps", "batch_size", "eval_every", "eval_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}.")
+        for name in ("vtlp", "time_stretch"):
+            if not 0.0 <= getattr(self, name) < 0.5:
+                raise ValueError(f"--{name} must be in [0, 0.5), got {getattr(self, name)}.")
 
 
 def make_parser() -> ScriptArgumentParser:
@@ -275,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
                 break
             # The first part trains without quantization; the codebook is then initialised by k-means on those states.
             quantize = codebook_ready
-            feats, mask = _batch(features, ids, augment=True, rng=rng)
+            feats, mask = _batch(features, ids, augment=True, rng=rng, vtlp=args.vtlp, time_stretch=args.time_stretch)
             log_probs, code_mask, hidden, codes, commit = _ctc_forward(codec, feats, mask, quantize)
             frame_lengths = code_mask.sum(1) * config.encoder_config.ctc_upsample
             target = [targets[i] for i in ids]
@@ -313,6 +349,11 @@ def main(argv: list[str] | None = None) -> dict:
     usage = torch.zeros(config.encoder_config.quantize_vocab_size, dtype=torch.long)
     for codes in codec.encode(train_waves[:2000], sampling_rate=16000).codes:
         usage += torch.bincount(codes, minlength=usage.numel())
+    held_out = {}
+    for split in args.report_splits:
+        waves, texts = _read_split(args.corpus, split)
+        held_out[split] = {k: round(v, 4) for k, v in evaluate(codec, waves, texts).items()}
+    codec.eval()
     Path(args.output).mkdir(parents=True, exist_ok=True)
     codec.save_pretrained(args.output)
     summary = {
@@ -320,6 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
         "minutes": round((time.monotonic() - started) / 60, 2),
         "train_utterances": len(features),
         "validation": {k: round(v, 4) for k, v in final.items()},
+        "held_out_splits": held_out,
         "codes_used": int((usage > 0).sum()),
         "codebook_size": usage.numel(),
         "encoder_parameters": sum(p.numel() for p in codec.encoder.parameters()),
