@@ -30,8 +30,9 @@ def test_recipe_steps_in_order(tmp_path):
     lines = _dry_run(tmp_path)
     steps = [line[3:].split(":", 1)[0] for line in lines]
     order = ["corpus", "codec_tokenizer", "codec_decoder", "codec_voice", "text_model", "prepare", "corpus_voices",
-             "prepare_voices", "stage1", "stage2", "sft", "sft_voices", "stage2_voices_1", "sft_voices_1",
-             "stage2_voices_2", "sft_voices_2", "stage2_voices_4", "sft_voices_4", "assemble", "ablation_stage1",
+             "prepare_voices", "codec_tokenizer_robust", "codec_voice_robust", "prepare_robust", "stage1", "stage2",
+             "sft", "sft_voices", "stage2_voices_1", "sft_voices_1", "stage2_voices_2", "sft_voices_2",
+             "stage2_voices_4", "sft_voices_4", "stage2_robust_1", "sft_robust_1", "assemble", "ablation_stage1",
              "ablation_sft_voices_4",
              "ablation_assemble", "eval_final_test_seen_dialect", "report", "ship"]
     assert [s for s in steps if s in order] == order
@@ -42,7 +43,22 @@ def test_recipe_steps_in_order(tmp_path):
     assert f"{tmp_path}/data/voices/sft" in commands["sft_voices_4"]
     assert "--model_name_or_path " + f"{tmp_path}/out/stage2_voices_4" in commands["sft_voices_4"]
     assert f"--model {tmp_path}/out/sft_voices_3 " in commands["stage2_voices_4"]
-    assert f"--model {tmp_path}/out/sft_voices_4 " in commands["assemble"]
+    # the robust-codes round continues the voices round on the re-encoded corpus; the main checkpoint ships the
+    # robust codec with it, the ablation (no robust round) keeps the codec its codes came from
+    assert "--vtlp 0.08 --time_stretch 0.1" in commands["codec_tokenizer_robust"]
+    assert f"--init_from {tmp_path}/out/codec_voice " in commands["codec_tokenizer_robust"]
+    assert f"--codec {tmp_path}/out/codec_tokenizer_robust " in commands["prepare_robust"]
+    assert f"--model {tmp_path}/out/sft_voices_4 " in commands["stage2_robust_1"]
+    assert f"{tmp_path}/data/robust/pretrain/speech" in commands["stage2_robust_1"]
+    assert f"--dataset_name {tmp_path}/data/robust/sft " in commands["sft_robust_1"]
+    assert f"--model {tmp_path}/out/sft_robust_1 " in commands["assemble"]
+    assert f"--codec {tmp_path}/out/codec_voice_robust " in commands["assemble"]
+    assert f"--data {tmp_path}/data/robust " in commands["assemble"]
+    assert f"--voices_dir {tmp_path}/out/voices_robust " in commands["assemble"]
+    assert f"--save_voices {tmp_path}/out/voices_robust" in commands["codec_voice_robust"]
+    assert f"--model {tmp_path}/out/ablation/sft_voices_4 " in commands["ablation_assemble"]
+    assert f"--codec {tmp_path}/out/codec_voice " in commands["ablation_assemble"]
+    assert "robust" not in " ".join(step for step in steps if step.startswith("ablation"))
     assert f"--corpus {tmp_path}/data/voices/corpus --split test_dialect" in commands["eval_final_test_dialect"]
     assert commands["report"].endswith(f"training/nano_report.py --eval {tmp_path}/out/eval --checkpoint "
                                        f"{tmp_path}/out/final")
@@ -133,10 +149,10 @@ def test_nano_report_shows_the_lever_runs_it_finds(tmp_path):
     assert parts[0].startswith("Alignment levers, split `test`")
     header = parts[1].splitlines()[0]
     assert "lever: none (one more round)" in header and "lever: cosine state alignment" in header
-    assert "shipped" not in header and "contrastive" not in header
-    # with the shipped run's results: its own table, then the levers' with the shipped column first
-    shutil.copy(shipped, tmp_path / "final_test.json")
+    assert "starting point" not in header and "contrastive" not in header
+    # with the levers' starting checkpoint (v2): the recipe's table shows it, the levers' table starts with it
+    shutil.copy(shipped, tmp_path / "v2_final_test.json")
     parts = report(tmp_path).split("\n\n")
-    assert parts[0].startswith("Split `test`") and "lever" not in parts[1]
+    assert parts[0].startswith("Split `test`") and "lever" not in parts[1] and "v2:" in parts[1]
     lever_header = parts[parts.index(next(p for p in parts if p.startswith("Alignment levers"))) + 1].splitlines()[0]
-    assert lever_header.index("shipped") < lever_header.index("lever: none")
+    assert lever_header.index("v2 (their starting point)") < lever_header.index("lever: none")

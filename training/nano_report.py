@@ -4,8 +4,9 @@
         --checkpoint modeling_moss_speech/pretrained/moss-speech-nano
 
 Reads the `moss-speech eval` JSON files of the recipe (`final_*.json`, `ablation_final_*.json` and the stage-I text
-checks `stage1_test_t2t.json` / `ablation_stage1_test_t2t.json`; also `v1_final_*.json` / `v1_ablation_final_*.json`
-where present: the earlier recipe without the voices round, kept with the shipped checkpoint as the before column;
+checks `stage1_test_t2t.json` / `ablation_stage1_test_t2t.json`; also `v2_final_*.json` (the checkpoint before the
+robust-codes round) and `v1_final_*.json` / `v1_ablation_final_*.json` (the earlier recipe without the voices round)
+where present, kept with the shipped checkpoint as the before columns;
 `lever_<run>_*.json` of `training/recipes/nano_levers.sh`), prints the Markdown tables (one column per run found,
 per split) and writes `README.md` (the nano model card: the experiment from `model_cards/moss_speech_nano.md`, these
 tables, and the hand-written reading of this run's results, `findings.md` of the eval directory, where there is one)
@@ -39,13 +40,14 @@ SPLITS = {"test": "held-out facts (seen only as text), held-out voice — the tr
           "test_dialect": "held-out facts, held-out dialect and voice",
           "test_seen_dialect": "facts trained as speech, held-out dialect and voice"}
 # (column title, file stem) of every run a table may show, in column order
-RUNS = (("frozen stage I + voices round (shipped)", "final"),
+RUNS = (("frozen stage I + voices round + robust codes (shipped)", "final"),
         ("no freezing + voices round (ablation)", "ablation_final"),
+        ("v2: frozen stage I + voices round, before the robust codes", "v2_final"),
         ("v1: frozen stage I, no voices round", "v1_final"),
         ("v1: no freezing, no voices round", "v1_ablation_final"))
-# training/recipes/nano_levers.sh: one more round from the shipped checkpoint, with or without an alignment lever;
-# their own tables, the shipped checkpoint as the first column
-LEVER_RUNS = (("shipped", "final"),
+# training/recipes/nano_levers.sh: one more round from a checkpoint (these were run from v2), with or without an
+# alignment lever; their own tables, their starting checkpoint as the first column
+LEVER_RUNS = (("v2 (their starting point)", "v2_final"),
               ("lever: none (one more round)", "lever_control"),
               ("lever: word-level interleaving", "lever_wordmix"),
               ("lever: cosine state alignment", "lever_align"),
@@ -66,7 +68,7 @@ def report(eval_dir: Path) -> str:
         for split, meaning in SPLITS.items():
             runs = {name: _load(eval_dir / f"{stem}_{split}.json") for name, stem in runs_of}
             runs = {k: v for k, v in runs.items() if v is not None}
-            if runs_of is LEVER_RUNS and len(runs) == ("shipped" in runs):
+            if runs_of is LEVER_RUNS and len(runs) == (LEVER_RUNS[0][0] in runs):
                 continue  # no lever run in this directory
             if runs:
                 count = next(iter(runs.values()))["counts"]["spoken_questions"]

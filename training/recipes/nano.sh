@@ -7,8 +7,10 @@
 # head on decoded speech -> the flow fine-tuned on the assistant's voice -> text tokenizer
 # -> text model (every fact as text) -> codes and training data -> stage I (frozen text backbone) -> stage II (joint,
 # text mixed in) -> SFT (TRL, four modes) -> the voices round (the corpus again with 35 more voices asking the train
-# facts: SFT, then VOICES_ROUNDS x (stage II, SFT)) -> checkpoint outputs/nano/final; then the ablation (the same
-# recipe with stage I unfrozen) -> outputs/nano/ablation_final; then `moss-speech eval` of both on the test splits
+# facts: SFT, then VOICES_ROUNDS x (stage II, SFT)) -> the robust-codes round (the tokenizer fine-tuned on all 47
+# voices with vocal-tract-length and speaking-rate perturbation, the flow fine-tuned on its codes, the corpus
+# re-encoded, then ROBUST_ROUNDS x (stage II, SFT) on the new codes) -> checkpoint outputs/nano/final; then the
+# ablation (the same recipe with stage I unfrozen, without the robust-codes round) -> outputs/nano/ablation_final; then `moss-speech eval` of both on the test splits
 # and the model card with the result tables (training/nano_report.py) -> outputs/nano/final/README.md.
 # Everything is written under NANO_DATA and NANO_OUT; the package's shipped checkpoint
 # (modeling_moss_speech/pretrained/moss-speech-nano) is replaced only with NANO_SHIP=1.
@@ -27,7 +29,8 @@
 #                             package as the shipped checkpoint (replacing it), then rewrite its model card
 #   Budgets: CODEC_TOKENIZER_MINUTES [20] CODEC_DECODER_MINUTES [18] CODEC_VOICE_MINUTES [25, twice] TEXT_MINUTES [6] STAGE1_STEPS [1100]
 #            STAGE2_STEPS [750] SFT_STEPS [1000] (steps measured at ~0.8 s (stage I/II) and ~0.55 s (SFT) per step on
-#            a busy 2-core machine: <= 15, 10 and 10 minutes), VOICES_ROUNDS [4],
+#            a busy 2-core machine: <= 15, 10 and 10 minutes), VOICES_ROUNDS [4], ROBUST_TOKENIZER_MINUTES [28],
+#            ROBUST_VOICE_MINUTES [30], ROBUST_ROUNDS [1],
 #            EVAL_SPLITS ["test test_seen test_dialect test_seen_dialect"] (held-out facts; trained facts; in the unseen
 #            test voice, then in the unseen dialect test voice)
 set -euo pipefail
@@ -49,6 +52,9 @@ STAGE2_STEPS=${STAGE2_STEPS:-750}
 SFT_STEPS=${SFT_STEPS:-1000}
 EVAL_SPLITS=${EVAL_SPLITS:-test test_seen test_dialect test_seen_dialect}
 VOICES_ROUNDS=${VOICES_ROUNDS:-4}
+ROBUST_TOKENIZER_MINUTES=${ROBUST_TOKENIZER_MINUTES:-28}
+ROBUST_VOICE_MINUTES=${ROBUST_VOICE_MINUTES:-30}
+ROBUST_ROUNDS=${ROBUST_ROUNDS:-1}
 NANO_DRY_RUN=${NANO_DRY_RUN:-0}
 NANO_SHIP=${NANO_SHIP:-0}
 
@@ -72,6 +78,9 @@ MIXED_EVAL_DATA=("$P/eval" "{path: $P/text_eval, kind: text}")
 V=$NANO_DATA/voices/pretrain
 VOICES_MIXED_DATA=("$V/speech" "$V/interleaved" "$V/spoken_qa" "{path: $V/text, kind: text}")
 VOICES_MIXED_EVAL_DATA=("$V/eval" "{path: $V/text_eval, kind: text}")
+R=$NANO_DATA/robust/pretrain
+ROBUST_MIXED_DATA=("$R/speech" "$R/interleaved" "$R/spoken_qa" "{path: $R/text, kind: text}")
+ROBUST_MIXED_EVAL_DATA=("$R/eval" "{path: $R/text_eval, kind: text}")
 
 # ---------------------------------------------------------------------------------------------- data and codec
 # the corpus of every step up to the first SFT: the twelve training voices (no question voices)
@@ -121,6 +130,23 @@ run_step prepare_voices "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/vo
   --codec "$NANO_OUT/codec_tokenizer" --tokenizer "$NANO_OUT/tokenizer" --output "$NANO_DATA/voices" \
   --threads "$THREADS" --no_progress
 
+# the robust codes: the tokenizer continues on all 47 voices with each example's mel warped in frequency (vocal tract
+# length, +-8 %) and time (speaking rate, +-10 %): the character error rate of its CTC head on the held-out voices
+# halves (test voice 17 -> 9 %, dialect 17.5 -> 12 %). The codebook drifts (about a quarter of the codes stay the
+# same), so the flow is fine-tuned on the new codes and the LLM gets ROBUST_ROUNDS more rounds on them (below)
+run_step codec_tokenizer_robust "$PY" training/train_speech_tokenizer.py --corpus "$NANO_DATA/voices/corpus" \
+  --codec_config training/configs/nano_codec.json --init_from "$NANO_OUT/codec_voice" \
+  --output "$NANO_OUT/codec_tokenizer_robust" --max_steps 4000 --max_minutes "$ROBUST_TOKENIZER_MINUTES" \
+  --batch_size 16 --learning_rate 1e-3 --eval_every 500 --vtlp 0.08 --time_stretch 0.1 \
+  --report_splits validation test test_seen test_dialect test_seen_dialect --threads "$THREADS"
+run_step codec_voice_robust "$PY" training/train_speech_decoder.py --codec "$NANO_OUT/codec_tokenizer_robust" \
+  --corpus "$NANO_DATA/voices/corpus" --output "$NANO_OUT/codec_voice_robust" --canonical_only \
+  --inference_noise_scale 0 --max_minutes "$ROBUST_VOICE_MINUTES" --learning_rate 1e-3 --warmup_steps 20 \
+  --eval_examples 4 --threads "$THREADS" --save_voices "$NANO_OUT/voices_robust"
+run_step prepare_robust "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/voices/corpus" \
+  --codec "$NANO_OUT/codec_tokenizer_robust" --tokenizer "$NANO_OUT/tokenizer" --output "$NANO_DATA/robust" \
+  --threads "$THREADS" --no_progress
+
 # ---------------------------------------------------------------------------------------------- speech LLM
 # main run: stage I frozen, stage II joint, SFT; ablation: stage I unfrozen (nano_ablation.yaml), same afterwards
 for run in main ablation; do
@@ -154,10 +180,25 @@ for run in main ablation; do
       --dataset_name "$NANO_DATA/voices/sft" --output_dir "$root/sft_voices_$round" --max_steps "$SFT_STEPS"
     model=$root/sft_voices_$round
   done
+  codec=$NANO_OUT/codec_voice data=$NANO_DATA voices=$NANO_OUT/voices
+  if [[ $run == main ]]; then
+    # the robust-codes round: stage II and SFT on the corpus re-encoded by the robust tokenizer
+    for round in $(seq 1 "$ROBUST_ROUNDS"); do
+      pretrain "stage2_robust_$round" "$root/stage2_robust_$round" --config training/configs/nano_stage2.yaml \
+        --model "$model" --datasets "${ROBUST_MIXED_DATA[@]}" --eval_datasets "${ROBUST_MIXED_EVAL_DATA[@]}" \
+        --max_steps "$STAGE2_STEPS"
+      run_step "sft_robust_$round" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
+        --model_name_or_path "$root/stage2_robust_$round" --processor_name_or_path "$NANO_OUT/tokenizer" \
+        --dataset_name "$NANO_DATA/robust/sft" --output_dir "$root/sft_robust_$round" --max_steps "$SFT_STEPS"
+      model=$root/sft_robust_$round
+    done
+    # voice prompts hold the tokenizer's codes of their audio: the robust codec's own
+    codec=$NANO_OUT/codec_voice_robust data=$NANO_DATA/robust voices=$NANO_OUT/voices_robust
+  fi
   # the shipped layout: LLM + processor + codec/ + voices/ (the decoder step's canonical/female/male prompts)
   run_step "${prefix}assemble" "$PY" training/assemble_nano.py --model "$model" \
-    --processor "$NANO_OUT/tokenizer" --codec "$NANO_OUT/codec_voice" --corpus "$NANO_DATA/corpus" --data "$NANO_DATA" \
-    --voices_dir "$NANO_OUT/voices" --voices none --output "$final"
+    --processor "$NANO_OUT/tokenizer" --codec "$codec" --corpus "$NANO_DATA/corpus" --data "$data" \
+    --voices_dir "$voices" --voices none --output "$final"
 done
 
 # ---------------------------------------------------------------------------------------------- evaluation
