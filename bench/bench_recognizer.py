@@ -8,6 +8,7 @@ voices and speeds show how the score moves. Needs espeak-ng and `pip install 'mo
     python bench/bench_recognizer.py                                  # canonical voice
     python bench/bench_recognizer.py --voice en-us+f4 --speed 140     # the test voice, slower
     python bench/bench_recognizer.py --codec nano                      # + the shipped nano codec's round trip
+    python bench/bench_recognizer.py --questions --codec nano          # whole questions instead of answer words
 
 With `--codec` (a codec directory, or `nano` for the shipped one) the same words also go through the codec
 (encode → decode, prompt-less unless `--voice-prompt`) and the decoded speech is scored the same way: how much of
@@ -64,16 +65,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--errors", type=int, default=20, help="wrong answers listed in the JSON")
     parser.add_argument("--codec", default=None, help="also score the round trip through this codec ('nano': shipped)")
     parser.add_argument("--voice-prompt", default=None, help="a saved voice prompt (.safetensors) to decode with")
+    parser.add_argument("--questions", action="store_true",
+                        help="speak the world's 255 questions (grammar: the questions) instead of its answers")
     add_threads_argument(parser)
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    answers = sorted({fact["answer"] for fact in build_facts(0)})
-    recognizer = IndependentRecognizer(answers)
-    items = [(synthesize(a, args.voice, args.speed, args.pitch), SAMPLING_RATE, a) for a in answers]
+    phrases = sorted({fact["question" if args.questions else "answer"] for fact in build_facts(0)})
+    recognizer = IndependentRecognizer(phrases)
+    items = [(synthesize(a, args.voice, args.speed, args.pitch), SAMPLING_RATE, a) for a in phrases]
     start = time.perf_counter()
     scored = score_spoken_answers(items, recognizer, num_examples=args.errors)
     seconds = time.perf_counter() - start
-    summary = {"voice": args.voice, "speed": args.speed, "pitch": args.pitch, "grammar_phrases": len(answers),
+    summary = {"voice": args.voice, "speed": args.speed, "pitch": args.pitch,
+               "spoken": "questions" if args.questions else "answers", "grammar_phrases": len(phrases),
                "correct": scored["correct"], "total": scored["total"], "accuracy": round(scored["accuracy"], 4),
                "seconds_per_utterance": round(seconds / len(items), 4),
                "errors": [(e["reference"], e["prediction"]) for e in scored["errors"]]}

@@ -15,7 +15,8 @@ they are never spoken in training; only their words are.
 The result, written with `DatasetDict.save_to_disk`, has seven splits:
 
 - `facts`: one row per fact, no audio: `fact_id, category, question, answer, fact_split` (`train` / `heldout`);
-- `train`: train-fact questions and answers in every training voice, the canonical-voice answers of train facts, and
+- `train`: train-fact questions and answers in every training voice, the canonical-voice answers of train facts (with
+  `--canonical_questions` also their questions in the canonical voice, for the speech decoder), and
   `word` rows: every distinct word of the world spoken alone by every training voice and by the canonical voice;
   plus train-fact questions in every *question voice* (35 more voices, each a training dialect with its own named
   espeak-ng variant, with a wider prosody range): they only ask, so a listener hears many more voices at little cost;
@@ -318,13 +319,16 @@ def _row(seed: int, fact: dict[str, str] | None, kind: str, voice: str, *, word:
 
 def plan_corpus(facts: Sequence[dict[str, str]], seed: int, train_voices: Sequence[str], dev_voice: str,
                 test_voice: str, question_voices: Sequence[str] = (),
-                dialect_test_voice: str = DIALECT_TEST_VOICE) -> dict[str, list[dict[str, Any]]]:
+                dialect_test_voice: str = DIALECT_TEST_VOICE,
+                canonical_questions: bool = False) -> dict[str, list[dict[str, Any]]]:
     """The rows (without audio) of every audio split, in a fixed order."""
     train_facts = [f for f in facts if f["fact_split"] == "train"]
     heldout_facts = [f for f in facts if f["fact_split"] == "heldout"]
     train = [_row(seed, f, kind, voice) for f in train_facts for voice in train_voices
              for kind in ("question", "answer")]
     train += [_row(seed, f, "answer", CANONICAL_VOICE, canonical=True) for f in train_facts]
+    if canonical_questions:  # whole sentences in the assistant's voice, for its speech decoder
+        train += [_row(seed, f, "question", CANONICAL_VOICE, canonical=True) for f in train_facts]
     train += [_row(seed, f, "question", voice, wide=True) for f in train_facts for voice in question_voices]
     # Words of the whole world (held-out facts included), so held-out questions use only words heard in training.
     words = sorted({w for f in facts for w in f"{f['question']} {f['answer']}".split()})
@@ -366,7 +370,8 @@ def build_corpus(seed: int = 0, max_facts: int | None = None, train_voices: Sequ
                  dev_voice: str = DEV_VOICE, test_voice: str = TEST_VOICE, num_workers: int = 2,
                  heldout_fraction: float = HELDOUT_FRACTION, progress: bool = True,
                  question_voices: Sequence[str] = QUESTION_VOICES,
-                 dialect_test_voice: str = DIALECT_TEST_VOICE) -> datasets.DatasetDict:
+                 dialect_test_voice: str = DIALECT_TEST_VOICE,
+                 canonical_questions: bool = False) -> datasets.DatasetDict:
     """Synthesize the corpus: a DatasetDict with `facts` and the audio splits of `AUDIO_SPLITS` (module doc).
 
     `num_workers` processes synthesize in parallel (0: in this process); the result does not depend on it.
@@ -380,7 +385,8 @@ def build_corpus(seed: int = 0, max_facts: int | None = None, train_voices: Sequ
     if num_workers < 0:
         raise ValueError(f"num_workers={num_workers}: expected 0 (in process) or more.")
     facts = select_facts(build_facts(seed, heldout_fraction), max_facts)
-    plan = plan_corpus(facts, seed, train_voices, dev_voice, test_voice, question_voices, dialect_test_voice)
+    plan = plan_corpus(facts, seed, train_voices, dev_voice, test_voice, question_voices, dialect_test_voice,
+                       canonical_questions)
     rows = [row for split in AUDIO_SPLITS for row in plan[split]]
     jobs = [(row["text"], row["voice"], row["speed"], row["pitch"]) for row in rows]
     bar = tqdm(total=len(jobs), desc="espeak-ng", unit="utt", disable=not progress)
@@ -518,6 +524,9 @@ class SynthesizeEspeakArguments:
                 "training."})
     heldout_fraction: float = field(default=HELDOUT_FRACTION, metadata={
         "help": "Fraction of each category's facts held out of speech."})
+    canonical_questions: bool = field(default=False, metadata={
+        "help": "The canonical (assistant) voice also asks every train-fact question, at its own prosody: whole "
+                "sentences for training its speech decoder (which otherwise hears it say single words only)."})
     num_workers: int = field(default=2, metadata={"help": "espeak-ng worker processes (0: in this process)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing corpus at --output."})
     progress: bool = field(default=True, metadata={"help": "Progress bar (--no_progress: none)."})
@@ -554,7 +563,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     corpus = build_corpus(seed=args.seed, max_facts=args.max_facts, train_voices=args.voices,
                           dev_voice=args.dev_voice, test_voice=args.test_voice, num_workers=args.num_workers,
                           question_voices=args.question_voices, dialect_test_voice=args.dialect_test_voice,
-                          heldout_fraction=args.heldout_fraction, progress=args.progress)
+                          heldout_fraction=args.heldout_fraction, progress=args.progress,
+                          canonical_questions=args.canonical_questions)
     save_corpus(corpus, args.output, overwrite=args.overwrite)
     summary = {"output": str(args.output), "seed": args.seed, **summarize(corpus, time.perf_counter() - start)}
     print(json.dumps(summary, indent=2))

@@ -154,3 +154,16 @@ def test_synthesize_and_checks(monkeypatch):
     monkeypatch.setattr(se.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="apt-get install -y espeak-ng"):
         se.synthesize("hello")
+
+
+def test_canonical_questions_add_only_train_fact_sentences_in_the_assistant_voice():
+    facts = se.build_facts(0)
+    plain = se.plan_corpus(facts, 0, TRAIN_VOICES, se.DEV_VOICE, se.TEST_VOICE)
+    more = se.plan_corpus(facts, 0, TRAIN_VOICES, se.DEV_VOICE, se.TEST_VOICE, canonical_questions=True)
+    added = [row for row in more["train"] if row not in plain["train"]]
+    train_facts = {f["fact_id"] for f in facts if f["fact_split"] == "train"}
+    assert len(added) == len(train_facts) == len(more["train"]) - len(plain["train"])
+    assert {row["fact_id"] for row in added} == train_facts  # held-out facts are never spoken
+    assert all(row["kind"] == "question" and row["voice"] == se.CANONICAL_VOICE and row["canonical"]
+               and (row["speed"], row["pitch"]) == (se.CANONICAL_SPEED, se.CANONICAL_PITCH) for row in added)
+    assert all(more[split] == plain[split] for split in se.AUDIO_SPLITS if split != "train")
