@@ -226,7 +226,7 @@ class TrainSpeechTokenizerArguments:
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and augmentation."})
     vtlp: float = field(default=0.0, metadata={
         "help": "Vocal-tract-length perturbation: each training example's mel axis is scaled by a factor drawn from "
-                "[1 - vtlp, 1 + vtlp] (0: off; 0.1 spans about the distance between a male and a female voice)."})
+                "[1 - vtlp, 1 + vtlp] (0: off; the nano recipe uses 0.08)."})
     time_stretch: float = field(default=0.0, metadata={
         "help": "Speaking-rate perturbation: each training example's frames are stretched by a factor drawn from "
                 "[1 - time_stretch, 1 + time_stretch] (0: off)."})

@@ -10,7 +10,8 @@
 # facts: SFT, then VOICES_ROUNDS x (stage II, SFT)) -> the robust-codes round (the tokenizer fine-tuned on all 47
 # voices with vocal-tract-length and speaking-rate perturbation, the flow fine-tuned on its codes, the corpus
 # re-encoded, then ROBUST_ROUNDS x (stage II, SFT) on the new codes) -> checkpoint outputs/nano/final; then the
-# ablation (the same recipe with stage I unfrozen, without the robust-codes round) -> outputs/nano/ablation_final; then `moss-speech eval` of both on the test splits
+# ablation (the same recipe with stage I unfrozen, without the robust-codes round) -> outputs/nano/ablation_final;
+# then `moss-speech eval` of both on the test splits
 # and the model card with the result tables (training/nano_report.py) -> outputs/nano/final/README.md.
 # Everything is written under NANO_DATA and NANO_OUT; the package's shipped checkpoint
 # (modeling_moss_speech/pretrained/moss-speech-nano) is replaced only with NANO_SHIP=1.
@@ -75,12 +76,6 @@ SPEECH_DATA=("$P/speech" "$P/interleaved" "$P/spoken_qa")
 MIXED_DATA=("$P/speech" "$P/interleaved" "$P/spoken_qa" "{path: $P/text, kind: text}")
 EVAL_DATA=("$P/eval")
 MIXED_EVAL_DATA=("$P/eval" "{path: $P/text_eval, kind: text}")
-V=$NANO_DATA/voices/pretrain
-VOICES_MIXED_DATA=("$V/speech" "$V/interleaved" "$V/spoken_qa" "{path: $V/text, kind: text}")
-VOICES_MIXED_EVAL_DATA=("$V/eval" "{path: $V/text_eval, kind: text}")
-R=$NANO_DATA/robust/pretrain
-ROBUST_MIXED_DATA=("$R/speech" "$R/interleaved" "$R/spoken_qa" "{path: $R/text, kind: text}")
-ROBUST_MIXED_EVAL_DATA=("$R/eval" "{path: $R/text_eval, kind: text}")
 
 # ---------------------------------------------------------------------------------------------- data and codec
 # the corpus of every step up to the first SFT: the twelve training voices (no question voices)
@@ -148,6 +143,21 @@ run_step prepare_robust "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/vo
   --threads "$THREADS" --no_progress
 
 # ---------------------------------------------------------------------------------------------- speech LLM
+# stage2_sft_round SUFFIX DATA: one more round from $model: stage II on DATA's pre-training sets (DATA: an output of
+# prepare_nano.py) with its text mixed in, then SFT on DATA/sft; steps ${prefix}stage2_SUFFIX and ${prefix}sft_SUFFIX
+# into $root/stage2_SUFFIX and $root/sft_SUFFIX; $model becomes the SFT checkpoint
+stage2_sft_round() {
+  local suffix=$1 d=$2
+  pretrain "${prefix}stage2_$suffix" "$root/stage2_$suffix" --config training/configs/nano_stage2.yaml \
+    --model "$model" --datasets "$d/pretrain/speech" "$d/pretrain/interleaved" "$d/pretrain/spoken_qa" \
+    "{path: $d/pretrain/text, kind: text}" \
+    --eval_datasets "$d/pretrain/eval" "{path: $d/pretrain/text_eval, kind: text}" --max_steps "$STAGE2_STEPS"
+  run_step "${prefix}sft_$suffix" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
+    --model_name_or_path "$root/stage2_$suffix" --processor_name_or_path "$NANO_OUT/tokenizer" \
+    --dataset_name "$d/sft" --output_dir "$root/sft_$suffix" --max_steps "$SFT_STEPS"
+  model=$root/sft_$suffix
+}
+
 # main run: stage I frozen, stage II joint, SFT; ablation: stage I unfrozen (nano_ablation.yaml), same afterwards
 for run in main ablation; do
   if [[ $run == main ]]; then
@@ -172,25 +182,13 @@ for run in main ablation; do
     --dataset_name "$NANO_DATA/voices/sft" --output_dir "$root/sft_voices" --max_steps "$SFT_STEPS"
   model=$root/sft_voices
   for round in $(seq 1 "$VOICES_ROUNDS"); do
-    pretrain "${prefix}stage2_voices_$round" "$root/stage2_voices_$round" --config training/configs/nano_stage2.yaml \
-      --model "$model" --datasets "${VOICES_MIXED_DATA[@]}" --eval_datasets "${VOICES_MIXED_EVAL_DATA[@]}" \
-      --max_steps "$STAGE2_STEPS"
-    run_step "${prefix}sft_voices_$round" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
-      --model_name_or_path "$root/stage2_voices_$round" --processor_name_or_path "$NANO_OUT/tokenizer" \
-      --dataset_name "$NANO_DATA/voices/sft" --output_dir "$root/sft_voices_$round" --max_steps "$SFT_STEPS"
-    model=$root/sft_voices_$round
+    stage2_sft_round "voices_$round" "$NANO_DATA/voices"
   done
   codec=$NANO_OUT/codec_voice data=$NANO_DATA voices=$NANO_OUT/voices
   if [[ $run == main ]]; then
     # the robust-codes round: stage II and SFT on the corpus re-encoded by the robust tokenizer
     for round in $(seq 1 "$ROBUST_ROUNDS"); do
-      pretrain "stage2_robust_$round" "$root/stage2_robust_$round" --config training/configs/nano_stage2.yaml \
-        --model "$model" --datasets "${ROBUST_MIXED_DATA[@]}" --eval_datasets "${ROBUST_MIXED_EVAL_DATA[@]}" \
-        --max_steps "$STAGE2_STEPS"
-      run_step "sft_robust_$round" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
-        --model_name_or_path "$root/stage2_robust_$round" --processor_name_or_path "$NANO_OUT/tokenizer" \
-        --dataset_name "$NANO_DATA/robust/sft" --output_dir "$root/sft_robust_$round" --max_steps "$SFT_STEPS"
-      model=$root/sft_robust_$round
+      stage2_sft_round "robust_$round" "$NANO_DATA/robust"
     done
     # voice prompts hold the tokenizer's codes of their audio: the robust codec's own
     codec=$NANO_OUT/codec_voice_robust data=$NANO_DATA/robust voices=$NANO_OUT/voices_robust
