@@ -100,13 +100,19 @@ SFT_FEATURES = datasets.Features({
 
 
 def check_speech_only_of_train_facts(corpus: datasets.DatasetDict) -> None:
-    """Raise if a train-split utterance belongs to a held-out (or unknown) fact: held-out facts are text-only."""
+    """Raise if a train-split utterance belongs to a held-out (or unknown) fact, or says a held-out fact's question
+    (a word or reading row with no fact id included): held-out facts are text-only."""
     facts = corpus["facts"]
     split_of = dict(zip(facts["fact_id"], facts["fact_split"]))
-    for index, (fact_id, utt_id) in enumerate(zip(corpus["train"]["fact_id"], corpus["train"]["utt_id"])):
+    heldout_questions = {q for q, split in zip(facts["question"], facts["fact_split"]) if split != "train"}
+    train = corpus["train"]
+    for index, (fact_id, utt_id, text) in enumerate(zip(train["fact_id"], train["utt_id"], train["text"])):
         if fact_id and split_of.get(fact_id) != "train":
             raise ValueError(f"corpus train split row {index} ({utt_id!r}) is speech of fact {fact_id!r}, whose split "
                              f"is {split_of.get(fact_id)!r}: only train facts may appear as speech in training.")
+        if text in heldout_questions:
+            raise ValueError(f"corpus train split row {index} ({utt_id!r}) says {text!r}, the question of a held-out "
+                             f"fact: held-out facts may appear as speech only in the evaluation splits.")
 
 
 # ------------------------------------------------------------------------------------------------ codes

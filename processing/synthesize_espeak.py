@@ -20,19 +20,21 @@ The result, written with `DatasetDict.save_to_disk`, has seven splits:
   `word` rows: every distinct word of the world spoken alone by every training voice and by the canonical voice;
   plus train-fact questions in every *question voice* (35 more voices, each a training dialect with its own named
   espeak-ng variant, with a wider prosody range): they only ask, so a listener hears many more voices at little cost;
+  with `--reading_voices K`, `reading` rows: every `reading_sentences` sentence (a question frame filled with another
+  category's phrase, "what colour is france": no fact, no answer) spoken by K voices drawn from those voices;
 - `validation`: held-out-fact questions in the dev voice (for tuning);
 - `test`: held-out-fact questions in the test voice (the evaluation split; never tune on it);
 - `test_seen`: train-fact questions in the test voice (voice shift only);
 - `test_dialect`, `test_seen_dialect`: the same two sets spoken by the dialect test voice, a dialect (West Midlands)
   and a variant (`Annie`) that no training or question voice uses.
 
-Audio rows have the columns `utt_id, fact_id ("" for words), category ("" for words), kind (question / answer /
-word), text (what is spoken), question, answer ("" for words), voice, speed, pitch, canonical, audio`. The canonical
-voice (`en-us`, speed 160, pitch 50) is the assistant's voice; every other utterance gets a seeded random speed
-(130-190 words per minute) and pitch (30-70; question voices 110-210 and 15-90), derived from the seed and the
-utterance id, so a row is the same in a tiny corpus and in the full one. Voices are espeak-ng voices `<language>` or
-`<language>+<variant>`; the variants of the test, dev and dialect test voices (`f4`, `m2`, `Annie` by default) and the
-dialect test voice's dialect are never used in training.
+Audio rows have the columns `utt_id, fact_id ("" for words and reading sentences), category (likewise), kind (question
+/ answer / word / reading), text (what is spoken), question, answer ("" for words and reading sentences), voice,
+speed, pitch, canonical, audio`. The canonical voice (`en-us`, speed 160, pitch 50) is the assistant's voice; every
+other utterance gets a seeded random speed (130-190 words per minute) and pitch (30-70; question voices 110-210 and
+15-90), derived from the seed and the utterance id, so a row is the same in a tiny corpus and in the full one. Voices
+are espeak-ng voices `<language>` or `<language>+<variant>`; the variants of the test, dev and dialect test voices
+(`f4`, `m2`, `Annie` by default) and the dialect test voice's dialect are never used in training.
 
 Reading the audio: `audio` is a `datasets.Audio(sampling_rate=16000)` column holding FLAC bytes. `datasets` 5.2
 decodes `Audio` only through torchcodec, which is not installed here, so read it undecoded and with soundfile:
@@ -308,8 +310,8 @@ def _prosody(seed: int, utt_id: str, wide: bool = False) -> tuple[int, int]:
 
 def _row(seed: int, fact: dict[str, str] | None, kind: str, voice: str, *, word: str = "",
          canonical: bool = False, wide: bool = False) -> dict[str, Any]:
-    text = word if kind == "word" else fact[kind]
-    utt_id = f"word/{word}/{voice}" if kind == "word" else f"{fact['fact_id']}/{kind}/{voice}"
+    text = word if fact is None else fact[kind]
+    utt_id = f"{kind}/{word.replace(' ', '_')}/{voice}" if fact is None else f"{fact['fact_id']}/{kind}/{voice}"
     speed, pitch = (CANONICAL_SPEED, CANONICAL_PITCH) if canonical else _prosody(seed, utt_id, wide)
     return {"utt_id": utt_id, "fact_id": fact["fact_id"] if fact else "", "category": fact["category"] if fact else "",
             "kind": kind, "text": check_text(text, f"text of {utt_id}"), "question": fact["question"] if fact else "",
@@ -317,11 +319,45 @@ def _row(seed: int, fact: dict[str, str] | None, kind: str, voice: str, *, word:
             "canonical": canonical}
 
 
+# The question frame of each one-slot category and the phrases that fill its slot in the world.
+READING_FRAMES = {
+    "capital": ("what is the capital of {}", tuple(country for country, _ in CAPITALS)),
+    "colour": ("what colour is {}", tuple(thing for thing, _ in COLOURS)),
+    "opposite": ("what is the opposite of {}", tuple(w for pair in OPPOSITES for w in pair)),
+    "day_after": ("what day comes after {}", WEEKDAYS),
+    "day_before": ("what day comes before {}", WEEKDAYS),
+    "number_after": ("what number comes after {}", tuple(NUMBERS[1:20])),
+    "month_after": ("what month comes after {}", MONTHS),
+}
+
+
+def reading_sentences(facts: Sequence[dict[str, str]]) -> list[str]:
+    """Question-shaped sentences that ask nothing: each category's frame filled with another category's phrase.
+
+    "what colour is france", "what is the capital of seven": every slot phrase of the world (held-out facts' included)
+    heard inside the sentence frames the questions use, so a listener must read a question word by word instead of
+    recognising whole utterances. None is the question of a fact (checked against `facts`), none has an answer.
+    """
+    questions = {f["question"] for f in facts}
+    sentences = [frame.format(filler) for category, (frame, _) in READING_FRAMES.items()
+                 for other, (_, fillers) in READING_FRAMES.items() if other != category for filler in fillers]
+    return sorted(set(sentences) - questions)
+
+
 def plan_corpus(facts: Sequence[dict[str, str]], seed: int, train_voices: Sequence[str], dev_voice: str,
                 test_voice: str, question_voices: Sequence[str] = (),
                 dialect_test_voice: str = DIALECT_TEST_VOICE,
-                canonical_questions: bool = False) -> dict[str, list[dict[str, Any]]]:
-    """The rows (without audio) of every audio split, in a fixed order."""
+                canonical_questions: bool = False, reading_voices: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """The rows (without audio) of every audio split, in a fixed order.
+
+    `reading_voices` > 0 adds `reading` rows: every `reading_sentences` sentence spoken by that many voices drawn
+    (seeded, per sentence) from the training and question voices.
+    """
+    if not isinstance(reading_voices, int) or reading_voices < 0:
+        raise ValueError(f"reading_voices={reading_voices!r}: expected an int >= 0.")
+    speakers = [*train_voices, *question_voices]
+    if reading_voices > len(speakers):
+        raise ValueError(f"reading_voices={reading_voices} but only {len(speakers)} training and question voices.")
     train_facts = [f for f in facts if f["fact_split"] == "train"]
     heldout_facts = [f for f in facts if f["fact_split"] == "heldout"]
     train = [_row(seed, f, kind, voice) for f in train_facts for voice in train_voices
@@ -334,6 +370,11 @@ def plan_corpus(facts: Sequence[dict[str, str]], seed: int, train_voices: Sequen
     words = sorted({w for f in facts for w in f"{f['question']} {f['answer']}".split()})
     train += [_row(seed, None, "word", voice, word=w) for w in words for voice in train_voices]
     train += [_row(seed, None, "word", CANONICAL_VOICE, word=w, canonical=True) for w in words]
+    for sentence in reading_sentences(facts) if reading_voices else ():
+        rng = np.random.default_rng([seed, zlib.crc32(sentence.encode())])
+        for index in sorted(rng.choice(len(speakers), size=reading_voices, replace=False).tolist()):
+            train.append(_row(seed, None, "reading", speakers[index], word=sentence,
+                              wide=speakers[index] in question_voices))
     return {
         "train": train,
         "validation": [_row(seed, f, "question", dev_voice) for f in heldout_facts],
@@ -371,7 +412,7 @@ def build_corpus(seed: int = 0, max_facts: int | None = None, train_voices: Sequ
                  heldout_fraction: float = HELDOUT_FRACTION, progress: bool = True,
                  question_voices: Sequence[str] = QUESTION_VOICES,
                  dialect_test_voice: str = DIALECT_TEST_VOICE,
-                 canonical_questions: bool = False) -> datasets.DatasetDict:
+                 canonical_questions: bool = False, reading_voices: int = 0) -> datasets.DatasetDict:
     """Synthesize the corpus: a DatasetDict with `facts` and the audio splits of `AUDIO_SPLITS` (module doc).
 
     `num_workers` processes synthesize in parallel (0: in this process); the result does not depend on it.
@@ -386,7 +427,7 @@ def build_corpus(seed: int = 0, max_facts: int | None = None, train_voices: Sequ
         raise ValueError(f"num_workers={num_workers}: expected 0 (in process) or more.")
     facts = select_facts(build_facts(seed, heldout_fraction), max_facts)
     plan = plan_corpus(facts, seed, train_voices, dev_voice, test_voice, question_voices, dialect_test_voice,
-                       canonical_questions)
+                       canonical_questions, reading_voices)
     rows = [row for split in AUDIO_SPLITS for row in plan[split]]
     jobs = [(row["text"], row["voice"], row["speed"], row["pitch"]) for row in rows]
     bar = tqdm(total=len(jobs), desc="espeak-ng", unit="utt", disable=not progress)
@@ -527,6 +568,10 @@ class SynthesizeEspeakArguments:
     canonical_questions: bool = field(default=False, metadata={
         "help": "The canonical (assistant) voice also asks every train-fact question, at its own prosody: whole "
                 "sentences for training its speech decoder (which otherwise hears it say single words only)."})
+    reading_voices: int = field(default=0, metadata={
+        "help": "Speak every reading sentence (a question frame filled with another category's phrase, e.g. 'what "
+                "colour is france': no fact, no answer) with this many voices drawn from the training and question "
+                "voices; 0: none."})
     num_workers: int = field(default=2, metadata={"help": "espeak-ng worker processes (0: in this process)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing corpus at --output."})
     progress: bool = field(default=True, metadata={"help": "Progress bar (--no_progress: none)."})
@@ -564,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                           dev_voice=args.dev_voice, test_voice=args.test_voice, num_workers=args.num_workers,
                           question_voices=args.question_voices, dialect_test_voice=args.dialect_test_voice,
                           heldout_fraction=args.heldout_fraction, progress=args.progress,
-                          canonical_questions=args.canonical_questions)
+                          canonical_questions=args.canonical_questions, reading_voices=args.reading_voices)
     save_corpus(corpus, args.output, overwrite=args.overwrite)
     summary = {"output": str(args.output), "seed": args.seed, **summarize(corpus, time.perf_counter() - start)}
     print(json.dumps(summary, indent=2))

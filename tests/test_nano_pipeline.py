@@ -236,6 +236,16 @@ def test_prepare_nano_reuses_the_codes_and_rejects_speech_of_heldout_facts(world
     with pytest.raises(ValueError, match="only train facts may appear as speech"):
         prepare_nano.prepare(tmp_path / "bad", world["codec"], world["tokenizer"], tmp_path / "out", progress=False)
 
+    # a row with no fact id that still says a held-out question (a reading or word row gone wrong) is refused too
+    said = leaked.remove_columns(["fact_id", "kind", "utt_id"])
+    for column, value in (("fact_id", ""), ("kind", "reading"), ("utt_id", "reading/leak")):
+        said = said.add_column(column, [value])
+    bad = datasets.DatasetDict({**corpus, "train": datasets.concatenate_datasets([corpus["train"], said])})
+    bad.save_to_disk(str(tmp_path / "bad_reading"))
+    with pytest.raises(ValueError, match="question of a held-out fact"):
+        prepare_nano.prepare(tmp_path / "bad_reading", world["codec"], world["tokenizer"], tmp_path / "out2",
+                             progress=False)
+
 
 # ------------------------------------------------------------------------------------------------ training
 

@@ -132,8 +132,21 @@ def test_levers_recipe_runs_differ_only_in_stage_two(tmp_path):
     assert len(set(sft.values())) == 1
     assert commands["eval_contrast_test"].endswith(f"-o {tmp_path}/out/eval/lever_contrast_test.json")
     assert not (tmp_path / "out" / "control").exists()
+    assert "corpus_reading" not in commands  # the reading corpus is made only for the reading lever
     bad = _run_recipe(tmp_path, "nano_levers.sh", LEVERS="nope")
     assert bad.returncode == 2 and "unknown lever 'nope'" in bad.stderr
+
+
+def test_levers_recipe_reading_run_reads_its_own_corpus(tmp_path):
+    commands = dict(line[3:].split(": ", 1) for line in _dry_run(tmp_path, "nano_levers.sh", LEVERS="control reading"))
+    assert "--reading_voices 4 " in commands["corpus_reading"]
+    assert f"--corpus {tmp_path}/data/reading/corpus " in commands["prepare_reading"]
+    assert f"--output {tmp_path}/data/reading " in commands["prepare_reading"]
+    run = (f"{tmp_path}/out/reading/", f"{tmp_path}/out/control/")
+    reading, control = commands["reading_stage2"], commands["control_stage2"]
+    assert reading.replace(f"{tmp_path}/data/reading/pretrain/", f"{tmp_path}/data/voices/pretrain/") \
+        .replace(*run) == control
+    assert commands["reading_sft"].replace(*run) == commands["control_sft"]
 
 
 def test_nano_report_shows_the_lever_runs_it_finds(tmp_path):

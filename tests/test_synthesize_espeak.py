@@ -167,3 +167,33 @@ def test_canonical_questions_add_only_train_fact_sentences_in_the_assistant_voic
     assert all(row["kind"] == "question" and row["voice"] == se.CANONICAL_VOICE and row["canonical"]
                and (row["speed"], row["pitch"]) == (se.CANONICAL_SPEED, se.CANONICAL_PITCH) for row in added)
     assert all(more[split] == plain[split] for split in se.AUDIO_SPLITS if split != "train")
+
+
+def test_reading_sentences_use_every_slot_phrase_and_ask_no_fact():
+    facts = se.build_facts(0)
+    sentences = se.reading_sentences(facts)
+    questions = {f["question"] for f in facts}
+    assert sentences and not set(sentences) & questions
+    heard = " ".join(sentences)
+    for phrase in {p for _, fillers in se.READING_FRAMES.values() for p in fillers}:
+        assert f" {phrase}" in heard, phrase  # held-out facts' phrases included
+    assert "what colour is france" in sentences and "what is the capital of france" not in sentences
+
+    plain = se.plan_corpus(facts, 0, TRAIN_VOICES, se.DEV_VOICE, se.TEST_VOICE, QUESTION_VOICES)
+    more = se.plan_corpus(facts, 0, TRAIN_VOICES, se.DEV_VOICE, se.TEST_VOICE, QUESTION_VOICES, reading_voices=2)
+    added = more["train"][len(plain["train"]):]
+    assert more["train"][:len(plain["train"])] == plain["train"]
+    assert all(more[split] == plain[split] for split in se.AUDIO_SPLITS if split != "train")
+    assert len(added) == 2 * len(sentences) and {row["kind"] for row in added} == {"reading"}
+    assert all(row["fact_id"] == "" and row["answer"] == "" and row["voice"] in (*TRAIN_VOICES, *QUESTION_VOICES)
+               for row in added)
+    by_sentence: dict[str, set[str]] = {}
+    for row in added:
+        by_sentence.setdefault(row["text"], set()).add(row["voice"])
+    assert set(by_sentence) == set(sentences) and all(len(v) == 2 for v in by_sentence.values())
+    assert len({v for vs in by_sentence.values() for v in vs}) > 2  # drawn per sentence, not one fixed pair
+    again = se.plan_corpus(facts, 0, TRAIN_VOICES, se.DEV_VOICE, se.TEST_VOICE, QUESTION_VOICES, reading_voices=2)
+    assert again == more
+    for bad in (-1, 1.5, len(TRAIN_VOICES) + len(QUESTION_VOICES) + 1):
+        with pytest.raises(ValueError, match="reading_voices"):
+            se.plan_corpus(facts, 0, TRAIN_VOICES, se.DEV_VOICE, se.TEST_VOICE, QUESTION_VOICES, reading_voices=bad)

@@ -14,15 +14,19 @@
 #   align      + alignment_loss (weight 1, cosine): the trunk and text-tail states of the final rows after a spoken
 #              question are pulled toward those after the same question as text (pretrain/align pairs)
 #   contrast   + alignment_loss (weight 1, InfoNCE at temperature 0.1 over 16 pairs per micro-batch)
+#   reading    the round's data from the corpus with reading sentences too (synthesize_espeak.py --reading_voices 4:
+#              question frames filled with other categories' phrases, "what colour is france", each said by 4 of the
+#              47 voices; no fact, no answer), so the model must read questions word by word
 # The lever data (pretrain/wordmix, pretrain/align) comes from the 12-voice corpus, the round's data from the corpus
-# with the 35 question voices, both encoded with BASE's codec and tokenizer. A run takes about 25-35 min on a busy
+# with the 35 question voices (reading: from the one with reading sentences), all encoded with BASE's codec and
+# tokenizer. A run takes about 25-35 min on a busy
 # 2-core machine; the tables: python training/nano_report.py --eval $LEVERS_OUT/eval
 #
 # Knobs (environment variables, defaults in brackets), as in nano.sh where the names are the same:
 #   BASE [modeling_moss_speech/pretrained/moss-speech-nano]   checkpoint every run starts from
 #   NANO_DATA [data/nano]   corpus/ and voices/corpus/ (made here unless present), their codes and datasets
 #   LEVERS_OUT [outputs/nano_levers]   runs, logs/, eval/ (lever_<run>_<split>.json)
-#   LEVERS [control wordmix align contrast]   runs to make
+#   LEVERS [control wordmix align contrast]   runs to make (reading: also the reading corpus, made when asked for)
 #   THREADS [2], PYTHON, NANO_RESUME [1], NANO_STEPS [all], NANO_DRY_RUN [0], STAGE2_STEPS [500], SFT_STEPS [500],
 #   EVAL_SPLITS ["test test_dialect test_seen test_seen_dialect"]
 set -euo pipefail
@@ -69,8 +73,16 @@ run_step prepare "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/corpus" -
 run_step prepare_voices "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/voices/corpus" --codec "$BASE/codec" \
   --tokenizer "$BASE" --output "$NANO_DATA/voices" --threads "$THREADS" --no_progress
 
+if [[ " $LEVERS " == *" reading "* ]]; then
+  run_step corpus_reading "$PY" processing/synthesize_espeak.py --output "$NANO_DATA/reading/corpus" \
+    --reading_voices 4 --num_workers "$THREADS" --overwrite --no_progress
+  run_step prepare_reading "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/reading/corpus" \
+    --codec "$BASE/codec" --tokenizer "$BASE" --output "$NANO_DATA/reading" --threads "$THREADS" --no_progress
+fi
+
 P=$NANO_DATA/pretrain
 V=$NANO_DATA/voices/pretrain
+R=$NANO_DATA/reading/pretrain
 ROUND_DATA=("$V/speech" "$V/interleaved" "$V/spoken_qa" "{path: $V/text, kind: text}")
 ROUND_EVAL_DATA=("$V/eval" "{path: $V/text_eval, kind: text}")
 
@@ -82,7 +94,8 @@ for lever in $LEVERS; do
     wordmix) data+=("$P/wordmix") ;;
     align) extra=(--align_dataset "$P/align" --align_weight 1) ;;
     contrast) extra=(--align_dataset "$P/align" --align_weight 1 --align_temperature 0.1 --align_batch_size 16) ;;
-    *) echo "nano_levers.sh: unknown lever '$lever' (control, wordmix, align, contrast)" >&2; exit 2 ;;
+    reading) data=("$R/speech" "$R/interleaved" "$R/spoken_qa" "{path: $R/text, kind: text}") ;;
+    *) echo "nano_levers.sh: unknown lever '$lever' (control, wordmix, align, contrast, reading)" >&2; exit 2 ;;
   esac
   root=$LEVERS_OUT/$lever
   pretrain "${lever}_stage2" "$root/stage2" --config training/configs/nano_stage2.yaml --model "$BASE" \
