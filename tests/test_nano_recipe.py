@@ -30,7 +30,8 @@ def test_recipe_steps_in_order(tmp_path):
     lines = _dry_run(tmp_path)
     steps = [line[3:].split(":", 1)[0] for line in lines]
     order = ["corpus", "codec_tokenizer", "codec_decoder", "codec_voice", "text_model", "prepare", "corpus_voices",
-             "prepare_voices", "codec_tokenizer_robust", "codec_voice_robust", "prepare_robust", "stage1", "stage2",
+             "prepare_voices", "codec_tokenizer_robust", "codec_voice_robust", "corpus_decoder",
+             "codec_voice_sentences", "prepare_robust", "stage1", "stage2",
              "sft", "sft_voices", "stage2_voices_1", "sft_voices_1", "stage2_voices_2", "sft_voices_2",
              "stage2_voices_4", "sft_voices_4", "stage2_robust_1", "sft_robust_1", "assemble", "ablation_stage1",
              "ablation_sft_voices_4",
@@ -52,7 +53,14 @@ def test_recipe_steps_in_order(tmp_path):
     assert f"{tmp_path}/data/robust/pretrain/speech" in commands["stage2_robust_1"]
     assert f"--dataset_name {tmp_path}/data/robust/sft " in commands["sft_robust_1"]
     assert f"--model {tmp_path}/out/sft_robust_1 " in commands["assemble"]
-    assert f"--codec {tmp_path}/out/codec_voice_robust " in commands["assemble"]
+    # the decoder's sentences: the assistant's voice asks the train-fact questions in a corpus of its own, and the
+    # flow trained on them (from the robust codec, whose codes it keeps) is the one the main checkpoint ships
+    assert commands["corpus_decoder"].endswith("--question_voices none --canonical_questions --num_workers 2 "
+                                               "--overwrite --no_progress")
+    assert f"--codec {tmp_path}/out/codec_voice_robust --corpus {tmp_path}/data/decoder/corpus " in \
+        commands["codec_voice_sentences"]
+    assert "--canonical_only" in commands["codec_voice_sentences"]
+    assert f"--codec {tmp_path}/out/codec_voice_sentences " in commands["assemble"]
     assert f"--data {tmp_path}/data/robust " in commands["assemble"]
     assert f"--voices_dir {tmp_path}/out/voices_robust " in commands["assemble"]
     assert f"--save_voices {tmp_path}/out/voices_robust" in commands["codec_voice_robust"]

@@ -40,7 +40,7 @@ SPLITS = {"test": "held-out facts (seen only as text), held-out voice — the tr
           "test_dialect": "held-out facts, held-out dialect and voice",
           "test_seen_dialect": "facts trained as speech, held-out dialect and voice"}
 # (column title, file stem) of every run a table may show, in column order
-RUNS = (("frozen stage I + voices round + robust codes (shipped)", "final"),
+RUNS = (("frozen stage I + voices round + robust codes + sentence decoder (shipped)", "final"),
         ("no freezing + voices round (ablation)", "ablation_final"),
         ("v2: frozen stage I + voices round, before the robust codes", "v2_final"),
         ("v1: frozen stage I, no voices round", "v1_final"),
