@@ -22,7 +22,12 @@ import yaml
 from helpers import tiny_codec_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from modeling_moss_speech import MossSpeechCodecModel, MossSpeechForCausalLM, MossSpeechProcessor
+from modeling_moss_speech import (
+    MossSpeechCodecModel,
+    MossSpeechConfig,
+    MossSpeechForCausalLM,
+    MossSpeechProcessor,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 for _path in (ROOT / "processing", ROOT / "training"):
@@ -355,3 +360,48 @@ def test_text_model_then_stage1_stage2_and_sft_run_on_the_prepared_data(world, t
         MossSpeechCodecModel(tiny_codec_config()).save_pretrained(other)
         assemble_nano.assemble(tmp_path / "sft", world["tokenizer"], other, tmp_path / "bad", world["corpus"],
                                world["data"], max_mb=None)
+
+
+# ------------------------------------------------------------------------------------------------ probes
+
+
+def test_nano_probe_asks_each_question_four_ways(world, tmp_path):
+    import nano_probe
+
+    processor = MossSpeechProcessor.from_pretrained(world["tokenizer"])
+    question, codes = "what is the capital of italy", [5, 6, 7]
+    text = nano_probe.text_prompt(processor, question)
+    mixed = nano_probe.last_word_spoken_prompt(processor, question, codes)
+    italy = processor.tokenizer(" italy", add_special_tokens=False)["input_ids"]
+    speech = processor.grid_layout.speech_rows(codes)
+    # the written prompt with the rows of its last word (and only those) replaced by the word's speech segment
+    start = next(i for i in range(len(mixed)) if mixed[i:i + len(speech)] == speech)
+    assert mixed[:start] == text[:start] and mixed[start + len(speech):] == text[start + len(italy):]
+    assert [row[0] for row in text[start:start + len(italy)]] == italy
+    with pytest.raises(ValueError, match="at least two words"):
+        nano_probe.last_word_spoken_prompt(processor, "italy", codes)
+
+    ids = build_nano_tokenizer.special_ids(processor.tokenizer)
+    torch.manual_seed(0)
+    model = MossSpeechForCausalLM(MossSpeechConfig(
+        vocab_size=len(processor.tokenizer), audio_vocab_size=ids["audio_vocab_size"], hidden_size=32,
+        intermediate_size=64, num_hidden_layers=2, num_shared_layers=1, num_modality_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, **{k: ids[k] for k in ("sosp_token_id", "modality_pad_token_id",
+                                                                    "pad_token_id", "eosp_token_id",
+                                                                    "audio_pad_token_id")}))
+    model.save_pretrained(tmp_path / "model")
+    for file in Path(world["tokenizer"]).iterdir():
+        (tmp_path / "model" / file.name).write_bytes(file.read_bytes())
+    result = nano_probe.main(["--model", str(tmp_path / "model"), "--data", world["data"], "--splits", "validation",
+                              "--voices", "2", "-o", str(tmp_path / "probe.json")])
+    assert json.loads((tmp_path / "probe.json").read_text()) == json.loads(json.dumps(result))
+    held = result["validation"]  # the two held-out facts; only "two" and "italy" were spoken alone in training
+    assert held["questions"] == 2 and held["text"]["total"] == held["spoken"]["total"] == 2
+    assert held["last_word_spoken"]["total"] == 4 and held["word_codes"] == {"correct": 0, "total": 0,
+                                                                              "accuracy": None}
+    assert all(0 <= held[f]["correct"] <= held[f]["total"] for f in nano_probe.FORMS)
+    assert 0.0 <= held["transcript"]["words_in_place"] <= 1.0
+    with pytest.raises(ValueError, match="no codes/"):
+        nano_probe.main(["--model", str(tmp_path / "model"), "--data", str(tmp_path)])
+    with pytest.raises(ValueError, match="lack the splits"):
+        nano_probe.main(["--model", str(tmp_path / "model"), "--data", world["data"], "--splits", "test"])
