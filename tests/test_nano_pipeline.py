@@ -405,3 +405,7 @@ def test_nano_probe_asks_each_question_four_ways(world, tmp_path):
         nano_probe.main(["--model", str(tmp_path / "model"), "--data", str(tmp_path)])
     with pytest.raises(ValueError, match="lack the splits"):
         nano_probe.main(["--model", str(tmp_path / "model"), "--data", world["data"], "--splits", "test"])
+    torch.manual_seed(1)  # a checkpoint whose codec did not make the codes
+    MossSpeechCodecModel(tiny_codec_config()).save_pretrained(tmp_path / "model" / "codec")
+    with pytest.raises(ValueError, match="fingerprints differ"):
+        nano_probe.main(["--model", str(tmp_path / "model"), "--data", world["data"], "--splits", "validation"])

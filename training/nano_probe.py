@@ -32,17 +32,24 @@ from typing import Any
 
 import datasets
 import torch
+from transformers.utils import logging
 
 from modeling_moss_speech import MossSpeechForCausalLM, MossSpeechProcessor
 from modeling_moss_speech.apps.evaluation import greedy_kwargs
 from modeling_moss_speech.apps.recognition import normalize_answer
-from modeling_moss_speech.apps.script_utils import ScriptArgumentParser, threads_field
+from modeling_moss_speech.apps.script_utils import (
+    NANO_CODES_MANIFEST,
+    ScriptArgumentParser,
+    codec_fingerprint,
+    threads_field,
+)
 from modeling_moss_speech.threads import set_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "processing"))  # a folder of scripts, not a package
 from prepare_nano import word_codes  # noqa: E402
 
 FORMS = ("text", "spoken", "word_codes", "last_word_spoken")
+logger = logging.get_logger(__name__)
 
 
 def text_prompt(processor: MossSpeechProcessor, question: str) -> list[list[int]]:
@@ -174,6 +181,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     codes_dir = Path(args.data) / "codes"
     if not codes_dir.is_dir():
         raise ValueError(f"--data {args.data!r} has no codes/ (expected processing/prepare_nano.py's output).")
+    # codes from another codec than the checkpoint's would be read as other sounds: wrong answers, no error
+    codec_dir, manifest = Path(args.model) / "codec", codes_dir / NANO_CODES_MANIFEST
+    if codec_dir.is_dir() and manifest.is_file():
+        if json.loads(manifest.read_text())["codec"] != codec_fingerprint(codec_dir):
+            raise ValueError(f"the codes in {str(codes_dir)!r} were not made by {str(codec_dir)!r}'s encoder "
+                             "(fingerprints differ): pass the prepare_nano.py output of this checkpoint's codec.")
+    else:
+        logger.warning("nano_probe: %s has no codec/ (or the codes no manifest): not checked that the codes are its "
+                       "codec's.", args.model)
     model = MossSpeechForCausalLM.from_pretrained(args.model).eval()
     processor = MossSpeechProcessor.from_pretrained(args.model)
     result = {"model": args.model, "data": args.data, "voices": args.voices,
