@@ -78,9 +78,39 @@ def test_recipe_ships_into_the_package_only_when_asked(tmp_path):
     shipped = ROOT / "modeling_moss_speech" / "pretrained" / "moss-speech-nano"
     before = sorted(path.name for path in shipped.iterdir())
     commands = dict(line[3:].split(": ", 1) for line in _dry_run(tmp_path, NANO_SHIP="1"))
-    assert commands["ship"].startswith("bash -c rm -rf 'modeling_moss_speech/pretrained/moss-speech-nano' && "
-                                       f"cp -r '{tmp_path}/out/final'")
+    assert commands["ship"].startswith("bash -c ")
+    assert "rm -rf 'modeling_moss_speech/pretrained/moss-speech-nano' && " \
+        f"cp -r '{tmp_path}/out/final' 'modeling_moss_speech/pretrained/moss-speech-nano'" in commands["ship"]
     assert sorted(path.name for path in shipped.iterdir()) == before  # a dry run copies nothing
+
+
+def test_ship_replaces_the_checkpoint_and_keeps_the_earlier_runs_results(tmp_path):
+    stub = tmp_path / "python"  # a stand-in interpreter for the model card step
+    stub.write_text("#!/usr/bin/env bash\nexit 0\n")
+    stub.chmod(0o755)
+    out, ship = tmp_path / "out", tmp_path / "ship"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "model.safetensors").write_text("new")
+    (out / "eval").mkdir()
+    (out / "eval" / "final_test.json").write_text("new")
+    (out / "logs").mkdir()
+    (out / "logs" / "timings.txt").write_text("stage1 1 s\n")
+    (ship / "eval").mkdir(parents=True)
+    (ship / "model.safetensors").write_text("old")
+    (ship / "stale.bin").write_text("old")
+    for name in ("final_test.json", "v1_final_test.json", "findings.md"):
+        (ship / "eval" / name).write_text("old")
+    result = subprocess.run(["bash", str(ROOT / "training" / "recipes" / "nano.sh")], capture_output=True,
+                            text=True, cwd=ROOT, timeout=60,
+                            env={**os.environ, "NANO_OUT": str(out), "NANO_DATA": str(tmp_path / "data"),
+                                 "PYTHON": str(stub), "NANO_STEPS": "ship", "NANO_SHIP": "1",
+                                 "NANO_SHIP_DIR": str(ship)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (ship / "model.safetensors").read_text() == "new" and not (ship / "stale.bin").exists()
+    assert (ship / "eval" / "final_test.json").read_text() == "new"
+    assert (ship / "eval" / "v1_final_test.json").read_text() == "old"
+    assert (ship / "eval" / "findings.md").read_text() == "old"
+    assert (ship / "eval" / "training_times.txt").read_text() == "stage1 1 s\n"
 
 
 def test_recipe_rounds_knob(tmp_path):

@@ -27,7 +27,9 @@
 #   NANO_STEPS [all]          run only these steps (space-separated names, as printed), e.g. "stage1 stage2_1"
 #   NANO_DRY_RUN [0]          1: print each step's command without running anything (the lanes one after the other)
 #   NANO_SHIP [0]             1: last step `ship`: copy outputs/nano/final, its eval JSON and step times into the
-#                             package as the shipped checkpoint (replacing it), then rewrite its model card
+#                             package as the shipped checkpoint (replacing it; the earlier runs' eval/v*_*.json,
+#                             lever_*.json and findings.md stay), then rewrite its model card
+#   NANO_SHIP_DIR [modeling_moss_speech/pretrained/moss-speech-nano]   where `ship` puts the checkpoint
 #   Budgets (minutes measured with one thread each on the 2-core machine): TOKENIZER_MINUTES [14, twice]
 #            DECODER_MINUTES [30] TEXT_MINUTES [6] STAGE1_STEPS [1100] (~13 min) ROUNDS [3]; the first round
 #            STAGE2_STEPS [750] (~10 min) and SFT_STEPS [1000] (~9 min), later rounds ROUND_STAGE2_STEPS [500] and
@@ -212,10 +214,14 @@ done
 run_step report "$PY" training/nano_report.py --eval "$NANO_OUT/eval" --checkpoint "$NANO_OUT/final"
 # ship (only when asked): the frozen recipe's checkpoint becomes the package's default model, with its results and
 # model card; without NANO_SHIP=1 the shipped checkpoint of the working tree is left as it is
-SHIP=modeling_moss_speech/pretrained/moss-speech-nano
+SHIP=${NANO_SHIP_DIR:-modeling_moss_speech/pretrained/moss-speech-nano}
 if [[ "$NANO_SHIP" == 1 ]]; then
-  run_step ship bash -c "rm -rf '$SHIP' && cp -r '$NANO_OUT/final' '$SHIP' && chmod -R a+r '$SHIP' && \
-    mkdir -p '$SHIP/eval' && cp '$NANO_OUT/eval/'*.json '$SHIP/eval/' && cp '$LOGS/timings.txt' '$SHIP/eval/training_times.txt' && \
+  # the earlier runs' results (eval/v*_*.json, lever_*.json, findings.md) stay: the card compares them with this run
+  run_step ship bash -c "rm -rf '$NANO_OUT/ship_history' && mkdir -p '$NANO_OUT/ship_history' && \
+    if [[ -d '$SHIP/eval' ]]; then cp -r '$SHIP/eval/.' '$NANO_OUT/ship_history/'; fi && \
+    rm -rf '$SHIP' && cp -r '$NANO_OUT/final' '$SHIP' && mkdir -p '$SHIP/eval' && \
+    cp -r '$NANO_OUT/ship_history/.' '$SHIP/eval/' && cp '$NANO_OUT/eval/'*.json '$SHIP/eval/' && \
+    cp '$LOGS/timings.txt' '$SHIP/eval/training_times.txt' && chmod -R a+r '$SHIP' && \
     '$PY' training/nano_report.py --eval '$SHIP/eval' --checkpoint '$SHIP'"
 else
   echo "== ship: not asked for, skipped (NANO_SHIP=1 copies $NANO_OUT/final into $SHIP)"
