@@ -690,7 +690,7 @@ class MossSpeechGenerationMixin(GenerationMixin):
             if not active[modality]:
                 continue
             block, norm = model.tail(modality)
-            if len(pending[modality]) == 1 and set(block.layer_types) <= masks.keys():
+            if len(pending[modality]) == 1 and all(kind in masks for kind in block.layer_types):
                 # In step with the trunk: its mask and rotary embeddings are this tail's too.
                 hidden = norm(block(shared, masks, rotary, new_pos, cache=cache, use_cache=True))
             else:
@@ -745,7 +745,8 @@ class MossSpeechGenerationMixin(GenerationMixin):
         logits = []
         for modality in modalities:
             block, norm = model.tail(modality)
-            if not set(block.layer_types) <= masks.keys():
+            # `all(... in ...)`, not a set comparison with dict keys: torch<2.13's dynamo cannot trace the latter
+            if not all(kind in masks for kind in block.layer_types):
                 masks = {**masks, **model._mask_mapping(shared, attention_mask, cache, position_ids, block)}
             hidden = norm(block(shared, masks, rotary, position_ids, cache=cache, use_cache=True))
             logits.append(self.head(modality)(hidden[:, -1, :]))
