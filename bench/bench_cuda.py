@@ -28,6 +28,7 @@ import torch
 
 from modeling_moss_speech import MossSpeechCodecModel, MossSpeechForCausalLM
 from modeling_moss_speech.pretrained import nano_path
+from modeling_moss_speech.threads import add_threads_argument, set_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -41,7 +42,7 @@ def chat(out_dir: Path, device: str, dtype: str, modality: str, stream: bool = F
     name = f"{device}_{dtype}_{modality}{'_stream' if stream else ''}".replace(":", "")
     out = out_dir / f"{name}.wav"
     command = [sys.executable, "-m", "modeling_moss_speech", "chat", "--wav", str(EXAMPLE), "--device", device,
-               "--dtype", dtype, "--output-modality", modality, "--quiet"]
+               "--dtype", dtype, "--output-modality", modality, "--quiet", "--threads", str(torch.get_num_threads())]
     if modality == "audio":
         command += ["--out", str(out)]
     if stream:
@@ -122,7 +123,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default="bench_cuda_out", help="where the spoken answers are written")
     parser.add_argument("--device", default="cuda", help="the device compared with the CPU (default: cuda)")
+    add_threads_argument(parser)
     args = parser.parse_args()
+    set_threads(args.threads)
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         print(json.dumps({"bench": "cuda", "error": "no CUDA device"}))
