@@ -117,7 +117,7 @@ tokenizer_lane() {
     --time_stretch 0.1 --threads "$LANE_THREADS"
   run_step codec_tokenizer "$PY" training/train_speech_tokenizer.py --corpus "$NANO_DATA/voices/corpus" \
     --codec_config training/configs/nano_codec.json --init_from "$NANO_OUT/codec_tokenizer_a" \
-    --output "$NANO_OUT/codec_tokenizer" --max_steps 2500 --max_minutes "$TOKENIZER_MINUTES" --batch_size 16 \
+    --output "$NANO_OUT/codec_tokenizer" --max_steps 6000 --max_minutes "$TOKENIZER_MINUTES" --batch_size 16 \
     --learning_rate 1e-3 --eval_every 500 --vtlp 0.08 --time_stretch 0.1 \
     --report_splits validation test test_seen test_dialect test_seen_dialect --threads "$LANE_THREADS"
 }
