@@ -29,11 +29,104 @@ def _dry_run(tmp_path: Path, recipe: str = "nano.sh", **env: str) -> list[str]:
 def test_recipe_steps_in_order(tmp_path):
     lines = _dry_run(tmp_path)
     steps = [line[3:].split(":", 1)[0] for line in lines]
+    order = ["corpus", "codec_tokenizer", "codec_decoder", "codec_voice", "text_model", "prepare", "corpus_voices",
+             "prepare_voices", "codec_tokenizer_robust", "codec_voice_robust", "corpus_decoder",
+             "codec_voice_sentences", "prepare_robust", "stage1", "stage2",
+             "sft", "sft_voices", "stage2_voices_1", "sft_voices_1", "stage2_voices_2", "sft_voices_2",
+             "stage2_voices_4", "sft_voices_4", "stage2_robust_1", "sft_robust_1", "assemble", "ablation_stage1",
+             "ablation_sft_voices_4",
+             "ablation_assemble", "eval_final_test_seen_dialect", "report", "ship"]
+    assert [s for s in steps if s in order] == order
+    commands = dict(line[3:].split(": ", 1) for line in lines)
+    # the first corpus has no question voices; the voices round reads the corpus that has them
+    assert commands["corpus"].endswith("--question_voices none --overwrite --no_progress")
+    assert "--question_voices" not in commands["corpus_voices"]
+    assert f"{tmp_path}/data/voices/sft" in commands["sft_voices_4"]
+    assert "--model_name_or_path " + f"{tmp_path}/out/stage2_voices_4" in commands["sft_voices_4"]
+    assert f"--model {tmp_path}/out/sft_voices_3 " in commands["stage2_voices_4"]
+    # the robust-codes round continues the voices round on the re-encoded corpus; the main checkpoint ships the
+    # robust codec with it, the ablation (no robust round) keeps the codec its codes came from
+    assert "--vtlp 0.08 --time_stretch 0.1" in commands["codec_tokenizer_robust"]
+    assert f"--init_from {tmp_path}/out/codec_voice " in commands["codec_tokenizer_robust"]
+    assert f"--codec {tmp_path}/out/codec_tokenizer_robust " in commands["prepare_robust"]
+    assert f"--model {tmp_path}/out/sft_voices_4 " in commands["stage2_robust_1"]
+    assert f"{tmp_path}/data/robust/pretrain/speech" in commands["stage2_robust_1"]
+    assert f"--dataset_name {tmp_path}/data/robust/sft " in commands["sft_robust_1"]
+    assert f"--model {tmp_path}/out/sft_robust_1 " in commands["assemble"]
+    # the decoder's sentences: the assistant's voice asks the train-fact questions in a corpus of its own, and the
+    # flow trained on them (from the robust codec, whose codes it keeps) is the one the main checkpoint ships
+    assert commands["corpus_decoder"].endswith("--question_voices none --canonical_questions --num_workers 2 "
+                                               "--overwrite --no_progress")
+    assert f"--codec {tmp_path}/out/codec_voice_robust --corpus {tmp_path}/data/decoder/corpus " in \
+        commands["codec_voice_sentences"]
+    assert "--canonical_only" in commands["codec_voice_sentences"]
+    assert f"--codec {tmp_path}/out/codec_voice_sentences " in commands["assemble"]
+    assert f"--data {tmp_path}/data/robust " in commands["assemble"]
+    assert f"--voices_dir {tmp_path}/out/voices_robust " in commands["assemble"]
+    assert f"--save_voices {tmp_path}/out/voices_robust" in commands["codec_voice_robust"]
+    assert f"--model {tmp_path}/out/ablation/sft_voices_4 " in commands["ablation_assemble"]
+    assert f"--codec {tmp_path}/out/codec_voice " in commands["ablation_assemble"]
+    assert "robust" not in " ".join(step for step in steps if step.startswith("ablation"))
+    assert f"--corpus {tmp_path}/data/voices/corpus --split test_dialect" in commands["eval_final_test_dialect"]
+    assert commands["report"].endswith(f"training/nano_report.py --eval {tmp_path}/out/eval --checkpoint "
+                                       f"{tmp_path}/out/final")
+    assert commands["ship"].startswith("not asked for, skipped")  # the package's checkpoint is left alone
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_recipe_ships_into_the_package_only_when_asked(tmp_path):
+    shipped = ROOT / "modeling_moss_speech" / "pretrained" / "moss-speech-nano"
+    before = sorted(path.name for path in shipped.iterdir())
+    commands = dict(line[3:].split(": ", 1) for line in _dry_run(tmp_path, NANO_SHIP="1"))
+    assert commands["ship"].startswith("bash -c ")
+    assert "rm -rf 'modeling_moss_speech/pretrained/moss-speech-nano' && " \
+        f"cp -r '{tmp_path}/out/final' 'modeling_moss_speech/pretrained/moss-speech-nano'" in commands["ship"]
+    assert sorted(path.name for path in shipped.iterdir()) == before  # a dry run copies nothing
+
+
+def test_recipe_voices_rounds_knob(tmp_path):
+    steps = [line[3:].split(":", 1)[0] for line in _dry_run(tmp_path, VOICES_ROUNDS="1")]
+    assert "sft_voices_1" in steps and "stage2_voices_2" not in steps
+    assert [s for s in steps if s.startswith("assemble")] == ["assemble"]
+
+
+def test_ship_replaces_the_checkpoint_and_keeps_the_earlier_runs_results(tmp_path):
+    stub = tmp_path / "python"  # a stand-in interpreter for the model card step
+    stub.write_text("#!/usr/bin/env bash\nexit 0\n")
+    stub.chmod(0o755)
+    out, ship = tmp_path / "out", tmp_path / "ship"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "model.safetensors").write_text("new")
+    (out / "eval").mkdir()
+    (out / "eval" / "final_test.json").write_text("new")
+    (out / "logs").mkdir()
+    (out / "logs" / "timings.txt").write_text("stage1 1 s\n")
+    (ship / "eval").mkdir(parents=True)
+    (ship / "model.safetensors").write_text("old")
+    (ship / "stale.bin").write_text("old")
+    for name in ("final_test.json", "v1_final_test.json", "findings.md"):
+        (ship / "eval" / name).write_text("old")
+    result = subprocess.run(["bash", str(ROOT / "training" / "recipes" / "nano.sh")], capture_output=True,
+                            text=True, cwd=ROOT, timeout=60,
+                            env={**os.environ, "NANO_OUT": str(out), "NANO_DATA": str(tmp_path / "data"),
+                                 "PYTHON": str(stub), "NANO_STEPS": "ship", "NANO_SHIP": "1",
+                                 "NANO_SHIP_DIR": str(ship)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (ship / "model.safetensors").read_text() == "new" and not (ship / "stale.bin").exists()
+    assert (ship / "eval" / "final_test.json").read_text() == "new"
+    assert (ship / "eval" / "v1_final_test.json").read_text() == "old"
+    assert (ship / "eval" / "findings.md").read_text() == "old"
+    assert (ship / "eval" / "training_times.txt").read_text() == "stage1 1 s\n"
+
+
+def test_budget_recipe_steps_in_order(tmp_path):
+    lines = _dry_run(tmp_path, "nano_budget.sh")
+    steps = [line[3:].split(":", 1)[0] for line in lines]
     order = ["corpus_voices", "codec_tokenizer_a", "codec_tokenizer", "corpus", "tokenizer", "text_model",
              "corpus_decoder", "prepare", "codec_decoder", "ablation_stage1", "ablation_stage2_1", "ablation_sft_1",
              "ablation_stage2_3", "ablation_sft_3", "ablation_assemble", "eval_ablation_final_test_seen_dialect",
              "stage1", "stage2_1", "sft_1", "stage2_2", "sft_2", "stage2_3", "sft_3", "assemble",
-             "eval_final_test", "eval_final_test_seen_dialect", "eval_stage1_t2t", "report", "ship"]
+             "eval_final_test", "eval_final_test_seen_dialect", "eval_stage1_t2t", "report"]
     assert [s for s in steps if s in order] == order
     assert len(steps) == len(set(steps))
     commands = dict(line[3:].split(": ", 1) for line in lines)
@@ -70,51 +163,12 @@ def test_recipe_steps_in_order(tmp_path):
     assert f"--corpus {tmp_path}/data/voices/corpus --split test_dialect" in commands["eval_final_test_dialect"]
     assert commands["report"].endswith(f"training/nano_report.py --eval {tmp_path}/out/eval --checkpoint "
                                        f"{tmp_path}/out/final")
-    assert commands["ship"].startswith("not asked for, skipped")  # the package's checkpoint is left alone
+    assert "ship" not in commands  # the budget recipe ships nothing
     assert not (tmp_path / "out" / "final").exists()
 
 
-def test_recipe_ships_into_the_package_only_when_asked(tmp_path):
-    shipped = ROOT / "modeling_moss_speech" / "pretrained" / "moss-speech-nano"
-    before = sorted(path.name for path in shipped.iterdir())
-    commands = dict(line[3:].split(": ", 1) for line in _dry_run(tmp_path, NANO_SHIP="1"))
-    assert commands["ship"].startswith("bash -c ")
-    assert "rm -rf 'modeling_moss_speech/pretrained/moss-speech-nano' && " \
-        f"cp -r '{tmp_path}/out/final' 'modeling_moss_speech/pretrained/moss-speech-nano'" in commands["ship"]
-    assert sorted(path.name for path in shipped.iterdir()) == before  # a dry run copies nothing
-
-
-def test_ship_replaces_the_checkpoint_and_keeps_the_earlier_runs_results(tmp_path):
-    stub = tmp_path / "python"  # a stand-in interpreter for the model card step
-    stub.write_text("#!/usr/bin/env bash\nexit 0\n")
-    stub.chmod(0o755)
-    out, ship = tmp_path / "out", tmp_path / "ship"
-    (out / "final").mkdir(parents=True)
-    (out / "final" / "model.safetensors").write_text("new")
-    (out / "eval").mkdir()
-    (out / "eval" / "final_test.json").write_text("new")
-    (out / "logs").mkdir()
-    (out / "logs" / "timings.txt").write_text("stage1 1 s\n")
-    (ship / "eval").mkdir(parents=True)
-    (ship / "model.safetensors").write_text("old")
-    (ship / "stale.bin").write_text("old")
-    for name in ("final_test.json", "v1_final_test.json", "findings.md"):
-        (ship / "eval" / name).write_text("old")
-    result = subprocess.run(["bash", str(ROOT / "training" / "recipes" / "nano.sh")], capture_output=True,
-                            text=True, cwd=ROOT, timeout=60,
-                            env={**os.environ, "NANO_OUT": str(out), "NANO_DATA": str(tmp_path / "data"),
-                                 "PYTHON": str(stub), "NANO_STEPS": "ship", "NANO_SHIP": "1",
-                                 "NANO_SHIP_DIR": str(ship)})
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert (ship / "model.safetensors").read_text() == "new" and not (ship / "stale.bin").exists()
-    assert (ship / "eval" / "final_test.json").read_text() == "new"
-    assert (ship / "eval" / "v1_final_test.json").read_text() == "old"
-    assert (ship / "eval" / "findings.md").read_text() == "old"
-    assert (ship / "eval" / "training_times.txt").read_text() == "stage1 1 s\n"
-
-
-def test_recipe_rounds_knob(tmp_path):
-    lines = _dry_run(tmp_path, ROUNDS="1", THREADS="4")
+def test_budget_recipe_rounds_knob(tmp_path):
+    lines = _dry_run(tmp_path, "nano_budget.sh", ROUNDS="1", THREADS="4")
     steps = [line[3:].split(":", 1)[0] for line in lines]
     assert "sft_1" in steps and "stage2_2" not in steps and "ablation_stage2_2" not in steps
     commands = dict(line[3:].split(": ", 1) for line in lines)
@@ -124,12 +178,12 @@ def test_recipe_rounds_knob(tmp_path):
     assert "--threads 4" in commands["prepare"]
 
 
-def test_recipe_lanes_run_side_by_side_and_a_failed_lane_fails_the_recipe(tmp_path):
+def test_budget_recipe_lanes_run_side_by_side_and_a_failed_lane_fails_the_recipe(tmp_path):
     stub = tmp_path / "python"
     # a stand-in interpreter: every step sleeps a little, the text model fails
     stub.write_text("#!/usr/bin/env bash\nsleep 0.2\n[[ \"$*\" == *train_text_model* ]] && exit 3\nexit 0\n")
     stub.chmod(0o755)
-    result = subprocess.run(["bash", str(ROOT / "training" / "recipes" / "nano.sh")], capture_output=True,
+    result = subprocess.run(["bash", str(ROOT / "training" / "recipes" / "nano_budget.sh")], capture_output=True,
                             text=True, cwd=ROOT, timeout=60,
                             env={**os.environ, "NANO_OUT": str(tmp_path / "out"), "NANO_DATA": str(tmp_path / "data"),
                                  "PYTHON": str(stub)})

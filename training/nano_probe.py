@@ -1,6 +1,6 @@
 """Where do spoken questions stop being understood? Probes of a MOSS-Speech-Nano checkpoint, beyond `moss-speech eval`.
 
-    python training/nano_probe.py --model modeling_moss_speech/pretrained/moss-speech-nano --data data/nano \\
+    python training/nano_probe.py --model modeling_moss_speech/pretrained/moss-speech-nano --data data/nano/robust \\
         -o probe.json
 
 `--data` is an output of `processing/prepare_nano.py` (its `codes/` are read: the checkpoint's own codec must have
