@@ -64,16 +64,9 @@ ROBUST_ROUNDS=${ROBUST_ROUNDS:-1}
 NANO_DRY_RUN=${NANO_DRY_RUN:-0}
 NANO_SHIP=${NANO_SHIP:-0}
 
-export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-
-LOGS=$NANO_OUT/logs
-DONE=$NANO_OUT/.done
-mkdir -p "$LOGS" "$DONE" "$NANO_OUT/eval" "$NANO_DATA"
-TOTAL_START=$SECONDS
-
-# the step runner shared with the other nano recipes: wanted, run_step, pretrain
+# the step runner shared with the other nano recipes: recipe_setup, wanted, run_step, pretrain, eval_stage1_text
 source training/recipes/steps.sh
+recipe_setup "$NANO_OUT" "$NANO_DATA"
 
 # pre-training data: --datasets takes several entries, each a directory or a YAML mapping {path, kind}
 P=$NANO_DATA/pretrain
@@ -224,14 +217,7 @@ for split in $EVAL_SPLITS; do
 done
 
 # text knowledge right after stage I, frozen vs not (the stage-I checkpoints with the nano processor and codec)
-for name in stage1 ablation_stage1; do
-  src=$NANO_OUT/${name/ablation_/ablation/}
-  run_step "eval_${name}_t2t" bash -c "rm -rf '$NANO_OUT/eval_$name' && mkdir -p '$NANO_OUT/eval_$name' && \
-    cp '$src/config.json' '$src/model.safetensors' '$NANO_OUT/tokenizer/'* '$NANO_OUT/eval_$name/' && \
-    cp -r '$NANO_OUT/codec_voice' '$NANO_OUT/eval_$name/codec' && '$PY' -m modeling_moss_speech eval \
-    --model '$NANO_OUT/eval_$name' --corpus '$NANO_DATA/corpus' --split test --tasks t2t \
-    --baseline-text-model '$NANO_OUT/text_model' -o '$NANO_OUT/eval/${name}_test_t2t.json'"
-done
+eval_stage1_text "$NANO_OUT" "$NANO_DATA" "$NANO_OUT/codec_voice"
 # the result tables, and the model card with them in the frozen recipe's checkpoint
 run_step report "$PY" training/nano_report.py --eval "$NANO_OUT/eval" --checkpoint "$NANO_OUT/final"
 # ship (only when asked): the frozen recipe's checkpoint becomes the package's default model, with its results and

@@ -60,16 +60,9 @@ ROUNDS=${ROUNDS:-3}
 EVAL_SPLITS=${EVAL_SPLITS:-test test_seen test_dialect test_seen_dialect}
 NANO_DRY_RUN=${NANO_DRY_RUN:-0}
 
-export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-
-LOGS=$NANO_OUT/logs
-DONE=$NANO_OUT/.done
-mkdir -p "$LOGS" "$DONE" "$NANO_OUT/eval" "$NANO_DATA"
-TOTAL_START=$SECONDS
-
-# the step runner shared with the other nano recipes: wanted, run_step, pretrain
+# the step runner shared with the other nano recipes: recipe_setup, wanted, run_step, pretrain, eval_stage1_text
 source training/recipes/steps.sh
+recipe_setup "$NANO_OUT" "$NANO_DATA"
 
 # lanes NAME_A FUNCTION_A NAME_B FUNCTION_B: runs the two functions side by side with LANE_THREADS threads each
 # (output in $LOGS/lane_NAME.log; FIRST_LANE: the first one's pid), and fails if either fails; in a dry run, one after
@@ -202,14 +195,7 @@ main_lane() {
 lanes a decoder_lane b main_lane
 
 # text knowledge right after stage I, frozen vs not (the stage-I checkpoints with the nano processor and codec)
-for name in stage1 ablation_stage1; do
-  src=$NANO_OUT/${name/ablation_/ablation/}
-  run_step "eval_${name}_t2t" bash -c "rm -rf '$NANO_OUT/eval_$name' && mkdir -p '$NANO_OUT/eval_$name' && \
-    cp '$src/config.json' '$src/model.safetensors' '$NANO_OUT/tokenizer/'* '$NANO_OUT/eval_$name/' && \
-    cp -r '$CODEC' '$NANO_OUT/eval_$name/codec' && '$PY' -m modeling_moss_speech eval \
-    --model '$NANO_OUT/eval_$name' --corpus '$NANO_DATA/corpus' --split test --tasks t2t \
-    --baseline-text-model '$NANO_OUT/text_model' -o '$NANO_OUT/eval/${name}_test_t2t.json'"
-done
+eval_stage1_text "$NANO_OUT" "$NANO_DATA" "$CODEC"
 # the result tables, and the model card with them in the frozen recipe's checkpoint
 run_step report "$PY" training/nano_report.py --eval "$NANO_OUT/eval" --checkpoint "$NANO_OUT/final"
 echo "== nano budget recipe finished in $(((SECONDS - TOTAL_START) / 60)) min; step times in $LOGS/timings.txt"

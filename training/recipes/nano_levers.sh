@@ -46,13 +46,8 @@ STAGE2_STEPS=${STAGE2_STEPS:-500}
 SFT_STEPS=${SFT_STEPS:-500}
 EVAL_SPLITS=${EVAL_SPLITS:-test test_dialect test_seen test_seen_dialect}
 
-export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-
-LOGS=$LEVERS_OUT/logs
-DONE=$LEVERS_OUT/.done
-mkdir -p "$LOGS" "$DONE" "$LEVERS_OUT/eval" "$NANO_DATA"
 source training/recipes/steps.sh
+recipe_setup "$LEVERS_OUT" "$NANO_DATA"
 
 # ---------------------------------------------------------------------------------------------- data
 # the two corpora of nano.sh (same seed, same rows), encoded with BASE's codec (its encoder is the tokenizer's)

@@ -1,6 +1,17 @@
-# Step runner of the nano recipes (sourced by nano.sh and nano_levers.sh, from the repository root).
-# Reads PY, NANO_STEPS, NANO_RESUME, NANO_DRY_RUN, LOGS (one log per step + timings.txt) and DONE (completion
-# markers), which the recipe sets before sourcing this file.
+# Step runner of the nano recipes (sourced by nano.sh, nano_budget.sh and nano_levers.sh, from the repository root).
+# Reads PY, THREADS, NANO_STEPS, NANO_RESUME and NANO_DRY_RUN, which the recipe sets before sourcing this file, and
+# LOGS (one log per step + timings.txt) and DONE (completion markers), which recipe_setup sets.
+
+# recipe_setup OUT DATA: every step runs offline with THREADS threads and unbuffered output; logs in OUT/logs,
+# completion markers in OUT/.done, results in OUT/eval; TOTAL_START: when the recipe started
+recipe_setup() {
+  export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+  export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+  LOGS=$1/logs
+  DONE=$1/.done
+  mkdir -p "$LOGS" "$DONE" "$1/eval" "$2"
+  TOTAL_START=$SECONDS
+}
 
 # wanted NAME: whether step NAME runs now (in NANO_STEPS, and not completed before when resuming); says why not.
 wanted() {
@@ -42,4 +53,18 @@ pretrain() {
     rm -rf "$out"
   fi
   run_step "$name" "$PY" training/pretrain.py "$@" --output_dir "$out" ${resume[@]+"${resume[@]}"}
+}
+
+# eval_stage1_text OUT DATA CODEC: text knowledge right after stage I, frozen vs not (OUT/stage1 and
+# OUT/ablation/stage1 with the nano processor and CODEC): steps eval_stage1_t2t, eval_ablation_stage1_t2t
+eval_stage1_text() {
+  local out=$1 data=$2 codec=$3 name src
+  for name in stage1 ablation_stage1; do
+    src=$out/${name/ablation_/ablation/}
+    run_step "eval_${name}_t2t" bash -c "rm -rf '$out/eval_$name' && mkdir -p '$out/eval_$name' && \
+      cp '$src/config.json' '$src/model.safetensors' '$out/tokenizer/'* '$out/eval_$name/' && \
+      cp -r '$codec' '$out/eval_$name/codec' && '$PY' -m modeling_moss_speech eval \
+      --model '$out/eval_$name' --corpus '$data/corpus' --split test --tasks t2t \
+      --baseline-text-model '$out/text_model' -o '$out/eval/${name}_test_t2t.json'"
+  done
 }
