@@ -6,7 +6,8 @@
 Reads the `moss-speech eval` JSON files of the recipe (`final_*.json`, `ablation_final_*.json` and the stage-I text
 checks `stage1_test_t2t.json` / `ablation_stage1_test_t2t.json`; also `v2_final_*.json` (the checkpoint before the
 robust-codes round) and `v1_final_*.json` / `v1_ablation_final_*.json` (the earlier recipe without the voices round)
-where present, kept with the shipped checkpoint as the before columns;
+where present, kept with the shipped checkpoint as the before columns; `budget_final_*.json` /
+`budget_ablation_final_*.json` (training/recipes/nano_budget.sh's run, renamed);
 `lever_<run>_*.json` of `training/recipes/nano_levers.sh`), prints the Markdown tables (one column per run found,
 per split) and writes `README.md` (the nano model card: the experiment from `model_cards/moss_speech_nano.md`, these
 tables, and the hand-written reading of this run's results, `findings.md` of the eval directory, where there is one)
@@ -44,7 +45,9 @@ RUNS = (("frozen stage I + voices round + robust codes + sentence decoder (shipp
         ("no freezing + voices round (ablation)", "ablation_final"),
         ("v2: frozen stage I + voices round, before the robust codes", "v2_final"),
         ("v1: frozen stage I, no voices round", "v1_final"),
-        ("v1: no freezing, no voices round", "v1_ablation_final"))
+        ("v1: no freezing, no voices round", "v1_ablation_final"),
+        ("2-hour recipe (nano_budget.sh): frozen stage I", "budget_final"),
+        ("2-hour recipe: no freezing", "budget_ablation_final"))
 # training/recipes/nano_levers.sh: one more round from a checkpoint (these were run from v2), with or without an
 # alignment lever; their own tables, their starting checkpoint as the first column
 LEVER_RUNS = (("v2 (their starting point)", "v2_final"),
