@@ -64,7 +64,8 @@ ROBUST_ROUNDS=${ROBUST_ROUNDS:-1}
 NANO_DRY_RUN=${NANO_DRY_RUN:-0}
 NANO_SHIP=${NANO_SHIP:-0}
 
-# the step runner shared with the other nano recipes: recipe_setup, wanted, run_step, pretrain, eval_stage1_text
+# the step runner shared with the other nano recipes: recipe_setup, wanted, run_step, pretrain, stage2_sft_round,
+# eval_checkpoint, eval_stage1_text
 source training/recipes/steps.sh
 recipe_setup "$NANO_OUT" "$NANO_DATA"
 
@@ -150,21 +151,6 @@ run_step prepare_robust "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/vo
   --threads "$THREADS" --no_progress
 
 # ---------------------------------------------------------------------------------------------- speech LLM
-# stage2_sft_round SUFFIX DATA: one more round from $model: stage II on DATA's pre-training sets (DATA: an output of
-# prepare_nano.py) with its text mixed in, then SFT on DATA/sft; steps ${prefix}stage2_SUFFIX and ${prefix}sft_SUFFIX
-# into $root/stage2_SUFFIX and $root/sft_SUFFIX; $model becomes the SFT checkpoint
-stage2_sft_round() {
-  local suffix=$1 d=$2
-  pretrain "${prefix}stage2_$suffix" "$root/stage2_$suffix" --config training/configs/nano_stage2.yaml \
-    --model "$model" --datasets "$d/pretrain/speech" "$d/pretrain/interleaved" "$d/pretrain/spoken_qa" \
-    "{path: $d/pretrain/text, kind: text}" \
-    --eval_datasets "$d/pretrain/eval" "{path: $d/pretrain/text_eval, kind: text}" --max_steps "$STAGE2_STEPS"
-  run_step "${prefix}sft_$suffix" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
-    --model_name_or_path "$root/stage2_$suffix" --processor_name_or_path "$NANO_OUT/tokenizer" \
-    --dataset_name "$d/sft" --output_dir "$root/sft_$suffix" --max_steps "$SFT_STEPS"
-  model=$root/sft_$suffix
-}
-
 # main run: stage I frozen, stage II joint, SFT; ablation: stage I unfrozen (nano_ablation.yaml), same afterwards
 for run in main ablation; do
   if [[ $run == main ]]; then
@@ -189,13 +175,13 @@ for run in main ablation; do
     --dataset_name "$NANO_DATA/voices/sft" --output_dir "$root/sft_voices" --max_steps "$SFT_STEPS"
   model=$root/sft_voices
   for round in $(seq 1 "$VOICES_ROUNDS"); do
-    stage2_sft_round "voices_$round" "$NANO_DATA/voices"
+    stage2_sft_round "voices_$round" "$NANO_DATA/voices" "$STAGE2_STEPS" "$SFT_STEPS"
   done
   codec=$NANO_OUT/codec_voice data=$NANO_DATA voices=$NANO_OUT/voices
   if [[ $run == main ]]; then
     # the robust-codes round: stage II and SFT on the corpus re-encoded by the robust tokenizer
     for round in $(seq 1 "$ROBUST_ROUNDS"); do
-      stage2_sft_round "robust_$round" "$NANO_DATA/robust"
+      stage2_sft_round "robust_$round" "$NANO_DATA/robust" "$STAGE2_STEPS" "$SFT_STEPS"
     done
     # voice prompts hold the tokenizer's codes of their audio: the robust codec's own (the sentences step trains
     # the flow only, so its codes are the robust codec's)
@@ -208,12 +194,8 @@ for run in main ablation; do
 done
 
 # ---------------------------------------------------------------------------------------------- evaluation
-for split in $EVAL_SPLITS; do
-  for name in final ablation_final; do
-    run_step "eval_${name}_$split" "$PY" -m modeling_moss_speech eval --model "$NANO_OUT/$name" \
-      --corpus "$NANO_DATA/voices/corpus" --split "$split" --baseline-text-model "$NANO_OUT/text_model" \
-      -o "$NANO_OUT/eval/${name}_$split.json"
-  done
+for name in final ablation_final; do
+  eval_checkpoint "$name" "$NANO_DATA"
 done
 
 # text knowledge right after stage I, frozen vs not (the stage-I checkpoints with the nano processor and codec)

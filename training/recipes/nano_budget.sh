@@ -60,7 +60,8 @@ ROUNDS=${ROUNDS:-3}
 EVAL_SPLITS=${EVAL_SPLITS:-test test_seen test_dialect test_seen_dialect}
 NANO_DRY_RUN=${NANO_DRY_RUN:-0}
 
-# the step runner shared with the other nano recipes: recipe_setup, wanted, run_step, pretrain, eval_stage1_text
+# the step runner shared with the other nano recipes: recipe_setup, wanted, run_step, pretrain, stage2_sft_round,
+# eval_checkpoint, eval_stage1_text
 source training/recipes/steps.sh
 recipe_setup "$NANO_OUT" "$NANO_DATA"
 
@@ -90,9 +91,7 @@ lanes() {
 # pre-training data: --datasets takes several entries, each a directory or a YAML mapping {path, kind}
 P=$NANO_DATA/pretrain
 SPEECH_DATA=("$P/speech" "$P/interleaved" "$P/spoken_qa")
-MIXED_DATA=("$P/speech" "$P/interleaved" "$P/spoken_qa" "{path: $P/text, kind: text}")
 EVAL_DATA=("$P/eval")
-MIXED_EVAL_DATA=("$P/eval" "{path: $P/text_eval, kind: text}")
 CODEC=$NANO_OUT/codec
 
 # ---------------------------------------------------------------------------------------------- data and tokenizer
@@ -150,17 +149,13 @@ llm() {
   pretrain "${prefix}stage1" "$root/stage1" --config "$stage1_config" \
     --init_from_text_model "$NANO_OUT/text_model" --datasets "${SPEECH_DATA[@]}" --eval_datasets "${EVAL_DATA[@]}" \
     --max_steps "$STAGE1_STEPS"
-  local model=$root/stage1 round stage2_steps sft_steps
+  local model=$root/stage1 round
   for round in $(seq 1 "$ROUNDS"); do
-    stage2_steps=$ROUND_STAGE2_STEPS sft_steps=$ROUND_SFT_STEPS
-    if [[ $round == 1 ]]; then stage2_steps=$STAGE2_STEPS sft_steps=$SFT_STEPS; fi
-    pretrain "${prefix}stage2_$round" "$root/stage2_$round" --config training/configs/nano_stage2.yaml \
-      --model "$model" --datasets "${MIXED_DATA[@]}" --eval_datasets "${MIXED_EVAL_DATA[@]}" \
-      --max_steps "$stage2_steps"
-    run_step "${prefix}sft_$round" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
-      --model_name_or_path "$root/stage2_$round" --processor_name_or_path "$NANO_OUT/tokenizer" \
-      --dataset_name "$NANO_DATA/sft" --output_dir "$root/sft_$round" --max_steps "$sft_steps"
-    model=$root/sft_$round
+    if [[ $round == 1 ]]; then
+      stage2_sft_round "$round" "$NANO_DATA" "$STAGE2_STEPS" "$SFT_STEPS"
+    else
+      stage2_sft_round "$round" "$NANO_DATA" "$ROUND_STAGE2_STEPS" "$ROUND_SFT_STEPS"
+    fi
   done
   # lane B gets here long after lane A's decoder (an hour against 30 min); otherwise it waits (or gives up when the
   # other lane failed)
@@ -172,12 +167,7 @@ llm() {
   run_step "${prefix}assemble" "$PY" training/assemble_nano.py --model "$model" \
     --processor "$NANO_OUT/tokenizer" --codec "$CODEC" --corpus "$NANO_DATA/corpus" --data "$NANO_DATA" \
     --voices_dir "$NANO_OUT/voices" --voices none --output "$final"
-  local split
-  for split in $EVAL_SPLITS; do
-    run_step "eval_${name}_$split" "$PY" -m modeling_moss_speech eval --model "$final" \
-      --corpus "$NANO_DATA/voices/corpus" --split "$split" --baseline-text-model "$NANO_OUT/text_model" \
-      -o "$NANO_OUT/eval/${name}_$split.json"
-  done
+  eval_checkpoint "$name" "$NANO_DATA"
 }
 
 # the assistant speaks every answer in the canonical voice: the flow learns that voice alone, whole questions

@@ -68,3 +68,30 @@ eval_stage1_text() {
       --baseline-text-model '$out/text_model' -o '$out/eval/${name}_test_t2t.json'"
   done
 }
+
+# stage2_sft_round SUFFIX DATA STAGE2_STEPS SFT_STEPS: one more round from $model: stage II on DATA's pre-training sets
+# (DATA: an output of prepare_nano.py) with its text mixed in, then SFT on DATA/sft (processor $NANO_OUT/tokenizer);
+# steps ${prefix}stage2_SUFFIX and ${prefix}sft_SUFFIX into $root/stage2_SUFFIX and $root/sft_SUFFIX; $model (the
+# caller's) becomes the SFT checkpoint
+stage2_sft_round() {
+  local suffix=$1 d=$2 stage2_steps=$3 sft_steps=$4
+  pretrain "${prefix}stage2_$suffix" "$root/stage2_$suffix" --config training/configs/nano_stage2.yaml \
+    --model "$model" --datasets "$d/pretrain/speech" "$d/pretrain/interleaved" "$d/pretrain/spoken_qa" \
+    "{path: $d/pretrain/text, kind: text}" \
+    --eval_datasets "$d/pretrain/eval" "{path: $d/pretrain/text_eval, kind: text}" --max_steps "$stage2_steps"
+  run_step "${prefix}sft_$suffix" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
+    --model_name_or_path "$root/stage2_$suffix" --processor_name_or_path "$NANO_OUT/tokenizer" \
+    --dataset_name "$d/sft" --output_dir "$root/sft_$suffix" --max_steps "$sft_steps"
+  model=$root/sft_$suffix
+}
+
+# eval_checkpoint NAME DATA: `moss-speech eval` of $NANO_OUT/NAME on each of EVAL_SPLITS of DATA/voices/corpus (text
+# retention against $NANO_OUT/text_model): steps eval_NAME_SPLIT, results $NANO_OUT/eval/NAME_SPLIT.json
+eval_checkpoint() {
+  local name=$1 data=$2 split
+  for split in $EVAL_SPLITS; do
+    run_step "eval_${name}_$split" "$PY" -m modeling_moss_speech eval --model "$NANO_OUT/$name" \
+      --corpus "$data/voices/corpus" --split "$split" --baseline-text-model "$NANO_OUT/text_model" \
+      -o "$NANO_OUT/eval/${name}_$split.json"
+  done
+}
