@@ -17,6 +17,7 @@ Needs a machine with a GPU (exits with code 2 otherwise). What it runs:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -49,8 +50,8 @@ def chat(out_dir: Path, device: str, dtype: str, modality: str, stream: bool = F
         command.append("--stream")
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    entry = {"command": " ".join(command[1:]), "returncode": result.returncode, "wall_s": time.perf_counter() - start,
-             "answer": result.stdout.strip()}
+    entry = {"command": " ".join(command[1:]), "modality": modality, "returncode": result.returncode,
+             "wall_s": time.perf_counter() - start, "answer": result.stdout.strip()}
     if result.returncode != 0:
         entry["stderr_tail"] = result.stderr[-1500:]
     elif modality == "audio":
@@ -79,21 +80,18 @@ def release_shaped_check(device: str, new_tokens: int = 24) -> dict:
     torch.manual_seed(0)
     config = bench_config(quick=False)
     cpu = MossSpeechForCausalLM(config).eval()
-    gpu = MossSpeechForCausalLM(config).eval()
-    gpu.load_state_dict(cpu.state_dict())
-    gpu = gpu.to(device)
+    gpu = copy.deepcopy(cpu).to(device)
     text = torch.randint(0, config.vocab_size - 8, (2, 96))
     grid = torch.stack([text, torch.full_like(text, config.audio_pad_token_id)], dim=-1)
     grid[:, 40:70, 1] = torch.randint(0, 16384, (2, 30))  # a speech span, so both channels carry tokens
+
     def logits(model, grid):  # both channels' logits, side by side
         out = model(grid)
         return torch.cat([out.text_logits, out.audio_logits], dim=-1).float().cpu()
 
     logits_cpu = logits(cpu, grid)
     logits_gpu = logits(gpu, grid.to(device))
-    gpu_bf16 = MossSpeechForCausalLM(config).eval()
-    gpu_bf16.load_state_dict(cpu.state_dict())
-    gpu_bf16 = gpu_bf16.to(device, torch.bfloat16)
+    gpu_bf16 = copy.deepcopy(cpu).to(device, torch.bfloat16)
     logits_bf16 = logits(gpu_bf16, grid.to(device))
     common = dict(do_sample=False, repetition_penalty=1.0, max_new_tokens=new_tokens, eos_token_id=[])
     prompt = grid[:1, :64]
@@ -136,15 +134,14 @@ def main() -> None:
             for where, dtype in (("cpu", "float32"), (device, "float32"), (device, "bfloat16"))
             for modality in ("text", "audio")]
     runs.append(chat(out_dir, device, "float32", "audio", stream=True))
-    reference = {run["command"].split("--output-modality ")[1].split()[0]: run["answer"] for run in runs[:2]}
+    reference = {run["modality"]: run["answer"] for run in runs[:2]}  # the CPU's
     report = {
         "bench": "cuda",
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else device,
         "torch": torch.__version__,
         "readme_command": runs,
         "readme_command_same_answer_everywhere": all(
-            run["returncode"] == 0 and run["answer"] == reference[run["command"].split("--output-modality ")[1]
-                                                                  .split()[0]] for run in runs),
+            run["returncode"] == 0 and run["answer"] == reference[run["modality"]] for run in runs),
         "codec": codec_check(device),
         "release_shaped": release_shaped_check(device),
     }
