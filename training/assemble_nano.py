@@ -36,8 +36,8 @@ from modeling_moss_speech import (
 from modeling_moss_speech.apps.script_utils import NANO_CODES_MANIFEST as CODES_MANIFEST
 from modeling_moss_speech.apps.script_utils import (
     ScriptArgumentParser,
-    codec_fingerprint,
     load_audio_value,
+    nano_codes_made_by,
     none_means_empty,
     threads_field,
 )
@@ -80,11 +80,10 @@ def assemble(model: str | os.PathLike, processor: str | os.PathLike, codec: str 
     """Write the checkpoint directory (module docstring); returns the `nano_info.json` content."""
     output = Path(output)
     if data is not None:
-        manifest_path = Path(data) / "codes" / CODES_MANIFEST
-        if not manifest_path.is_file():
+        made_by = nano_codes_made_by(data, codec)
+        if made_by is None:
             raise ValueError(f"--data {str(data)!r} has no codes/{CODES_MANIFEST} (run processing/prepare_nano.py).")
-        used = json.loads(manifest_path.read_text())["codec"]
-        if used != codec_fingerprint(codec):
+        if not made_by:
             raise ValueError(f"--codec {str(codec)!r} is not the codec the training data in {str(data)!r} was "
                              "encoded with (fingerprints differ): ship the codec prepare_nano.py used.")
     if voices and corpus is None:

@@ -37,12 +37,7 @@ from transformers.utils import logging
 from modeling_moss_speech import MossSpeechForCausalLM, MossSpeechProcessor
 from modeling_moss_speech.apps.evaluation import greedy_kwargs
 from modeling_moss_speech.apps.recognition import normalize_answer
-from modeling_moss_speech.apps.script_utils import (
-    NANO_CODES_MANIFEST,
-    ScriptArgumentParser,
-    codec_fingerprint,
-    threads_field,
-)
+from modeling_moss_speech.apps.script_utils import ScriptArgumentParser, nano_codes_made_by, threads_field
 from modeling_moss_speech.threads import set_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "processing"))  # a folder of scripts, not a package
@@ -182,14 +177,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not codes_dir.is_dir():
         raise ValueError(f"--data {args.data!r} has no codes/ (expected processing/prepare_nano.py's output).")
     # codes from another codec than the checkpoint's would be read as other sounds: wrong answers, no error
-    codec_dir, manifest = Path(args.model) / "codec", codes_dir / NANO_CODES_MANIFEST
-    if codec_dir.is_dir() and manifest.is_file():
-        if json.loads(manifest.read_text())["codec"] != codec_fingerprint(codec_dir):
-            raise ValueError(f"the codes in {str(codes_dir)!r} were not made by {str(codec_dir)!r}'s encoder "
-                             "(fingerprints differ): pass the prepare_nano.py output of this checkpoint's codec.")
-    else:
-        logger.warning("nano_probe: %s has no codec/ (or the codes no manifest): not checked that the codes are its "
-                       "codec's.", args.model)
+    codec_dir = Path(args.model) / "codec"
+    made_by = nano_codes_made_by(args.data, codec_dir) if codec_dir.is_dir() else None
+    if made_by is False:
+        raise ValueError(f"the codes in {str(codes_dir)!r} were not made by {str(codec_dir)!r}'s encoder "
+                         "(fingerprints differ): pass the prepare_nano.py output of this checkpoint's codec.")
+    if made_by is None:
+        logger.warning("nano_probe: %s has no codec/ (or the codes no manifest): not checked that the codes are "
+                       "its codec's.", args.model)
     model = MossSpeechForCausalLM.from_pretrained(args.model).eval()
     processor = MossSpeechProcessor.from_pretrained(args.model)
     result = {"model": args.model, "data": args.data, "voices": args.voices,

@@ -10,6 +10,7 @@ here rather than in one script that the other folder would have to put on `sys.p
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 from argparse import ArgumentTypeError
@@ -264,3 +265,13 @@ def codec_fingerprint(codec_dir: str | os.PathLike) -> str:
                 digest.update(key.encode())
                 digest.update(handle.get_tensor(key).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def nano_codes_made_by(data_dir: str | os.PathLike, codec_dir: str | os.PathLike) -> bool | None:
+    """Whether the cached codes of a `processing/prepare_nano.py` output were made by `codec_dir`'s encoder (their
+    manifest's codec fingerprint is `codec_fingerprint(codec_dir)`); None when `data_dir/codes` has no manifest."""
+    manifest = os.path.join(data_dir, "codes", NANO_CODES_MANIFEST)
+    if not os.path.isfile(manifest):
+        return None
+    with open(manifest) as handle:
+        return json.load(handle)["codec"] == codec_fingerprint(codec_dir)
