@@ -26,6 +26,14 @@ def _dry_run(tmp_path: Path, recipe: str = "nano.sh", **env: str) -> list[str]:
     return [line for line in result.stdout.splitlines() if line.startswith("== ") and ": " in line]
 
 
+def _stand_in_python(tmp_path: Path, body: str = "exit 0") -> str:
+    """A stand-in interpreter for real (not dry) recipe runs: a bash script whose body decides each step's fate."""
+    stub = tmp_path / "python"
+    stub.write_text(f"#!/usr/bin/env bash\n{body}\n")
+    stub.chmod(0o755)
+    return str(stub)
+
+
 def test_recipe_steps_in_order(tmp_path):
     lines = _dry_run(tmp_path)
     steps = [line[3:].split(":", 1)[0] for line in lines]
@@ -91,9 +99,6 @@ def test_recipe_voices_rounds_knob(tmp_path):
 
 
 def test_ship_replaces_the_checkpoint_and_keeps_the_earlier_runs_results(tmp_path):
-    stub = tmp_path / "python"  # a stand-in interpreter for the model card step
-    stub.write_text("#!/usr/bin/env bash\nexit 0\n")
-    stub.chmod(0o755)
     out, ship = tmp_path / "out", tmp_path / "ship"
     (out / "final").mkdir(parents=True)
     (out / "final" / "model.safetensors").write_text("new")
@@ -106,11 +111,9 @@ def test_ship_replaces_the_checkpoint_and_keeps_the_earlier_runs_results(tmp_pat
     (ship / "stale.bin").write_text("old")
     for name in ("final_test.json", "v1_final_test.json", "findings.md"):
         (ship / "eval" / name).write_text("old")
-    result = subprocess.run(["bash", str(ROOT / "training" / "recipes" / "nano.sh")], capture_output=True,
-                            text=True, cwd=ROOT, timeout=60,
-                            env={**os.environ, "NANO_OUT": str(out), "NANO_DATA": str(tmp_path / "data"),
-                                 "PYTHON": str(stub), "NANO_STEPS": "ship", "NANO_SHIP": "1",
-                                 "NANO_SHIP_DIR": str(ship)})
+    # a real run of the ship step alone; the stand-in interpreter plays the model card step
+    result = _run_recipe(tmp_path, "nano.sh", NANO_DRY_RUN="0", PYTHON=_stand_in_python(tmp_path), NANO_STEPS="ship",
+                         NANO_SHIP="1", NANO_SHIP_DIR=str(ship))
     assert result.returncode == 0, result.stdout + result.stderr
     assert (ship / "model.safetensors").read_text() == "new" and not (ship / "stale.bin").exists()
     assert (ship / "eval" / "final_test.json").read_text() == "new"
@@ -179,16 +182,11 @@ def test_budget_recipe_rounds_knob(tmp_path):
 
 
 def test_budget_recipe_lanes_run_side_by_side_and_a_failed_lane_fails_the_recipe(tmp_path):
-    stub = tmp_path / "python"
-    # a stand-in interpreter: every step sleeps a little, the text model fails
-    stub.write_text("#!/usr/bin/env bash\nsleep 0.2\n[[ \"$*\" == *train_text_model* ]] && exit 3\nexit 0\n")
-    stub.chmod(0o755)
-    result = subprocess.run(["bash", str(ROOT / "training" / "recipes" / "nano_budget.sh")], capture_output=True,
-                            text=True, cwd=ROOT, timeout=60,
-                            env={**os.environ, "NANO_OUT": str(tmp_path / "out"), "NANO_DATA": str(tmp_path / "data"),
-                                 "PYTHON": str(stub)})
+    # every step of the stand-in interpreter sleeps a little; the text model fails
+    python = _stand_in_python(tmp_path, 'sleep 0.2\n[[ "$*" == *train_text_model* ]] && exit 3\nexit 0')
+    result = _run_recipe(tmp_path, "nano_budget.sh", NANO_DRY_RUN="0", PYTHON=python)
     assert result.returncode != 0
-    assert "text failed" in result.stderr or "failed" in result.stderr
+    assert "lanes: tokenizer or text failed" in result.stderr
     done = {path.name for path in (tmp_path / "out" / ".done").iterdir()}
     # the other lane ran to its end; nothing after the lanes ran
     assert {"corpus_voices", "codec_tokenizer_a", "codec_tokenizer", "corpus", "tokenizer"} <= done
