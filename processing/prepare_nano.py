@@ -7,6 +7,9 @@ Step 1, codes (cached): every utterance of the corpus' audio splits (`train`, `v
 encoded once with the codec (`codec.encode(waveforms, 16000).codes`, batched by length) into `<output>/codes`, a
 `DatasetDict` with the corpus' columns but `codes` (list of int) instead of `audio`. A rerun reuses it while the
 codec's weights and the corpus are the same (`codes/nano_codes.json` holds their fingerprints; `--reencode` forces).
+With `--speed_perturb 0.9 1.1` the train split also holds every train question encoded played 0.9 and 1.1 times as
+fast (Kaldi-style speed perturbation: pitch and formants move with the rate), as rows of the voices `<voice>@0.9` and
+`<voice>@1.1`: more voices for every speech set and conversation below, never the assistant's canonical answers.
 
 Step 2, datasets (always rebuilt from the codes; only TRAIN-split utterances of TRAIN facts are ever speech,
 held-out facts appear only as text; the `test` splits are never read here). Pre-training grids: an `input_ids`
@@ -125,8 +128,10 @@ def corpus_fingerprint(corpus: datasets.DatasetDict) -> dict[str, str]:
 
 @torch.inference_mode()
 def encode_split(split: datasets.Dataset, codec: MossSpeechCodecModel, batch_size: int = 64, chunk: int = 1024,
-                 name: str = "split", progress: bool = True) -> list[list[int]]:
-    """Codes of every row's audio, in row order; rows are read `chunk` at a time and encoded sorted by length."""
+                 name: str = "split", progress: bool = True, speed: float = 1.0) -> list[list[int]]:
+    """Codes of every row's audio, in row order; rows are read `chunk` at a time and encoded sorted by length.
+    `speed` != 1 encodes each waveform speed-perturbed first: read as if sampled at `speed` times the codec's rate
+    and resampled back, so it plays `speed` times faster with every frequency (pitch and formants) scaled by it."""
     from tqdm.auto import tqdm
 
     out: list[list[int] | None] = [None] * len(split)
@@ -138,6 +143,8 @@ def encode_split(split: datasets.Dataset, codec: MossSpeechCodecModel, batch_siz
             waveform, rate = load_audio_value(value, f"{name} row {start + offset}")
             if rate != CODEC_RATE:
                 (waveform,) = prepare_waveforms(waveform, rate, target_rate=CODEC_RATE)
+            if speed != 1.0:
+                (waveform,) = prepare_waveforms(waveform, round(CODEC_RATE * speed), target_rate=CODEC_RATE)
             waveforms.append(waveform)
         order = sorted(range(len(waveforms)), key=lambda i: waveforms[i].numel())
         for lo in range(0, len(order), batch_size):
@@ -152,9 +159,13 @@ def encode_split(split: datasets.Dataset, codec: MossSpeechCodecModel, batch_siz
 
 def encode_corpus(corpus: datasets.DatasetDict, codec_dir: str | os.PathLike, output: str | os.PathLike,
                   batch_size: int = 64, reencode: bool = False, num_codes: int | None = None,
-                  progress: bool = True) -> datasets.DatasetDict:
-    """The codes `DatasetDict` of every audio split (cached in `output`, see the module docstring)."""
+                  progress: bool = True, speed_perturb: Sequence[float] = ()) -> datasets.DatasetDict:
+    """The codes `DatasetDict` of every audio split (cached in `output`, see the module docstring); with
+    `speed_perturb`, the train split also holds each of its questions encoded at each of those speeds."""
+    speed_perturb = check_speed_perturb(speed_perturb)
     manifest = {"codec": codec_fingerprint(codec_dir), "corpus": corpus_fingerprint(corpus)}
+    if speed_perturb:
+        manifest["speed_perturb"] = list(speed_perturb)
     manifest_path = os.path.join(output, CODES_MANIFEST)
     if not reencode and os.path.isfile(manifest_path):
         with open(manifest_path, encoding="utf-8") as handle:
@@ -173,6 +184,21 @@ def encode_corpus(corpus: datasets.DatasetDict, codec_dir: str | os.PathLike, ou
         split = corpus[name]
         codes = encode_split(split, codec, batch_size=batch_size, name=name, progress=progress)
         columns = {c: split[c] for c in ROW_COLUMNS}
+        if name == "train" and speed_perturb:
+            questions = [i for i, kind in enumerate(split["kind"]) if kind == "question"]
+            asked = split.select(questions)
+            for speed in speed_perturb:
+                codes += encode_split(asked, codec, batch_size=batch_size, name=f"{name} at speed {speed:g}",
+                                      progress=progress, speed=speed)
+                # a voice of its own, never the assistant's: canonical answers stay the unperturbed recordings
+                tag = f"@{speed:g}"
+                for column in ROW_COLUMNS:
+                    values = list(asked[column])
+                    if column in ("utt_id", "voice"):
+                        values = [value + tag for value in values]
+                    elif column == "canonical":
+                        values = [False] * len(values)
+                    columns[column] = list(columns[column]) + values
         splits[name] = datasets.Dataset.from_dict({**columns, "codes": codes}, features=CODES_FEATURES)
     result = datasets.DatasetDict(splits)
     tmp = f"{output}.tmp"
@@ -183,6 +209,20 @@ def encode_corpus(corpus: datasets.DatasetDict, codec_dir: str | os.PathLike, ou
     shutil.rmtree(output, ignore_errors=True)
     os.rename(tmp, output)
     return datasets.load_from_disk(str(output))
+
+
+def check_speed_perturb(factors: Sequence[float]) -> tuple[float, ...]:
+    """The speed-perturbation factors as a tuple of distinct floats in [0.5, 2] other than 1."""
+    out = []
+    for factor in factors:
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            raise TypeError(f"speed_perturb factors must be numbers, got {factor!r}.")
+        if not 0.5 <= factor <= 2.0 or factor == 1.0:
+            raise ValueError(f"speed_perturb factors must lie in [0.5, 2] and differ from 1, got {factor}.")
+        if float(factor) in out:
+            raise ValueError(f"speed_perturb factor {factor} is given twice.")
+        out.append(float(factor))
+    return tuple(out)
 
 
 # ------------------------------------------------------------------------------------------------ grids
@@ -430,7 +470,7 @@ def _save(data: datasets.Dataset | datasets.DatasetDict, path: str) -> None:
 def prepare(corpus: str | os.PathLike, codec: str | os.PathLike, tokenizer: str | os.PathLike | Any,
             output: str | os.PathLike, batch_size: int = 64, reencode: bool = False, qa_t2s_repeats: int = 3,
             sft_t2s_repeats: int = 4, sft_t2t_repeats: int = 4, seed: int = 0,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, speed_perturb: Sequence[float] = ()) -> dict[str, Any]:
     """Run both steps (module docstring); returns the summary also written to `<output>/prepare_nano.json`."""
     from transformers import AutoTokenizer
 
@@ -447,7 +487,7 @@ def prepare(corpus: str | os.PathLike, codec: str | os.PathLike, tokenizer: str 
     facts = data["facts"].to_list()
     os.makedirs(output, exist_ok=True)
     codes = encode_corpus(data, codec, os.path.join(output, "codes"), batch_size=batch_size, reencode=reencode,
-                          num_codes=processor.num_codes, progress=progress)
+                          num_codes=processor.num_codes, progress=progress, speed_perturb=speed_perturb)
     encoded = time.monotonic()
 
     maker = GridMaker(processor)
@@ -490,6 +530,10 @@ class PrepareNanoArguments:
     sft_t2s_repeats: int = field(default=4, metadata={"help": "Copies of each T->S conversation."})
     sft_t2t_repeats: int = field(default=4, metadata={"help": "Copies of each T->T conversation."})
     seed: int = field(default=0, metadata={"help": "Seed of the SFT shuffle."})
+    speed_perturb: list[float] = field(default_factory=list, metadata={
+        "help": "Speed-perturbation factors, e.g. 0.9 1.1: each train question is also encoded played that many "
+                "times faster (pitch and formants scaled alike), as train rows of a voice '<voice>@<factor>' that "
+                "every speech set and SFT conversation then reads (none: off)."})
     threads: int | None = threads_field()
     progress: bool = field(default=True, metadata={"help": "Progress bars (--no_progress: none)."})
 
@@ -498,6 +542,7 @@ class PrepareNanoArguments:
             raise ValueError("--codec is required.")
         if self.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}.")
+        check_speed_perturb(self.speed_perturb)
 
 
 def make_parser() -> ScriptArgumentParser:
@@ -512,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = prepare(args.corpus, args.codec, args.tokenizer, args.output, batch_size=args.batch_size,
                       reencode=args.reencode, qa_t2s_repeats=args.qa_t2s_repeats,
                       sft_t2s_repeats=args.sft_t2s_repeats, sft_t2t_repeats=args.sft_t2t_repeats, seed=args.seed,
-                      progress=args.progress)
+                      progress=args.progress, speed_perturb=args.speed_perturb)
     print(json.dumps(summary), flush=True)
     return summary
 

@@ -28,6 +28,7 @@ from modeling_moss_speech import (
     MossSpeechForCausalLM,
     MossSpeechProcessor,
 )
+from modeling_moss_speech.feature_extraction_moss_speech import prepare_waveforms
 
 ROOT = Path(__file__).resolve().parents[1]
 for _path in (ROOT / "processing", ROOT / "training"):
@@ -250,6 +251,48 @@ def test_prepare_nano_reuses_the_codes_and_rejects_speech_of_heldout_facts(world
     with pytest.raises(ValueError, match="question of a held-out fact"):
         prepare_nano.prepare(tmp_path / "bad_reading", world["codec"], world["tokenizer"], tmp_path / "out2",
                              progress=False)
+
+
+def test_prepare_nano_speed_perturbation_adds_faster_and_slower_questions(world, tmp_path):
+    """--speed_perturb: each train question is also encoded played faster / slower, as a voice of its own that the
+    speech sets and conversations read, while the assistant's canonical answers stay the unperturbed recordings."""
+    summary = prepare_nano.prepare(world["corpus"], world["codec"], world["tokenizer"], tmp_path / "data",
+                                   batch_size=4, progress=False, speed_perturb=[0.8, 1.25])
+    codes = datasets.load_from_disk(str(tmp_path / "data" / "codes"))["train"]
+    plain = datasets.load_from_disk(str(Path(world["data"]) / "codes"))["train"]
+    questions = [row for row in plain if row["kind"] == "question"]
+    assert len(codes) == len(plain) + 2 * len(questions)
+    assert codes.select(range(len(plain)))["codes"] == plain["codes"]  # the recordings themselves, unchanged
+    added = codes.select(range(len(plain), len(codes)))
+    assert [v.rsplit("@", 1) for v in added["voice"]] == [[q["voice"], f] for f in ("0.8", "1.25") for q in questions]
+    assert not any(added["canonical"]) and set(added["kind"]) == {"question"}
+
+    # each added row is its recording resampled: played 1.25 times as fast it is a fifth shorter
+    corpus = datasets.load_from_disk(world["corpus"])["train"].cast_column("audio", datasets.Audio(decode=False))
+    audio = {row["utt_id"]: row["audio"]["bytes"] for row in corpus}
+    codec = MossSpeechCodecModel.from_pretrained(world["codec"]).eval()
+    fast = added[len(questions)]
+    wave, rate = sf.read(io.BytesIO(audio[fast["utt_id"].rsplit("@", 1)[0]]), dtype="float32")
+    (resampled,) = prepare_waveforms(wave, round(rate * 1.25), target_rate=rate)
+    assert abs(resampled.numel() - len(wave) / 1.25) <= 1
+    assert fast["codes"] == codec.encode([resampled], sampling_rate=rate).codes[0].tolist()
+
+    # 4 train facts x 2 voices x 3 speeds, each answered with the canonical recording
+    assert summary["datasets"]["pretrain/spoken_qa"]["forms"] == {"qa_s2s": 24, "qa_s2t": 24, "qa_t2s": 12}
+    assert summary["datasets"]["sft/train"]["modes"] == {"s2s": 24, "s2t": 24, "t2s": 16, "t2t": 24}
+    canonical = {r["fact_id"]: r["codes"] for r in plain if r["canonical"]}
+    sft = datasets.load_from_disk(str(tmp_path / "data" / "sft"))["train"]
+    for example in sft:
+        if example["mode"] == "s2s":
+            assert example["messages"][1]["content"]["codes"] == canonical[example["fact_id"]]
+    manifest = json.loads((tmp_path / "data" / "codes" / "nano_codes.json").read_text())
+    assert manifest["speed_perturb"] == [0.8, 1.25]  # another set of speeds encodes again
+
+    for bad, error in (([1.0], ValueError), ([0.9, 0.9], ValueError), ([3.0], ValueError), (["fast"], TypeError)):
+        with pytest.raises(error, match="speed_perturb"):
+            prepare_nano.check_speed_perturb(bad)
+    with pytest.raises(ValueError, match="differ from 1"):
+        prepare_nano.make_parser().parse_args_and_config(["--codec", "c", "--speed_perturb", "1"])
 
 
 # ------------------------------------------------------------------------------------------------ training
