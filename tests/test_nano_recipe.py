@@ -128,7 +128,7 @@ def test_budget_recipe_steps_in_order(tmp_path):
     order = ["corpus_voices", "codec_tokenizer_a", "codec_tokenizer", "corpus", "tokenizer", "text_model",
              "corpus_decoder", "prepare", "codec_decoder", "ablation_stage1", "ablation_stage2_1", "ablation_sft_1",
              "ablation_stage2_3", "ablation_sft_3", "ablation_assemble", "eval_ablation_final_test_seen_dialect",
-             "stage1", "stage2_1", "sft_1", "stage2_2", "sft_2", "stage2_3", "sft_3", "assemble",
+             "stage1", "stage2_1", "sft_1", "stage2_2", "sft_2", "stage2_6", "sft_6", "assemble",
              "eval_final_test", "eval_final_test_seen_dialect", "eval_stage1_t2t", "report"]
     assert [s for s in steps if s in order] == order
     assert len(steps) == len(set(steps))
@@ -138,8 +138,10 @@ def test_budget_recipe_steps_in_order(tmp_path):
     assert "--question_voices" not in commands["corpus_voices"]
     for step in ("codec_tokenizer_a", "codec_tokenizer"):
         assert f"--corpus {tmp_path}/data/voices/corpus " in commands[step]
-        assert "--vtlp 0.08 --time_stretch 0.1" in commands[step]
-    assert "--init_from" not in commands["codec_tokenizer_a"]  # from scratch
+    # a curriculum: plain from scratch, then warped from the plain phase's weights
+    assert "--init_from" not in commands["codec_tokenizer_a"] and "--vtlp" not in commands["codec_tokenizer_a"]
+    assert "--vtlp 0.08 --time_stretch 0.1" in commands["codec_tokenizer"]
+    assert "--max_minutes 12 " in commands["codec_tokenizer_a"] and "--max_minutes 22 " in commands["codec_tokenizer"]
     assert f"--init_from {tmp_path}/out/codec_tokenizer_a " in commands["codec_tokenizer"]
     assert f"--corpus {tmp_path}/data/voices/corpus --codec {tmp_path}/out/codec_tokenizer " in commands["prepare"]
     # the decoder: from scratch on the tokenizer's codes, the assistant's voice only, whole questions included
@@ -158,7 +160,7 @@ def test_budget_recipe_steps_in_order(tmp_path):
     assert commands["stage2_1"].endswith("--max_steps 750 --output_dir " + f"{tmp_path}/out/stage2_1")
     assert "--max_steps 500 " in commands["stage2_2"] and commands["sft_2"].endswith("--max_steps 500")
     assert f"--dataset_name {tmp_path}/data/sft " in commands["sft_3"]
-    for name, model in (("assemble", "sft_3"), ("ablation_assemble", "ablation/sft_3")):
+    for name, model in (("assemble", "sft_6"), ("ablation_assemble", "ablation/sft_6")):
         assert f"--model {tmp_path}/out/{model} " in commands[name]
         assert f"--codec {tmp_path}/out/codec " in commands[name]
         assert f"--data {tmp_path}/data " in commands[name]
