@@ -187,6 +187,7 @@ def encode_corpus(corpus: datasets.DatasetDict, codec_dir: str | os.PathLike, ou
         if name == "train" and speed_perturb:
             questions = [i for i, kind in enumerate(split["kind"]) if kind == "question"]
             asked = split.select(questions)
+            columns = {c: list(values) for c, values in columns.items()}
             for speed in speed_perturb:
                 codes += encode_split(asked, codec, batch_size=batch_size, name=f"{name} at speed {speed:g}",
                                       progress=progress, speed=speed)
@@ -198,7 +199,7 @@ def encode_corpus(corpus: datasets.DatasetDict, codec_dir: str | os.PathLike, ou
                         values = [value + tag for value in values]
                     elif column == "canonical":
                         values = [False] * len(values)
-                    columns[column] = list(columns[column]) + values
+                    columns[column] += values
         splits[name] = datasets.Dataset.from_dict({**columns, "codes": codes}, features=CODES_FEATURES)
     result = datasets.DatasetDict(splits)
     tmp = f"{output}.tmp"
