@@ -125,8 +125,8 @@ def test_ship_replaces_the_checkpoint_and_keeps_the_earlier_runs_results(tmp_pat
 def test_budget_recipe_steps_in_order(tmp_path):
     lines = _dry_run(tmp_path, "nano_budget.sh")
     steps = [line[3:].split(":", 1)[0] for line in lines]
-    order = ["corpus_voices", "codec_tokenizer_a", "codec_tokenizer", "corpus", "tokenizer", "text_model",
-             "corpus_decoder", "prepare", "codec_decoder", "ablation_stage1", "ablation_stage2_1", "ablation_sft_1",
+    order = ["corpus_voices", "codec_tokenizer_a", "corpus", "tokenizer", "text_model", "corpus_decoder",
+             "codec_tokenizer", "prepare", "codec_decoder", "ablation_stage1", "ablation_stage2_1", "ablation_sft_1",
              "ablation_stage2_3", "ablation_sft_3", "ablation_assemble", "eval_ablation_final_test_seen_dialect",
              "stage1", "stage2_1", "sft_1", "stage2_2", "sft_2", "stage2_6", "sft_6", "assemble",
              "eval_final_test", "eval_final_test_seen_dialect", "eval_stage1_t2t", "report"]
@@ -141,7 +141,7 @@ def test_budget_recipe_steps_in_order(tmp_path):
     # a curriculum: plain from scratch, then warped from the plain phase's weights
     assert "--init_from" not in commands["codec_tokenizer_a"] and "--vtlp" not in commands["codec_tokenizer_a"]
     assert "--vtlp 0.08 --time_stretch 0.1" in commands["codec_tokenizer"]
-    assert "--max_minutes 12 " in commands["codec_tokenizer_a"] and "--max_minutes 22 " in commands["codec_tokenizer"]
+    assert "--max_minutes 12 " in commands["codec_tokenizer_a"] and "--max_minutes 42 " in commands["codec_tokenizer"]
     assert f"--init_from {tmp_path}/out/codec_tokenizer_a " in commands["codec_tokenizer"]
     assert f"--corpus {tmp_path}/data/voices/corpus --codec {tmp_path}/out/codec_tokenizer " in commands["prepare"]
     # the decoder: from scratch on the tokenizer's codes, the assistant's voice only, whole questions included
@@ -178,8 +178,10 @@ def test_budget_recipe_rounds_knob(tmp_path):
     assert "sft_1" in steps and "stage2_2" not in steps and "ablation_stage2_2" not in steps
     commands = dict(line[3:].split(": ", 1) for line in lines)
     assert f"--model {tmp_path}/out/sft_1 " in commands["assemble"]
-    # each lane gets half the threads; the corpus of all voices and `prepare` get them all
-    assert "--threads 2" in commands["codec_tokenizer"] and "--num_workers 4" in commands["corpus_voices"]
+    # each lane gets half the threads; the corpus of all voices, the warped tokenizer phase (after the lanes) and
+    # `prepare` get them all
+    assert "--threads 2" in commands["codec_tokenizer_a"] and "--num_workers 4" in commands["corpus_voices"]
+    assert commands["codec_tokenizer"].endswith("--threads 4")
     assert "--threads 4" in commands["prepare"]
 
 
@@ -191,8 +193,8 @@ def test_budget_recipe_lanes_run_side_by_side_and_a_failed_lane_fails_the_recipe
     assert "lanes: tokenizer or text failed" in result.stderr
     done = {path.name for path in (tmp_path / "out" / ".done").iterdir()}
     # the other lane ran to its end; nothing after the lanes ran
-    assert {"corpus_voices", "codec_tokenizer_a", "codec_tokenizer", "corpus", "tokenizer"} <= done
-    assert "text_model" not in done and "prepare" not in done
+    assert {"corpus_voices", "codec_tokenizer_a", "corpus", "tokenizer"} <= done
+    assert "text_model" not in done and "codec_tokenizer" not in done and "prepare" not in done
     assert (tmp_path / "out" / "logs" / "lane_tokenizer.log").is_file()
 
 

@@ -34,7 +34,7 @@
 #   NANO_STEPS [all]          run only these steps (space-separated names, as printed), e.g. "stage1 stage2_1"
 #   NANO_DRY_RUN [0]          1: print each step's command without running anything (the lanes one after the other)
 #   Budgets (minutes measured with one thread each on a quiet 2-core machine): TOKENIZER_PLAIN_MINUTES [12]
-#            TOKENIZER_WARPED_MINUTES [22]
+#            TOKENIZER_WARPED_MINUTES [42] (all THREADS)
 #            DECODER_MINUTES [30] TEXT_MINUTES [6] STAGE1_STEPS [1100] (6 min) ROUNDS [6]; the first round
 #            STAGE2_STEPS [750] (5 min) and SFT_STEPS [1000] (4 min), later rounds ROUND_STAGE2_STEPS [500] and
 #            ROUND_SFT_STEPS [500] (5 min together);
@@ -52,7 +52,7 @@ LANE_THREADS=$((THREADS > 1 ? THREADS / 2 : 1))
 NANO_RESUME=${NANO_RESUME:-1}
 NANO_STEPS=${NANO_STEPS:-}
 TOKENIZER_PLAIN_MINUTES=${TOKENIZER_PLAIN_MINUTES:-12}
-TOKENIZER_WARPED_MINUTES=${TOKENIZER_WARPED_MINUTES:-22}
+TOKENIZER_WARPED_MINUTES=${TOKENIZER_WARPED_MINUTES:-42}
 DECODER_MINUTES=${DECODER_MINUTES:-30}
 TEXT_MINUTES=${TEXT_MINUTES:-6}
 STAGE1_STEPS=${STAGE1_STEPS:-1100}
@@ -104,21 +104,17 @@ CODEC=$NANO_OUT/codec
 run_step corpus_voices "$PY" processing/synthesize_espeak.py --output "$NANO_DATA/voices/corpus" \
   --num_workers "$THREADS" --overwrite --no_progress
 
-# the speech tokenizer on all 47 voices as a curriculum: first plain, then each example's mel warped in frequency
-# (vocal tract length, +-8 %) and time (speaking rate, +-10 %) at half the learning rate, from the first phase's
-# weights and codebook. Warping from the first step slows early learning (36 % CER after 2,800 steps against 21 %
-# plain), and the plain phase levels off (20 % after 4,000 steps) where the warped one keeps falling: most minutes
-# go to the second phase
+# the speech tokenizer on all 47 voices as a curriculum: first plain (beside the text lane, one thread), then each
+# example's mel warped in frequency (vocal tract length, +-8 %) and time (speaking rate, +-10 %) at half the learning
+# rate, from the first phase's weights and codebook, alone on all threads once the text lane is done (two threads: 1.75
+# times the steps of one). Warping from the first step slows early learning (36 % CER after 2,800 steps against 21 %
+# plain), and the plain phase levels off (20 % after 4,000 steps) where the warped one keeps falling: most minutes go
+# to the second phase
 tokenizer_lane() {
   run_step codec_tokenizer_a "$PY" training/train_speech_tokenizer.py --corpus "$NANO_DATA/voices/corpus" \
     --codec_config training/configs/nano_codec.json --output "$NANO_OUT/codec_tokenizer_a" --max_steps 8000 \
     --max_minutes "$TOKENIZER_PLAIN_MINUTES" --batch_size 16 --learning_rate 2e-3 --eval_every 1000 \
     --threads "$LANE_THREADS"
-  run_step codec_tokenizer "$PY" training/train_speech_tokenizer.py --corpus "$NANO_DATA/voices/corpus" \
-    --codec_config training/configs/nano_codec.json --init_from "$NANO_OUT/codec_tokenizer_a" \
-    --output "$NANO_OUT/codec_tokenizer" --max_steps 12000 --max_minutes "$TOKENIZER_WARPED_MINUTES" --batch_size 16 \
-    --learning_rate 1e-3 --eval_every 1000 --vtlp 0.08 --time_stretch 0.1 \
-    --report_splits validation test test_seen test_dialect test_seen_dialect --threads "$LANE_THREADS"
 }
 # the text side and the other two corpora: the 12 training voices (text tokenizer and text model: every fact as text)
 # and the decoder's (the assistant's voice also asks the train-fact questions: the flow learns whole sentences)
@@ -134,6 +130,11 @@ text_lane() {
     --question_voices none --canonical_questions --num_workers "$LANE_THREADS" --overwrite --no_progress
 }
 lanes tokenizer tokenizer_lane text text_lane
+run_step codec_tokenizer "$PY" training/train_speech_tokenizer.py --corpus "$NANO_DATA/voices/corpus" \
+  --codec_config training/configs/nano_codec.json --init_from "$NANO_OUT/codec_tokenizer_a" \
+  --output "$NANO_OUT/codec_tokenizer" --max_steps 30000 --max_minutes "$TOKENIZER_WARPED_MINUTES" --batch_size 16 \
+  --learning_rate 1e-3 --eval_every 2000 --vtlp 0.08 --time_stretch 0.1 \
+  --report_splits validation test test_seen test_dialect test_seen_dialect --threads "$THREADS"
 
 # codes of every utterance (cached in $NANO_DATA/codes; the decoder keeps the tokenizer's encoder, so these are the
 # shipped codec's codes), then grids and conversations
