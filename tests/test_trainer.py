@@ -74,6 +74,19 @@ def test_stage1_step_changes_only_the_speech_side():
         apply_training_stage(model, "stage3")
 
 
+def test_speech_front_trains_the_speech_side_and_the_first_trunk_layer_only():
+    model = MossSpeechForCausalLM(tiny_config())
+    stage1 = apply_training_stage(model, "stage1", verbose=False)
+    count = apply_training_stage(model, "speech_front", verbose=False)
+    first = model.model.shared_block.layers[0]
+    assert count == stage1 + sum(p.numel() for p in first.parameters())
+    assert all(p.requires_grad for p in first.parameters())
+    # the layers above it and everything of the text side stay frozen
+    frozen = [model.model.embed_tokens, model.model.text_norm, model.text_lm_head, *model.model.shared_block.layers[1:],
+              model.model.text_block]
+    assert not any(p.requires_grad for module in frozen for p in module.parameters())
+
+
 def test_grid_labels_target_what_generation_samples(config):
     grid = torch.tensor([[5, AUDIO_PAD], [SOSP, AUDIO_PAD], [MODALITY_PAD, 3], [MODALITY_PAD, EOSP], [6, AUDIO_PAD]])
     labels = grid_labels(grid, config)

@@ -25,6 +25,11 @@ TRAINING_STAGES: dict[str, tuple[str, ...]] = {
     # Stage II and SFT: everything is trained.
     "stage2": ("",),
     "sft": ("",),
+    # Stage I's speech side plus the trunk's first layer: the layers above it and the text tail stay the text
+    # model's, so a spoken question can reach the text knowledge only by being turned into what they read as text
+    # (the first layer is the one place where several codes can merge into a word).
+    "speech_front": ("model.audio_embed.", "model.audio_block.", "model.audio_norm.", "audio_lm_head.",
+                     "model.shared_block.layers.0."),
     # Cheapest adaptation: only the audio tail, its norm and head.
     "audio_tail_only": ("model.audio_block.", "model.audio_norm.", "audio_lm_head."),
 }
@@ -34,8 +39,8 @@ def apply_training_stage(model: nn.Module, stage: str, verbose: bool = True) -> 
     """Set `requires_grad` for a named training stage; returns the number of trainable parameters.
 
     Stages: `stage1` (speech side only: audio embedding, audio tail, audio norm and head), `stage2` and `sft`
-    (everything), `audio_tail_only`. Works on a `MossSpeechForCausalLM` or a PEFT wrapper of one (LoRA
-    parameters stay as PEFT set them).
+    (everything), `speech_front` (stage1's and the trunk's first layer), `audio_tail_only`. Works on a
+    `MossSpeechForCausalLM` or a PEFT wrapper of one (LoRA parameters stay as PEFT set them).
     """
     if stage not in TRAINING_STAGES:
         raise ValueError(f"unknown training stage {stage!r}; choose one of {sorted(TRAINING_STAGES)}.")
