@@ -18,18 +18,20 @@ if TYPE_CHECKING:  # PEFT is the [train] extra: imported where it is used
 
 logger = logging.get_logger(__name__)
 
+# The speech side: audio embedding, audio tail, its norm and head.
+_SPEECH_SIDE = ("model.audio_embed.", "model.audio_block.", "model.audio_norm.", "audio_lm_head.")
+
 # Module-name prefixes (inside MossSpeechForCausalLM) that each stage trains; everything else is frozen.
 TRAINING_STAGES: dict[str, tuple[str, ...]] = {
     # Stage I: the text backbone (embedding, trunk, text tail, text norm and head) stays frozen.
-    "stage1": ("model.audio_embed.", "model.audio_block.", "model.audio_norm.", "audio_lm_head."),
+    "stage1": _SPEECH_SIDE,
     # Stage II and SFT: everything is trained.
     "stage2": ("",),
     "sft": ("",),
     # Stage I's speech side plus the trunk's first layer: the layers above it and the text tail stay the text
     # model's, so a spoken question can reach the text knowledge only by being turned into what they read as text
     # (the first layer is the one place where several codes can merge into a word).
-    "speech_front": ("model.audio_embed.", "model.audio_block.", "model.audio_norm.", "audio_lm_head.",
-                     "model.shared_block.layers.0."),
+    "speech_front": (*_SPEECH_SIDE, "model.shared_block.layers.0."),
     # Cheapest adaptation: only the audio tail, its norm and head.
     "audio_tail_only": ("model.audio_block.", "model.audio_norm.", "audio_lm_head."),
 }
