@@ -9,7 +9,7 @@
 # chain's: 9-12 %) and the LLM on its codes answered 17 % of the trained facts in an unseen voice (shipped: 95 %).
 # The second trained the tokenizer as a curriculum (plain, then warped: a third fewer errors in the same minutes) and
 # the LLMs for six rounds (S->T 80 %); this third version gives the warped phase both threads after the text lane
-# (tokenizer CER now below the chain's) and still ends near 82 % S->T: the LLM's rounds, not the codes, are what the
+# (tokenizer CER near or below the chain's) and still ends near 82 % S->T: the LLM's rounds, not the codes, are what the
 # budget lacks. The numbers of every run are in the shipped checkpoint's eval/findings.md ("The 2-hour recipe").
 #
 # corpora (espeak-ng: 12 training voices; the same with 35 question voices; the assistant's voice asking the train
