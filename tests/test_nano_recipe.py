@@ -157,8 +157,11 @@ def test_budget_recipe_steps_in_order(tmp_path):
     assert f"--model {tmp_path}/out/stage1 " in commands["stage2_1"]
     assert f"--model {tmp_path}/out/sft_1 " in commands["stage2_2"]
     assert f"--model {tmp_path}/out/ablation/sft_2 " in commands["ablation_stage2_3"]
-    assert commands["stage2_1"].endswith("--max_steps 750 --output_dir " + f"{tmp_path}/out/stage2_1")
-    assert "--max_steps 500 " in commands["stage2_2"] and commands["sft_2"].endswith("--max_steps 500")
+    assert commands["stage2_1"].endswith("--max_steps 750 --seed 1 --output_dir " + f"{tmp_path}/out/stage2_1")
+    assert "--max_steps 500 --seed 2 " in commands["stage2_2"]
+    assert commands["sft_2"].endswith("--max_steps 500 --seed 2")
+    # every round draws its own data orders, the ablation's the same as the main line's
+    assert commands["sft_1"].endswith("--max_steps 1000 --seed 1") and commands["ablation_sft_3"].endswith("--seed 3")
     assert f"--dataset_name {tmp_path}/data/sft " in commands["sft_3"]
     for name, model in (("assemble", "sft_6"), ("ablation_assemble", "ablation/sft_6")):
         assert f"--model {tmp_path}/out/{model} " in commands[name]

@@ -36,9 +36,10 @@
 #   NANO_DRY_RUN [0]          1: print each step's command without running anything (the lanes one after the other)
 #   Budgets (minutes measured with one thread each on a quiet 2-core machine): TOKENIZER_PLAIN_MINUTES [12]
 #            TOKENIZER_WARPED_MINUTES [42] (all THREADS)
-#            DECODER_MINUTES [30] TEXT_MINUTES [6] STAGE1_STEPS [1100] (6 min) ROUNDS [6]; the first round
+#            DECODER_MINUTES [36] TEXT_MINUTES [6] STAGE1_STEPS [1100] (6 min) ROUNDS [6]; the first round
 #            STAGE2_STEPS [750] (5 min) and SFT_STEPS [1000] (4 min), later rounds ROUND_STAGE2_STEPS [500] and
-#            ROUND_SFT_STEPS [500] (5 min together);
+#            ROUND_SFT_STEPS [500] (5 min together); round N seeds both of its data orders with N (a round is shorter
+#            than an epoch: with one seed every round would train on the same front part of the data);
 #            EVAL_SPLITS ["test test_seen test_dialect test_seen_dialect"] (held-out facts; trained facts; in the unseen
 #            test voice, then in the unseen dialect test voice)
 set -euo pipefail
@@ -54,7 +55,7 @@ NANO_RESUME=${NANO_RESUME:-1}
 NANO_STEPS=${NANO_STEPS:-}
 TOKENIZER_PLAIN_MINUTES=${TOKENIZER_PLAIN_MINUTES:-12}
 TOKENIZER_WARPED_MINUTES=${TOKENIZER_WARPED_MINUTES:-42}
-DECODER_MINUTES=${DECODER_MINUTES:-30}
+DECODER_MINUTES=${DECODER_MINUTES:-36}
 TEXT_MINUTES=${TEXT_MINUTES:-6}
 STAGE1_STEPS=${STAGE1_STEPS:-1100}
 STAGE2_STEPS=${STAGE2_STEPS:-750}
@@ -161,12 +162,12 @@ llm() {
   local model=$root/stage1 round
   for round in $(seq 1 "$ROUNDS"); do
     if [[ $round == 1 ]]; then
-      stage2_sft_round "$round" "$NANO_DATA" "$STAGE2_STEPS" "$SFT_STEPS"
+      stage2_sft_round "$round" "$NANO_DATA" "$STAGE2_STEPS" "$SFT_STEPS" "$round"
     else
-      stage2_sft_round "$round" "$NANO_DATA" "$ROUND_STAGE2_STEPS" "$ROUND_SFT_STEPS"
+      stage2_sft_round "$round" "$NANO_DATA" "$ROUND_STAGE2_STEPS" "$ROUND_SFT_STEPS" "$round"
     fi
   done
-  # lane B gets here long after lane A's decoder (an hour against 30 min); otherwise it waits (or gives up when the
+  # lane B gets here long after lane A's decoder (45 min against 36); otherwise it waits (or gives up when the
   # other lane failed)
   if [[ "$NANO_DRY_RUN" != 1 ]]; then
     while [[ ! -f "$DONE/codec_decoder" ]] && wanted codec_decoder > /dev/null && kill -0 "$FIRST_LANE" 2> /dev/null; do

@@ -69,19 +69,23 @@ eval_stage1_text() {
   done
 }
 
-# stage2_sft_round SUFFIX DATA STAGE2_STEPS SFT_STEPS: one more round from $model: stage II on DATA's pre-training sets
-# (DATA: an output of prepare_nano.py) with its text mixed in, then SFT on DATA/sft (processor $NANO_OUT/tokenizer);
-# steps ${prefix}stage2_SUFFIX and ${prefix}sft_SUFFIX into $root/stage2_SUFFIX and $root/sft_SUFFIX; $model (the
-# caller's) becomes the SFT checkpoint
+# stage2_sft_round SUFFIX DATA STAGE2_STEPS SFT_STEPS [SEED]: one more round from $model: stage II on DATA's
+# pre-training sets (DATA: an output of prepare_nano.py) with its text mixed in, then SFT on DATA/sft (processor
+# $NANO_OUT/tokenizer); steps ${prefix}stage2_SUFFIX and ${prefix}sft_SUFFIX into $root/stage2_SUFFIX and
+# $root/sft_SUFFIX; $model (the caller's) becomes the SFT checkpoint. SEED (default: each config's own) seeds both
+# data orders: a round shorter than an epoch sees only the front of its order, so rounds that share a seed train on
+# the same part of the data again and never on the rest
 stage2_sft_round() {
-  local suffix=$1 d=$2 stage2_steps=$3 sft_steps=$4
+  local suffix=$1 d=$2 stage2_steps=$3 sft_steps=$4 seed=()
+  [[ -n "${5:-}" ]] && seed=(--seed "$5")
   pretrain "${prefix}stage2_$suffix" "$root/stage2_$suffix" --config training/configs/nano_stage2.yaml \
     --model "$model" --datasets "$d/pretrain/speech" "$d/pretrain/interleaved" "$d/pretrain/spoken_qa" \
     "{path: $d/pretrain/text, kind: text}" \
-    --eval_datasets "$d/pretrain/eval" "{path: $d/pretrain/text_eval, kind: text}" --max_steps "$stage2_steps"
+    --eval_datasets "$d/pretrain/eval" "{path: $d/pretrain/text_eval, kind: text}" --max_steps "$stage2_steps" \
+    ${seed[@]+"${seed[@]}"}
   run_step "${prefix}sft_$suffix" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
     --model_name_or_path "$root/stage2_$suffix" --processor_name_or_path "$NANO_OUT/tokenizer" \
-    --dataset_name "$d/sft" --output_dir "$root/sft_$suffix" --max_steps "$sft_steps"
+    --dataset_name "$d/sft" --output_dir "$root/sft_$suffix" --max_steps "$sft_steps" ${seed[@]+"${seed[@]}"}
   model=$root/sft_$suffix
 }
 
