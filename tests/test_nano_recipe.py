@@ -61,6 +61,8 @@ def test_recipe_steps_in_order(tmp_path):
     assert f"{tmp_path}/data/robust/pretrain/speech" in commands["stage2_robust_1"]
     assert f"--dataset_name {tmp_path}/data/robust/sft " in commands["sft_robust_1"]
     assert f"--model {tmp_path}/out/sft_robust_1 " in commands["assemble"]
+    # the shipped checkpoint's rounds keep their configs' seed (the commands that made it)
+    assert "--seed" not in commands["stage2_robust_1"] and "--seed" not in commands["sft_voices_4"]
     # the decoder's sentences: the assistant's voice asks the train-fact questions in a corpus of its own, and the
     # flow trained on them (from the robust codec, whose codes it keeps) is the one the main checkpoint ships
     assert commands["corpus_decoder"].endswith("--question_voices none --canonical_questions --num_workers 2 "
