@@ -129,8 +129,9 @@ def test_budget_recipe_steps_in_order(tmp_path):
     steps = [line[3:].split(":", 1)[0] for line in lines]
     order = ["corpus_voices", "codec_tokenizer_a", "corpus", "tokenizer", "text_model", "corpus_decoder",
              "codec_tokenizer", "prepare", "codec_decoder", "ablation_stage1", "ablation_stage2_1", "ablation_sft_1",
-             "ablation_stage2_3", "ablation_sft_3", "ablation_assemble", "eval_ablation_final_test_seen_dialect",
-             "stage1", "stage2_1", "sft_1", "stage2_2", "sft_2", "stage2_6", "sft_6", "assemble",
+             "ablation_stage2_3", "ablation_sft_3", "ablation_sft_last", "ablation_assemble",
+             "eval_ablation_final_test_seen_dialect",
+             "stage1", "stage2_1", "sft_1", "stage2_2", "sft_2", "stage2_6", "sft_6", "sft_last", "assemble",
              "eval_final_test", "eval_final_test_seen_dialect", "eval_stage1_t2t", "report"]
     assert [s for s in steps if s in order] == order
     assert len(steps) == len(set(steps))
@@ -162,10 +163,15 @@ def test_budget_recipe_steps_in_order(tmp_path):
     assert commands["stage2_1"].endswith("--max_steps 750 --seed 1 --output_dir " + f"{tmp_path}/out/stage2_1")
     assert "--max_steps 500 --seed 2 " in commands["stage2_2"]
     assert commands["sft_2"].endswith("--max_steps 500 --seed 2")
+    # after the rounds, a last SFT of its own (twice a round's steps, the next seed); it is what both lines ship
+    for prefix, root in (("", "out"), ("ablation_", "out/ablation")):
+        last = commands[f"{prefix}sft_last"]
+        assert f"--model_name_or_path {tmp_path}/{root}/sft_6 " in last
+        assert last.endswith(f"--output_dir {tmp_path}/{root}/sft_last --max_steps 1000 --seed 7")
     # every round draws its own data orders, the ablation's the same as the main line's
     assert commands["sft_1"].endswith("--max_steps 1000 --seed 1") and commands["ablation_sft_3"].endswith("--seed 3")
     assert f"--dataset_name {tmp_path}/data/sft " in commands["sft_3"]
-    for name, model in (("assemble", "sft_6"), ("ablation_assemble", "ablation/sft_6")):
+    for name, model in (("assemble", "sft_last"), ("ablation_assemble", "ablation/sft_last")):
         assert f"--model {tmp_path}/out/{model} " in commands[name]
         assert f"--codec {tmp_path}/out/codec " in commands[name]
         assert f"--data {tmp_path}/data " in commands[name]
@@ -182,7 +188,8 @@ def test_budget_recipe_rounds_knob(tmp_path):
     steps = [line[3:].split(":", 1)[0] for line in lines]
     assert "sft_1" in steps and "stage2_2" not in steps and "ablation_stage2_2" not in steps
     commands = dict(line[3:].split(": ", 1) for line in lines)
-    assert f"--model {tmp_path}/out/sft_1 " in commands["assemble"]
+    assert f"--model_name_or_path {tmp_path}/out/sft_1 " in commands["sft_last"]
+    assert commands["sft_last"].endswith("--seed 2") and f"--model {tmp_path}/out/sft_last " in commands["assemble"]
     # each lane gets half the threads; the corpus of all voices, the warped tokenizer phase (after the lanes) and
     # `prepare` get them all
     assert "--threads 2" in commands["codec_tokenizer_a"] and "--num_workers 4" in commands["corpus_voices"]

@@ -65,7 +65,7 @@ NANO_DRY_RUN=${NANO_DRY_RUN:-0}
 NANO_SHIP=${NANO_SHIP:-0}
 
 # the step runner shared with the other nano recipes: recipe_setup, wanted, run_step, pretrain, stage2_sft_round,
-# eval_checkpoint, eval_stage1_text
+# sft_step, eval_checkpoint, eval_stage1_text
 source training/recipes/steps.sh
 recipe_setup "$NANO_OUT" "$NANO_DATA"
 
@@ -164,16 +164,12 @@ for run in main ablation; do
     --max_steps "$STAGE1_STEPS"
   pretrain "${prefix}stage2" "$root/stage2" --config training/configs/nano_stage2.yaml --model "$root/stage1" \
     --datasets "${MIXED_DATA[@]}" --eval_datasets "${MIXED_EVAL_DATA[@]}" --max_steps "$STAGE2_STEPS"
-  run_step "${prefix}sft" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
-    --model_name_or_path "$root/stage2" --processor_name_or_path "$NANO_OUT/tokenizer" \
-    --dataset_name "$NANO_DATA/sft" --output_dir "$root/sft" --max_steps "$SFT_STEPS"
+  model=$root/stage2
+  sft_step sft "$NANO_DATA" "$SFT_STEPS"
   # the voices round: SFT, then VOICES_ROUNDS x (stage II, SFT), on the corpus with the 35 question voices (S->T of
   # trained facts in the unseen test voice: 25 % after the first SFT, 42 % after sft_voices, then 64, 77, 83, 87 %
   # after rounds 1-4; each round ~15-25 min on a busy 2-core machine)
-  run_step "${prefix}sft_voices" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
-    --model_name_or_path "$root/sft" --processor_name_or_path "$NANO_OUT/tokenizer" \
-    --dataset_name "$NANO_DATA/voices/sft" --output_dir "$root/sft_voices" --max_steps "$SFT_STEPS"
-  model=$root/sft_voices
+  sft_step sft_voices "$NANO_DATA/voices" "$SFT_STEPS"
   for round in $(seq 1 "$VOICES_ROUNDS"); do
     stage2_sft_round "voices_$round" "$NANO_DATA/voices" "$STAGE2_STEPS" "$SFT_STEPS"
   done

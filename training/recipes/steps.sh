@@ -83,10 +83,19 @@ stage2_sft_round() {
     "{path: $d/pretrain/text, kind: text}" \
     --eval_datasets "$d/pretrain/eval" "{path: $d/pretrain/text_eval, kind: text}" --max_steps "$stage2_steps" \
     ${seed[@]+"${seed[@]}"}
-  run_step "${prefix}sft_$suffix" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
-    --model_name_or_path "$root/stage2_$suffix" --processor_name_or_path "$NANO_OUT/tokenizer" \
-    --dataset_name "$d/sft" --output_dir "$root/sft_$suffix" --max_steps "$sft_steps" ${seed[@]+"${seed[@]}"}
-  model=$root/sft_$suffix
+  model=$root/stage2_$suffix
+  sft_step "sft_$suffix" "$d" "$sft_steps" ${seed[@]+"${seed[@]}"}
+}
+
+# sft_step NAME DATA STEPS [--seed N]: SFT (TRL, training/sft.py) of $model on DATA/sft (processor $NANO_OUT/tokenizer):
+# step ${prefix}NAME into $root/NAME, which becomes $model
+sft_step() {
+  local name=$1 d=$2 steps=$3
+  shift 3
+  run_step "${prefix}$name" "$PY" training/sft.py --config training/configs/nano_sft.yaml \
+    --model_name_or_path "$model" --processor_name_or_path "$NANO_OUT/tokenizer" \
+    --dataset_name "$d/sft" --output_dir "$root/$name" --max_steps "$steps" "$@"
+  model=$root/$name
 }
 
 # eval_checkpoint NAME DATA: `moss-speech eval` of $NANO_OUT/NAME on each of EVAL_SPLITS of DATA/voices/corpus (text
