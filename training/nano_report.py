@@ -8,7 +8,7 @@ checks `stage1_test_t2t.json` / `ablation_stage1_test_t2t.json`; also `v2_final_
 robust-codes round) and `v1_final_*.json` / `v1_ablation_final_*.json` (the earlier recipe without the voices round)
 where present, kept with the shipped checkpoint as the before columns; `budget_final_*.json` /
 `budget_ablation_final_*.json` (training/recipes/nano_budget.sh's latest run, renamed; its earlier runs',
-`budget1_*` and `budget2_*`, are kept beside them and read by no table);
+`budget1_*`, `budget2_*` and `budget3_*`, are kept beside them and read by no table);
 `lever_<run>_*.json` of `training/recipes/nano_levers.sh`), prints the Markdown tables (one column per run found,
 per split) and writes `README.md` (the nano model card: the experiment from `model_cards/moss_speech_nano.md`, these
 tables, and the hand-written reading of this run's results, `findings.md` of the eval directory, where there is one)
