@@ -11,7 +11,8 @@
 # the LLMs for six rounds (S->T 80 %); the third gave the warped phase both threads after the text lane (tokenizer CER
 # near or below the chain's) and still ended near 82 % S->T. This fourth version ends the LLMs with a longer SFT of its
 # own and meets the trained-fact targets (S->T 87.8 / 89.3 %, S->S 71.7 / 74.6 %, round trip 111/135 answer words:
-# the flow varies from run to run, 104-111) in 144 min; facts known only as text stay near 0 %.
+# the flow varies from run to run, 104-111) in 144 min (summed step times; its first 57 min were the third run's);
+# facts known only as text stay near 0 %.
 # The numbers of every run are in the shipped checkpoint's eval/findings.md ("The 2-hour recipe").
 #
 # corpora (espeak-ng: 12 training voices; the same with 35 question voices; the assistant's voice asking the train
