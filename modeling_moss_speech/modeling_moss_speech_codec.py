@@ -328,6 +328,21 @@ class MossSpeechCodecModel(MossSpeechCodecPreTrainedModel):
         return head.greedy_decode(log_probs, lengths * self.config.encoder_config.ctc_upsample)
 
     @torch.no_grad()
+    def words_per_code(self, codes, text: str) -> list[int]:
+        """For one utterance's codes (1-D) and what was said, the index of the word each code says (CTC forced
+        alignment on the codec's CTC head; see `MossSpeechCodecCTCHead.words_per_code`)."""
+        self._require_ctc()
+        if not isinstance(codes, torch.Tensor):
+            codes = torch.as_tensor(list(codes))
+        batch, _ = self._code_batch(codes, None)
+        if batch.shape[0] != 1:
+            raise ValueError(f"words_per_code aligns one utterance, got {batch.shape[0]}.")
+        batch = batch.to(self.device)
+        head = self.encoder.ctc_head
+        log_probs = head(self.encoder.code_vectors(batch), torch.ones_like(batch, dtype=torch.bool))
+        return head.words_per_code(log_probs[0], text)
+
+    @torch.no_grad()
     def transcribe(self, audio, sampling_rate: int | None = None, batch_size: int = 32) -> list[str]:
         """Text of one waveform or a list (any rate): its codes, recognised by the codec's CTC head."""
         self._require_ctc()

@@ -262,6 +262,54 @@ class MossSpeechCodecCTCHead(nn.Module):
         return texts
 
 
+    def words_per_code(self, log_probs: torch.Tensor, text: str) -> list[int]:
+        """Which word of `text` each code says: CTC forced alignment of `text` on one utterance's log-probs.
+
+        Args:
+            log_probs: (T' × ctc_upsample, alphabet + 1) log-probs of one utterance's T' codes (`forward`'s output
+                for one row, without padding).
+            text: What was said; lowercased, words separated by single spaces, every character in the alphabet.
+
+        Returns:
+            T' word indices (0-based, non-decreasing): the word most of a code's character frames emit; codes of
+            silence (only blanks) belong to the next word, trailing ones to the last.
+        """
+        import torchaudio.functional as audio_functional  # torchaudio is a dependency; loaded only when aligning
+
+        alphabet, upsample = self.config.ctc_alphabet, self.config.ctc_upsample
+        words = text.split()
+        if not words or " ".join(words) != text:
+            raise ValueError(f"text must be words separated by single spaces, got {text!r}.")
+        unknown = sorted({c for c in text if c not in alphabet})
+        if unknown:
+            raise ValueError(f"text {text!r} has characters outside the CTC alphabet: {unknown}.")
+        if log_probs.ndim != 2 or log_probs.shape[0] % upsample or log_probs.shape[1] != len(alphabet) + 1:
+            raise ValueError(f"log_probs must be (codes x {upsample}, {len(alphabet) + 1}), got "
+                             f"{tuple(log_probs.shape)}.")
+        targets = torch.tensor([[alphabet.index(c) + 1 for c in text]], dtype=torch.int32)
+        repeats = sum(a == b for a, b in zip(text, text[1:]))
+        if log_probs.shape[0] < len(text) + repeats:
+            raise ValueError(f"{log_probs.shape[0] // upsample} codes are too few to align {text!r}.")
+        path, _ = audio_functional.forced_align(log_probs[None].float().cpu(), targets, blank=0)
+        word_of_char = [text[:k].count(" ") if c != " " else None for k, c in enumerate(text)]
+        frame_word: list[int | None] = []
+        char, previous = -1, 0
+        for frame, token in enumerate(path[0].tolist()):
+            if token != 0 and (token != previous or frame == 0):
+                char += 1
+            frame_word.append(word_of_char[char] if token != 0 else None)
+            previous = token
+        codes: list[int | None] = []
+        for start in range(0, len(frame_word), upsample):
+            said = [w for w in frame_word[start:start + upsample] if w is not None]
+            codes.append(max(set(said), key=said.count) if said else None)
+        following = len(words) - 1
+        for k in range(len(codes) - 1, -1, -1):
+            if codes[k] is None:
+                codes[k] = following
+            following = codes[k]
+        return [int(w) for w in codes]
+
 @torch.no_grad()
 def encode_waveforms(
     encoder: MossSpeechCodecEncoder,

@@ -32,6 +32,12 @@ processor: a text segment is its tokens with the audio pad, a speech segment is 
   (a random half of the words spoken, from the train split's single-word utterances) followed by the answer text;
 - `pretrain/align` (the other lever): per train question utterance of a train fact, its S->T and T->T chat grids
   (`speech_ids`, `text_ids`) and `suffix`, the number of final rows they share (pretrain.py's `align_dataset`).
+- `pretrain/frames` (the frame-level lever): per train question utterance of a train fact (and reading sentence),
+  its S->T grid and its text twin, row for row (each code row replaced by the word heard by then, found by CTC
+  forced alignment on the codec's CTC head), with per-row `weights` (pretrain.py's `align_dataset` with
+  `align_teacher`);
+- `pretrain/twin_text` (that lever's teacher, text-only): every fact's T->T chat with each question word repeated
+  1-9 times, 32 copies.
 
 SFT conversations (`<output>/sft`, a `DatasetDict` with `train` and `validation`), in the column layout of
 `processing/prepare_dataset.py --mode sft` (`messages` of `{"role", "content": {"type", "text", "codes"}}`,
@@ -60,6 +66,7 @@ from typing import Any
 import datasets
 import prepare_dataset
 import torch
+from transformers.utils import logging
 
 from modeling_moss_speech._compat import dataset_fingerprint
 from modeling_moss_speech.apps.script_utils import NANO_CODES_MANIFEST as CODES_MANIFEST
@@ -76,6 +83,8 @@ from modeling_moss_speech.apps.script_utils import nano_special_ids as special_i
 from modeling_moss_speech.feature_extraction_moss_speech import prepare_waveforms
 from modeling_moss_speech.modeling_moss_speech_codec import MossSpeechCodecModel
 from modeling_moss_speech.threads import set_threads
+
+logger = logging.get_logger("moss_speech.prepare_nano")
 
 AUDIO_SPLITS = ("train", "validation", "test", "test_seen")
 CODEC_RATE = 16000
@@ -410,6 +419,106 @@ def align_dataset(codes: datasets.DatasetDict, facts: list[dict], maker: GridMak
     return datasets.Dataset.from_list(examples, features=ALIGN_FEATURES)
 
 
+FRAMES_FEATURES = datasets.Features({
+    "speech_ids": datasets.List(datasets.List(datasets.Value("int32"))),
+    "text_ids": datasets.List(datasets.List(datasets.Value("int32"))),
+    "weights": datasets.List(datasets.Value("float32")),
+    "utt_id": datasets.Value("string"),
+})
+
+
+def frame_twin(grid: list[list[int]], start: int, words_per_code: Sequence[int], word_ids: Sequence[int],
+               audio_pad_id: int) -> list[list[int]]:
+    """The text twin of a grid whose speech segment (`sosp` row at `start`, one row per code, `eosp`) says the words
+    `word_ids` (one token each): the same grid with every row of that segment replaced by a text row of the last word
+    heard by then (a code row ending a word: that word; inside a word: the word before; `sosp`: the first word;
+    `eosp`: the last). Row for row the same length, so the states of the two can be compared position by position,
+    and what a causal model can know at each row is the same in both."""
+    n = len(words_per_code)
+    if start + n + 1 >= len(grid):
+        raise ValueError(f"the grid has {len(grid)} rows: no room for a speech segment of {n} codes at row {start}.")
+    if not word_ids or max(words_per_code, default=0) >= len(word_ids):
+        raise ValueError(f"words_per_code names word {max(words_per_code)} of {len(word_ids)} words.")
+    twin = [list(row) for row in grid]
+    twin[start] = [word_ids[0], audio_pad_id]
+    for k, word in enumerate(words_per_code):
+        ends_word = k == n - 1 or words_per_code[k + 1] != word
+        twin[start + 1 + k] = [word_ids[word if ends_word else max(word - 1, 0)], audio_pad_id]
+    twin[start + n + 1] = [word_ids[-1], audio_pad_id]
+    return twin
+
+
+def frames_dataset(codes: datasets.DatasetDict, facts: list[dict], maker: GridMaker, codec: Any,
+                   answer_weight: float = 10.0) -> datasets.Dataset:
+    """Pairs for the frame-level alignment lever (pretrain.py's `align_dataset` with `align_teacher`): per train
+    question utterance of a train fact (and per `reading` sentence of the train split, when the corpus has them), its
+    S->T chat grid (the training grid; a reading sentence: the inference prompt, it has no answer) and `frame_twin`
+    of it, the word each code says found by `codec.words_per_code`. `weights` per row: 0 for the rows before the
+    first word is complete (a causal model cannot know it yet), 1 for the later rows of the question and every row
+    after it, `answer_weight` for the row the answer's first token is predicted from. Held-out facts never appear."""
+    layout = maker.processor.grid_layout
+    tokenizer = maker.processor.tokenizer
+    train_facts = {f["fact_id"]: f for f in facts if f["fact_split"] == "train"}
+    examples, too_short = [], 0
+    for row in codes["train"]:
+        fact = train_facts.get(row["fact_id"])
+        if not row["codes"] or not ((row["kind"] == "question" and fact) or row["kind"] == "reading"):
+            continue
+        text = " ".join(row["text"].lower().split())
+        word_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(word_ids) != len(text.split()):
+            raise ValueError(f"{row['utt_id']}: {text!r} is not one token per word ({word_ids}); the frame twin needs "
+                             "a word-level tokenizer.")
+        user = {"role": "user", "content": {"type": "audio", "codes": list(row["codes"])}}
+        if fact is not None:
+            (item,) = maker.processor.training_rows([[user, {"role": "assistant", "content": fact["answer"]}]],
+                                                    output_modality="text")
+            grid = item["input_ids"].tolist()
+            answer_row = len(grid) - len(maker.text(fact["answer"])) - 3  # answer, <|im_end|>, newline follow
+        else:
+            grid = maker.processor([user], output_modality="text", return_tensors="pt")["input_ids"][0].tolist()
+            answer_row = len(grid) - 1
+        start = next(i for i, r in enumerate(grid) if r[0] == layout.sosp_token_id)
+        if len(row["codes"]) * codec.config.encoder_config.ctc_upsample < 2 * len(text):
+            too_short += 1  # CTC needs a frame per character and a blank between repeats: not alignable
+            continue
+        words = codec.words_per_code(row["codes"], text)
+        n = len(words)
+        first_heard = next(k for k in range(n) if k == n - 1 or words[k + 1] != words[k])
+        weights = [0.0] * (start + 1 + first_heard) + [1.0] * (len(grid) - start - 1 - first_heard)
+        weights[answer_row] = answer_weight
+        examples.append({"speech_ids": grid, "text_ids": frame_twin(grid, start, words, word_ids,
+                                                                    layout.audio_pad_token_id),
+                         "weights": weights, "utt_id": row["utt_id"]})
+    if too_short:
+        logger.warning(f"frames: {too_short} utterance(s) with fewer than 2 CTC frames per character left out.")
+    if not examples:
+        raise ValueError("the corpus has no alignable train question utterance of a train fact to pair.")
+    return datasets.Dataset.from_list(examples, features=FRAMES_FEATURES)
+
+
+def twin_text_dataset(facts: list[dict], maker: GridMaker, copies: int = 32, max_repeat: int = 9,
+                      seed: int = 0) -> datasets.Dataset:
+    """Text-only T->T chats of every fact (train and held-out: text) whose question words are each repeated 1 to
+    `max_repeat` times (uniformly drawn), `copies` per fact: the teacher of the frame-level lever learns to answer the
+    question as `frame_twin` writes it, at the rate speech has (a word spans about 2-9 codes)."""
+    rng = random.Random(seed)
+    tokenizer = maker.processor.tokenizer
+    examples = []
+    for fact in facts:
+        grid = maker.chat_t2t(fact["question"], fact["answer"])
+        question = tokenizer(fact["question"].strip(), add_special_tokens=False)["input_ids"]
+        column = [r[0] for r in grid]
+        start = next((i for i in range(len(column)) if column[i:i + len(question)] == question), None)
+        if start is None:
+            raise ValueError(f"{fact['fact_id']}: its question's tokens are not in its chat grid.")
+        for copy in range(copies):
+            rows = [row for row in grid[start:start + len(question)] for _ in range(rng.randint(1, max_repeat))]
+            examples.append(_grid(grid[:start] + rows + grid[start + len(question):], "twin_t2t",
+                                  f"{fact['fact_id']}-{copy}"))
+    return _dataset(examples, GRID_FEATURES)
+
+
 def _message(role: str, text: str | None = None, codes: list[int] | None = None) -> dict[str, Any]:
     if codes is not None:
         return {"role": role, "content": {"type": "audio", "text": None, "codes": list(codes)}}
@@ -499,8 +608,12 @@ def prepare(corpus: str | os.PathLike, codec: str | os.PathLike, tokenizer: str 
         _save(dataset, path)
         summary["datasets"][f"pretrain/{name}"] = _summary(dataset)
     # the alignment levers' data (read only by recipes that ask for it: training/recipes/nano_levers.sh)
-    for name, dataset in (("wordmix", wordmix_dataset(codes, facts, maker, seed=seed)),
-                          ("align", align_dataset(codes, facts, maker))):
+    levers = {"wordmix": wordmix_dataset(codes, facts, maker, seed=seed), "align": align_dataset(codes, facts, maker)}
+    aligner = MossSpeechCodecModel.from_pretrained(str(codec)).eval()
+    if aligner.can_transcribe:  # the frame-level lever finds each code's word with the codec's CTC head
+        levers["frames"] = frames_dataset(codes, facts, maker, aligner)
+        levers["twin_text"] = twin_text_dataset(facts, maker, seed=seed)
+    for name, dataset in levers.items():
         _save(dataset, os.path.join(output, "pretrain", name))
         summary["datasets"][f"pretrain/{name}"] = {"rows": len(dataset)}
     sft = sft_datasets(codes, facts, sft_t2s_repeats, sft_t2t_repeats, seed)

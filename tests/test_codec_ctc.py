@@ -138,3 +138,33 @@ def test_train_speech_tokenizer_refuses_out_of_range_augmentation(tmp_path):
     with pytest.raises(ValueError, match="--vtlp"):
         train_speech_tokenizer.main(["--corpus", "c", "--codec_config", "c.json", "--output", str(tmp_path),
                                      "--vtlp", "0.7"])
+
+
+def test_words_per_code_follows_the_ctc_alignment():
+    codec = MossSpeechCodecModel(ctc_config())  # ctc_upsample 4
+    head = codec.encoder.ctc_head
+    ids = {c: CTC_ALPHABET.index(c) + 1 for c in "ab "}
+    # 6 codes x 4 frames: code 0 silence, codes 1-2 say "aa" (a blank between the repeat), code 3 the space,
+    # code 4 "b", code 5 silence again
+    frames = [0, 0, 0, 0, ids["a"], ids["a"], 0, 0, 0, ids["a"], 0, 0, 0, ids[" "], 0, 0,
+              ids["b"], ids["b"], 0, 0, 0, 0, 0, 0]
+    log_probs = torch.full((len(frames), len(CTC_ALPHABET) + 1), -10.0)
+    log_probs[torch.arange(len(frames)), torch.tensor(frames)] = 0.0
+    # leading silence belongs to the next word, trailing silence to the last
+    assert head.words_per_code(log_probs, "aa b") == [0, 0, 0, 1, 1, 1]
+    with pytest.raises(ValueError, match="single spaces"):
+        head.words_per_code(log_probs, "aa  b")
+    with pytest.raises(ValueError, match="outside the CTC alphabet"):
+        head.words_per_code(log_probs, "aa B")
+    with pytest.raises(ValueError, match="too few"):
+        head.words_per_code(log_probs[:4], "aa b")
+    with pytest.raises(ValueError, match="log_probs must be"):
+        head.words_per_code(log_probs[:5], "a")
+    # through the codec: one word index per code, non-decreasing, from the first word to the last
+    torch.manual_seed(0)
+    words = codec.eval().words_per_code(torch.randint(0, 64, (12,)).tolist(), "ab ba ab")
+    assert len(words) == 12 and words == sorted(words) and words[0] == 0 and words[-1] == 2
+    with pytest.raises(ValueError, match="one utterance"):
+        codec.words_per_code(torch.zeros(2, 12, dtype=torch.long), "ab")
+    with pytest.raises(ValueError, match="no CTC recogniser"):
+        MossSpeechCodecModel(tiny_codec_config()).words_per_code([1, 2, 3], "ab")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -452,3 +453,70 @@ def test_nano_probe_asks_each_question_four_ways(world, tmp_path):
     MossSpeechCodecModel(tiny_codec_config()).save_pretrained(tmp_path / "model" / "codec")
     with pytest.raises(ValueError, match="fingerprints differ"):
         nano_probe.main(["--model", str(tmp_path / "model"), "--data", world["data"], "--splits", "validation"])
+
+
+def test_frame_twins_and_twin_text(world):
+    """pretrain/frames (built when the codec has a CTC head): each train question utterance of a train fact (and each
+    reading sentence) with its text twin row for row; pretrain/twin_text: every fact's chat with repeated words."""
+    from helpers import ctc_config
+
+    processor = MossSpeechProcessor.from_pretrained(world["tokenizer"])
+    maker = prepare_nano.GridMaker(processor)
+    facts = [dict(zip(("fact_id", "category", "question", "answer", "fact_split"), f)) for f in FACTS]
+    g = torch.Generator().manual_seed(0)
+
+    def row(utt_id: str, fact_id: str, kind: str, text: str, n: int) -> dict:
+        return {"utt_id": utt_id, "fact_id": fact_id, "kind": kind, "text": text,
+                "codes": torch.randint(0, 64, (n,), generator=g).tolist()}
+
+    codes = datasets.DatasetDict({"train": datasets.Dataset.from_list([
+        row("addition-000/question/v", "addition-000", "question", "what is one plus one", 40),
+        row("capital-000/question/v", "capital-000", "question", "what is the capital of france", 50),
+        row("addition-001/question/v", "addition-001", "question", "what is one plus two", 40),  # held out
+        row("word/one/word/v", "", "word", "one", 10),
+        row("reading/what_colour_is_two/v", "", "reading", "what colour is two", 30),
+        row("addition-002/question/v", "addition-002", "question", "what is two plus two", 8),  # too short
+    ])})
+    torch.manual_seed(0)
+    codec = MossSpeechCodecModel(ctc_config()).eval()
+    frames = prepare_nano.frames_dataset(codes, facts, maker, codec, answer_weight=10.0)
+    assert list(frames["utt_id"]) == ["addition-000/question/v", "capital-000/question/v",
+                                      "reading/what_colour_is_two/v"]
+    layout = processor.grid_layout
+    for pair, source in zip(frames, [codes["train"][i] for i in (0, 1, 4)]):
+        speech, text, weights = pair["speech_ids"], pair["text_ids"], pair["weights"]
+        assert len(speech) == len(text) == len(weights)
+        start = next(i for i, r in enumerate(speech) if r[0] == layout.sosp_token_id)
+        end = start + len(source["codes"]) + 1  # the eosp row
+        assert [r[1] for r in speech[start + 1:end]] == source["codes"] and speech[end][1] == layout.eosp_token_id
+        assert speech[:start] == text[:start] and speech[end + 1:] == text[end + 1:]
+        segment = text[start:end + 1]
+        assert all(r[1] == layout.audio_pad_token_id for r in segment)
+        said = [processor.tokenizer.decode([r[0]]).strip() for r in segment]
+        collapsed = [w for k, w in enumerate(said) if k == 0 or w != said[k - 1]]
+        assert collapsed == source["text"].split() and said[0] == collapsed[0] and said[-2:] == [collapsed[-1]] * 2
+        heard = weights.index(1.0)
+        assert heard > start and set(weights[:heard]) == {0.0}
+        assert weights.count(10.0) == 1
+        answer_row = weights.index(10.0)
+        if source["kind"] == "reading":  # the inference prompt: its last row predicts the answer
+            assert answer_row == len(speech) - 1
+        else:
+            fact = next(f for f in facts if f["fact_id"] == source["fact_id"])
+            assert processor.tokenizer.decode([speech[answer_row + 1][0]]).strip() == fact["answer"]
+
+    twins = prepare_nano.twin_text_dataset(facts, maker, copies=3, max_repeat=4, seed=0)
+    assert len(twins) == 3 * len(facts) and set(twins["form"]) == {"twin_t2t"}
+    lengths = set()
+    for grid, utt in zip(twins["input_ids"], twins["utt_id"]):
+        fact = next(f for f in facts if f["fact_id"] == utt.rsplit("-", 1)[0])
+        chat = maker.chat_t2t(fact["question"], fact["answer"])
+        question = processor.tokenizer(fact["question"], add_special_tokens=False)["input_ids"]
+        start = next(i for i in range(len(chat)) if [r[0] for r in chat[i:i + len(question)]] == question)
+        extra = len(grid) - len(chat)
+        assert grid[:start] == chat[:start] and grid[start + len(question) + extra:] == chat[start + len(question):]
+        tokens = [r[0] for r in grid[start:start + len(question) + extra]]
+        runs = [(t, sum(1 for _ in group)) for t, group in itertools.groupby(tokens)]
+        assert [t for t, _ in runs] == question and all(1 <= n <= 4 for _, n in runs)
+        lengths.add(len(grid))
+    assert len(lengths) > 1

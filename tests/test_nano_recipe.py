@@ -298,3 +298,20 @@ def test_nano_report_shows_the_lever_runs_it_finds(tmp_path):
     assert parts[0].startswith("Split `test`") and "lever" not in parts[1] and "v2:" in parts[1]
     lever_header = parts[parts.index(next(p for p in parts if p.startswith("Alignment levers"))) + 1].splitlines()[0]
     assert lever_header.index("v2 (their starting point)") < lever_header.index("lever: none")
+
+
+def test_levers_recipe_frames_run_trains_its_teacher_first(tmp_path):
+    lines = _dry_run(tmp_path, "nano_levers.sh", LEVERS="control frames")
+    names = [line[3:].split(": ", 1)[0] for line in lines]
+    assert names.index("frames_teacher") < names.index("frames_stage2")
+    commands = dict(line[3:].split(": ", 1) for line in lines)
+    teacher = commands["frames_teacher"]
+    assert "--model modeling_moss_speech/pretrained/moss-speech-nano " in teacher
+    assert f"--datasets {{path: {tmp_path}/data/voices/pretrain/twin_text, kind: text}} " in teacher
+    assert "--text_mix_ratio 1 --max_steps 400 " in teacher and f"--output_dir {tmp_path}/out/frames/teacher" in teacher
+    frames, control = commands["frames_stage2"], commands["control_stage2"]
+    extra = (f" --align_dataset {tmp_path}/data/voices/pretrain/frames --align_weight 30 "
+             f"--align_teacher {tmp_path}/out/frames/teacher")
+    run = (f"{tmp_path}/out/frames/", f"{tmp_path}/out/control/")
+    assert frames.replace(extra, "").replace(*run) == control
+    assert commands["frames_sft"].replace(*run) == commands["control_sft"]

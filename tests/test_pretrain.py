@@ -388,3 +388,74 @@ def test_pretrain_with_alignment_loss_logs_it(tmp_path, mixed_data):
 def test_bad_alignment_settings(tmp_path, mixed_data, overrides, message):
     with pytest.raises(ValueError, match=message):
         pretrain.main(argv(save_model(tmp_path / "init"), mixed_data, tmp_path / "out", **overrides))
+
+
+def frame_pairs(path: Path, n: int = 4) -> str:
+    """Row-for-row pairs with per-row weights, as processing/prepare_nano.py's `pretrain/frames`: a speech grid and a
+    text grid of the same length (the speech segment's rows replaced by text rows), weights 0 on the first rows."""
+    rows = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(300 + i)
+        tail = text_rows(torch.randint(0, 250, (4,), generator=g).tolist())
+        speech = speech_only(400 + i, 5 + i)
+        words = text_rows(torch.randint(0, 250, (len(speech),), generator=g).tolist())
+        weights = [0.0, 0.0] + [1.0] * (len(speech) + len(tail) - 2)
+        weights[-2] = 10.0
+        rows.append({"speech_ids": speech + tail, "text_ids": words + tail, "weights": weights,
+                     "utt_id": f"fact-{i}/question/voice-0"})
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return str(path)
+
+
+def test_frame_alignment_compares_row_by_row_with_a_frozen_teacher(tmp_path):
+    torch.manual_seed(0)
+    config = tiny_config()
+    layers = config.num_shared_layers + config.num_modality_layers
+    model, teacher = MossSpeechForCausalLM(config), MossSpeechForCausalLM(config).eval()
+    teacher.requires_grad_(False)
+    source = pretrain_data.AlignPairs(frame_pairs(tmp_path / "frames"), batch_size=3, seed=0)
+    pairs = source.sample()
+    assert pairs["weights"].shape == pairs["speech_ids"].shape[:2] and "suffix" not in pairs
+    # right padding weighs nothing
+    for w, n in zip(pairs["weights"], pairs["speech_lengths"]):
+        assert (w[n:] == 0).all() and (w[:n] > 0).sum() == n - 2
+    same = dict(pairs, speech_ids=pairs["text_ids"])
+    assert pretrain.alignment_loss(model, same, layers).item() == pytest.approx(0.0, abs=1e-5)
+    assert pretrain.alignment_loss(model, same, layers, teacher=teacher).item() > 0.01
+    # rows of weight 0 at the end do not count (causal: nothing before them changes)
+    late = dict(pairs, weights=pairs["weights"].clone())
+    late["weights"][:, 6:] = 0
+    changed = dict(late, speech_ids=pairs["speech_ids"].clone())
+    changed["speech_ids"][:, 6:, 0] = 7
+    assert pretrain.alignment_loss(model, late, layers, teacher=teacher).item() == pytest.approx(
+        pretrain.alignment_loss(model, changed, layers, teacher=teacher).item(), abs=1e-6)
+    frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = pretrain.alignment_loss(model, pairs, layers, teacher=teacher)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(torch.equal(frozen[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_frame_pairs_of_unequal_length_are_refused(tmp_path):
+    path = tmp_path / "bad"
+    row = {"speech_ids": speech_only(1, 4), "text_ids": text_rows([5, 6]), "weights": [1.0] * 6, "utt_id": "f/q/v"}
+    datasets.Dataset.from_list([row]).save_to_disk(str(path))
+    with pytest.raises(ValueError, match="equal length"):
+        pretrain_data.AlignPairs(str(path), batch_size=1, seed=0).sample()
+
+
+def test_pretrain_with_an_alignment_teacher(tmp_path, mixed_data):
+    model = save_model(tmp_path / "init")
+    teacher = save_model(tmp_path / "teacher", seed=1)
+    result = pretrain.main(argv(model, mixed_data, tmp_path / "out", align_dataset=frame_pairs(tmp_path / "frames"),
+                                align_weight=2.0, align_batch_size=2, align_teacher=teacher))
+    assert all(entry["align_loss"] > 0 for entry in result["history"])
+    with pytest.raises(ValueError, match="align_teacher"):
+        pretrain.main(argv(model, mixed_data, tmp_path / "bad", align_dataset=frame_pairs(tmp_path / "frames2"),
+                           align_weight=1.0, align_teacher=str(tmp_path / "nowhere")))

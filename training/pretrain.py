@@ -58,25 +58,37 @@ def training_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
 
 
 def alignment_loss(model: torch.nn.Module, pairs: dict[str, torch.Tensor], num_layers: int,
-                   temperature: float = 0.0) -> torch.Tensor:
+                   temperature: float = 0.0, teacher: torch.nn.Module | None = None) -> torch.Tensor:
     """How far the hidden states after a spoken question are from those after the same question as text.
 
-    Compared: the `suffix` final rows both grids share (system and assistant turn), at the output of every trunk
-    layer and of the text tail (`num_layers` entries of `hidden_states` after the embeddings). The text side is the
-    target (no gradient): speech is pulled toward where text already is. `temperature` 0: mean `1 - cosine`;
-    > 0: InfoNCE over the batch (each spoken question against every pair's text, same-fact pairs masked out).
+    Compared at the output of every trunk layer and of the text tail (`num_layers` entries of `hidden_states` after
+    the embeddings). The text side is the target (no gradient), computed by `teacher` (a frozen checkpoint) or, when
+    None, by `model` itself: speech is pulled toward where text already is. Pairs with `weights` (grids of equal
+    length): the weighted mean of `1 - cosine` row by row. Otherwise the `suffix` final rows both grids share
+    (system and assistant turn); `temperature` 0: mean `1 - cosine`; > 0: InfoNCE over the batch (each spoken
+    question against every pair's text, same-fact pairs masked out).
     """
+    def layer_states(m: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        out = m(input_ids=ids, use_cache=False, output_hidden_states=True)
+        return torch.stack(out.hidden_states[1: 1 + num_layers], dim=1)  # (B, layers, L, H)
+
+    if "weights" in pairs:
+        with torch.no_grad():
+            target = layer_states(teacher if teacher is not None else model, pairs["text_ids"])
+        distance = 1 - torch.nn.functional.cosine_similarity(layer_states(model, pairs["speech_ids"]), target, dim=-1)
+        weights = pairs["weights"].to(distance.dtype)[:, None, :]
+        return (distance * weights).sum() / ((weights > 0).sum() * num_layers).clamp(min=1)
+
     suffix = int(pairs["suffix"].min())
 
-    def states(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        out = model(input_ids=ids, use_cache=False, output_hidden_states=True)
-        layers = torch.stack(out.hidden_states[1: 1 + num_layers], dim=1)  # (B, layers, L, H)
+    def states(m: torch.nn.Module, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        layers = layer_states(m, ids)
         index = lengths.to(ids.device)[:, None] - suffix + torch.arange(suffix, device=ids.device)[None, :]
         return torch.gather(layers, 2, index[:, None, :, None].expand(-1, num_layers, -1, layers.shape[-1]))
 
     with torch.no_grad():
-        target = states(pairs["text_ids"], pairs["text_lengths"])
-    spoken = states(pairs["speech_ids"], pairs["speech_lengths"])
+        target = states(teacher if teacher is not None else model, pairs["text_ids"], pairs["text_lengths"])
+    spoken = states(model, pairs["speech_ids"], pairs["speech_lengths"])
     if not temperature:
         return (1 - torch.nn.functional.cosine_similarity(spoken, target, dim=-1)).mean()
     spoken = torch.nn.functional.normalize(spoken.transpose(0, 1).flatten(2), dim=-1)  # (layers, B, suffix * H)
@@ -291,6 +303,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     collator = RowCollator(config, cfg.pack)
     align = AlignPairs(cfg.align_dataset, cfg.align_batch_size, cfg.seed + progress.step) if cfg.align_weight else None
+    teacher = None
+    if align is not None and cfg.align_teacher:
+        teacher = MossSpeechForCausalLM.from_pretrained(cfg.align_teacher).to(accelerator.device).eval()
+        teacher.requires_grad_(False)
     history: list[dict[str, Any]] = []
     eval_history: list[dict[str, Any]] = []
     # loss, text, audio, alignment (micro-batch sums; alignment 0 when off)
@@ -330,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if align is not None:
                     pairs = {k: v.to(accelerator.device) for k, v in align.sample().items()}
                     aligned = alignment_loss(model, pairs, config.num_shared_layers + config.num_modality_layers,
-                                             cfg.align_temperature)
+                                             cfg.align_temperature, teacher)
                     loss = loss + cfg.align_weight * aligned
                 accelerator.backward(loss)
                 window += torch.stack([out.loss, out.text_loss, out.audio_loss, aligned]).detach().double()

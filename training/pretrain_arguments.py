@@ -124,6 +124,10 @@ class PretrainArguments:
                 "of the shared final rows after a spoken question toward those after the same question as text, at "
                 "every trunk layer and the text tail (text side without gradient)."})
     align_batch_size: int = field(default=8, metadata={"help": "Pairs per micro-batch for the alignment loss."})
+    align_teacher: str | None = field(default=None, metadata={
+        "help": "A MOSS-Speech checkpoint whose states of the text grids are the targets (frozen, loaded once); "
+                "unset: the model being trained (without gradient through the text side). Pairs with per-row "
+                "`weights` (prepare_nano.py's pretrain/frames) are compared row for row at those weights."})
     align_temperature: float = field(default=0.0, metadata={
         "help": "0: the alignment loss is 1 - cosine similarity; > 0: contrastive (InfoNCE over the micro-batch's "
                 "pairs at this temperature: a spoken question must be nearer its own text than other facts' texts)."})
@@ -181,6 +185,9 @@ class PretrainArguments:
         if self.align_dataset is not None and not os.path.isdir(self.align_dataset):
             raise ValueError(f"recipe key 'align_dataset': {self.align_dataset!r} is not a directory written by "
                              "datasets' save_to_disk.")
+        if self.align_teacher is not None and not os.path.isfile(os.path.join(self.align_teacher, "config.json")):
+            raise ValueError(f"recipe key 'align_teacher': {self.align_teacher!r} is not a checkpoint directory "
+                             "(no config.json).")
         if self.stage == "stage1" and self.text_mix_ratio:
             logger.warning("stage1 freezes the text backbone: text-only sequences (text_mix_ratio=%s) train nothing.",
                            self.text_mix_ratio)

@@ -263,14 +263,18 @@ class RowCollator:
 
 class AlignPairs:
     """Random micro-batches of the alignment loss' pairs: an S->T and a T->T chat grid of the same fact
-    (`input_ids` of the spoken and the written question, right-padded) and `suffix`, the number of final rows both
-    share (system turn and assistant turn). `group` tells pairs of the same fact apart for the contrastive form."""
+    (`input_ids` of the spoken and the written question, right-padded) and either `suffix`, the number of final rows
+    both share (system turn and assistant turn), or `weights`, one per row of two grids of equal length (the frame
+    twins of prepare_nano.py's pretrain/frames; padding weighs 0). `group` tells pairs of the same fact apart for the
+    contrastive form."""
 
     def __init__(self, path: str, batch_size: int, seed: int) -> None:
         import datasets
 
         data = datasets.load_from_disk(path)
-        missing = {"speech_ids", "text_ids", "suffix", "utt_id"} - set(data.column_names)
+        # two forms: `suffix` (the final rows both grids share) or `weights` (grids of equal length, row by row)
+        form = "weights" if "weights" in data.column_names else "suffix"
+        missing = {"speech_ids", "text_ids", form, "utt_id"} - set(data.column_names)
         if missing:
             raise ValueError(f"align_dataset {path!r} lacks the columns {sorted(missing)} (has {data.column_names}).")
         if batch_size > len(data):
@@ -281,11 +285,18 @@ class AlignPairs:
         """One micro-batch of distinct pairs."""
         rows = self.data[self.generator.choice(len(self.data), self.batch_size, replace=False).tolist()]
         facts = [u.split("/")[0] for u in rows["utt_id"]]
-        return {"speech_ids": _right_padded(rows["speech_ids"]), "text_ids": _right_padded(rows["text_ids"]),
-                "speech_lengths": torch.tensor([len(g) for g in rows["speech_ids"]]),
-                "text_lengths": torch.tensor([len(g) for g in rows["text_ids"]]),
-                "suffix": torch.tensor(rows["suffix"]),
-                "group": torch.tensor([facts.index(f) for f in facts])}
+        out = {"speech_ids": _right_padded(rows["speech_ids"]), "text_ids": _right_padded(rows["text_ids"]),
+               "speech_lengths": torch.tensor([len(g) for g in rows["speech_ids"]]),
+               "text_lengths": torch.tensor([len(g) for g in rows["text_ids"]]),
+               "group": torch.tensor([facts.index(f) for f in facts])}
+        if "weights" in rows:
+            if not torch.equal(out["speech_lengths"], out["text_lengths"]):
+                raise ValueError("align_dataset pairs with `weights` must have speech and text grids of equal length.")
+            width = out["speech_ids"].shape[1]
+            out["weights"] = torch.tensor([list(w) + [0.0] * (width - len(w)) for w in rows["weights"]])
+        else:
+            out["suffix"] = torch.tensor(rows["suffix"])
+        return out
 
 
 def _right_padded(grids: list) -> torch.Tensor:

@@ -17,6 +17,11 @@
 #   reading    the round's data from the corpus with reading sentences too (synthesize_espeak.py --reading_voices 4:
 #              question frames filled with other categories' phrases, "what colour is france", each said by 4 of the
 #              47 voices; no fact, no answer), so the model must read questions word by word
+#   frames     + alignment_loss row for row against a frozen teacher (weight 30): each spoken train question (47
+#              voices) is paired with its text twin, the same grid with every code row replaced by the word heard by
+#              then (pretrain/frames of the voices corpus: CTC forced alignment on BASE's codec); the teacher is BASE
+#              after FRAMES_TEACHER_STEPS [400] text-only steps on pretrain/twin_text (every fact's chat, each question
+#              word repeated 1-9 times: the rate of speech), so it answers the twins of held-out facts too
 # The lever data (pretrain/wordmix, pretrain/align) comes from the 12-voice corpus, the round's data from the corpus
 # with the 35 question voices (reading: from the one with reading sentences), all encoded with BASE's codec and
 # tokenizer. A run takes about 25-35 min on a busy
@@ -28,6 +33,7 @@
 #   LEVERS_OUT [outputs/nano_levers]   runs, logs/, eval/ (lever_<run>_<split>.json)
 #   LEVERS [control wordmix align contrast]   runs to make (reading: also the reading corpus, made when asked for)
 #   THREADS [2], PYTHON, NANO_RESUME [1], NANO_STEPS [all], NANO_DRY_RUN [0], STAGE2_STEPS [500], SFT_STEPS [500],
+#   FRAMES_TEACHER_STEPS [400],
 #   EVAL_SPLITS ["test test_dialect test_seen test_seen_dialect"]
 set -euo pipefail
 
@@ -44,6 +50,7 @@ NANO_STEPS=${NANO_STEPS:-}
 NANO_DRY_RUN=${NANO_DRY_RUN:-0}
 STAGE2_STEPS=${STAGE2_STEPS:-500}
 SFT_STEPS=${SFT_STEPS:-500}
+FRAMES_TEACHER_STEPS=${FRAMES_TEACHER_STEPS:-400}
 EVAL_SPLITS=${EVAL_SPLITS:-test test_dialect test_seen test_seen_dialect}
 
 source training/recipes/steps.sh
@@ -90,9 +97,17 @@ for lever in $LEVERS; do
     align) extra=(--align_dataset "$P/align" --align_weight 1) ;;
     contrast) extra=(--align_dataset "$P/align" --align_weight 1 --align_temperature 0.1 --align_batch_size 16) ;;
     reading) data=("$R/speech" "$R/interleaved" "$R/spoken_qa" "{path: $R/text, kind: text}") ;;
-    *) echo "nano_levers.sh: unknown lever '$lever' (control, wordmix, align, contrast, reading)" >&2; exit 2 ;;
+    frames) extra=(--align_dataset "$V/frames" --align_weight 30 --align_teacher "$LEVERS_OUT/frames/teacher") ;;
+    *) echo "nano_levers.sh: unknown lever '$lever' (control, wordmix, align, contrast, reading, frames)" >&2
+       exit 2 ;;
   esac
   root=$LEVERS_OUT/$lever
+  if [[ $lever == frames ]]; then
+    pretrain frames_teacher "$root/teacher" --config training/configs/nano_stage2.yaml --model "$BASE" \
+      --datasets "{path: $V/twin_text, kind: text}" "{path: $V/text, kind: text}" \
+      --eval_datasets "{path: $V/text_eval, kind: text}" --text_mix_ratio 1 --max_steps "$FRAMES_TEACHER_STEPS" \
+      --threads "$THREADS"
+  fi
   pretrain "${lever}_stage2" "$root/stage2" --config training/configs/nano_stage2.yaml --model "$BASE" \
     --datasets "${data[@]}" --eval_datasets "${ROUND_EVAL_DATA[@]}" --max_steps "$STAGE2_STEPS" \
     --threads "$THREADS" ${extra[@]+"${extra[@]}"}
