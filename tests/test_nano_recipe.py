@@ -298,6 +298,13 @@ def test_nano_report_shows_the_lever_runs_it_finds(tmp_path):
     assert parts[0].startswith("Split `test`") and "lever" not in parts[1] and "v2:" in parts[1]
     lever_header = parts[parts.index(next(p for p in parts if p.startswith("Alignment levers"))) + 1].splitlines()[0]
     assert lever_header.index("v2 (their starting point)") < lever_header.index("lever: none")
+    # the frame-level lever's runs (from the 2-hour recipe's checkpoint) get tables of their own
+    assert not any(p.startswith("Alignment levers from") for p in parts)
+    shutil.copy(shipped, tmp_path / "budget_lever_frames_test.json")
+    parts = report(tmp_path).split("\n\n")
+    title = next(p for p in parts if p.startswith("Alignment levers from the 2-hour recipe's checkpoint, split `test`"))
+    header = parts[parts.index(title) + 1].splitlines()[0]
+    assert "lever: frame-level alignment" in header and "v2" not in header and "cosine" not in header
 
 
 def test_levers_recipe_frames_run_trains_its_teacher_first(tmp_path):

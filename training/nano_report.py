@@ -56,6 +56,10 @@ LEVER_RUNS = (("v2 (their starting point)", "v2_final"),
               ("lever: word-level interleaving", "lever_wordmix"),
               ("lever: cosine state alignment", "lever_align"),
               ("lever: contrastive state alignment", "lever_contrast"))
+# the same recipe from the 2-hour recipe's main checkpoint (nano_levers.sh with BASE at it): the frame-level lever
+BUDGET_LEVER_RUNS = (("2-hour recipe (their starting point)", "budget_final"),
+                     ("lever: none (one more round)", "budget_lever_control"),
+                     ("lever: frame-level alignment", "budget_lever_frames"))
 # Hand-written reading of one run's results, kept in its eval directory and appended to the card's evaluation.
 FINDINGS = "findings.md"
 
@@ -68,11 +72,12 @@ def report(eval_dir: Path) -> str:
     """Markdown: one comparison table per split found (the recipe's runs, then the lever runs), plus text retention
     right after stage I."""
     parts = []
-    for runs_of, title in ((RUNS, "Split"), (LEVER_RUNS, "Alignment levers, split")):
+    for runs_of, title in ((RUNS, "Split"), (LEVER_RUNS, "Alignment levers, split"),
+                           (BUDGET_LEVER_RUNS, "Alignment levers from the 2-hour recipe's checkpoint, split")):
         for split, meaning in SPLITS.items():
             runs = {name: _load(eval_dir / f"{stem}_{split}.json") for name, stem in runs_of}
             runs = {k: v for k, v in runs.items() if v is not None}
-            if runs_of is LEVER_RUNS and len(runs) == (LEVER_RUNS[0][0] in runs):
+            if runs_of is not RUNS and len(runs) == (runs_of[0][0] in runs):
                 continue  # no lever run in this directory
             if runs:
                 count = next(iter(runs.values()))["counts"]["spoken_questions"]
