@@ -446,8 +446,8 @@ def test_frame_pairs_of_unequal_length_are_refused(tmp_path):
     path = tmp_path / "bad"
     row = {"speech_ids": speech_only(1, 4), "text_ids": text_rows([5, 6]), "weights": [1.0] * 6, "utt_id": "f/q/v"}
     datasets.Dataset.from_list([row]).save_to_disk(str(path))
-    with pytest.raises(ValueError, match="equal length"):
-        pretrain_data.AlignPairs(str(path), batch_size=1, seed=0).sample()
+    with pytest.raises(ValueError, match="pair 0: .* equal length, got 6, 2, 6"):
+        pretrain_data.AlignPairs(str(path), batch_size=1, seed=0)
 
 
 def test_pretrain_with_an_alignment_teacher(tmp_path, mixed_data):
@@ -456,6 +456,12 @@ def test_pretrain_with_an_alignment_teacher(tmp_path, mixed_data):
     result = pretrain.main(argv(model, mixed_data, tmp_path / "out", align_dataset=frame_pairs(tmp_path / "frames"),
                                 align_weight=2.0, align_batch_size=2, align_teacher=teacher))
     assert all(entry["align_loss"] > 0 for entry in result["history"])
+    frames = str(tmp_path / "frames")
     with pytest.raises(ValueError, match="align_teacher"):
-        pretrain.main(argv(model, mixed_data, tmp_path / "bad", align_dataset=frame_pairs(tmp_path / "frames2"),
-                           align_weight=1.0, align_teacher=str(tmp_path / "nowhere")))
+        pretrain.main(argv(model, mixed_data, tmp_path / "bad", align_dataset=frames, align_weight=1.0,
+                           align_teacher=str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match="'align_teacher' needs 'align_weight' > 0"):
+        pretrain.main(argv(model, mixed_data, tmp_path / "bad", align_dataset=frames, align_teacher=teacher))
+    with pytest.raises(ValueError, match="align_temperature must be 0"):
+        pretrain.main(argv(model, mixed_data, tmp_path / "bad", align_dataset=frames, align_weight=1.0,
+                           align_batch_size=2, align_temperature=0.1))

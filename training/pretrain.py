@@ -303,6 +303,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     collator = RowCollator(config, cfg.pack)
     align = AlignPairs(cfg.align_dataset, cfg.align_batch_size, cfg.seed + progress.step) if cfg.align_weight else None
+    if align is not None and align.form == "weights" and cfg.align_temperature:
+        raise ValueError(f"align_dataset {cfg.align_dataset!r} holds row-by-row pairs (`weights`), which are compared "
+                         f"by 1 - cosine only; align_temperature must be 0, got {cfg.align_temperature}.")
     teacher = None
     if align is not None and cfg.align_teacher:
         teacher = MossSpeechForCausalLM.from_pretrained(cfg.align_teacher).to(accelerator.device).eval()

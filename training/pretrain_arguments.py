@@ -185,6 +185,9 @@ class PretrainArguments:
         if self.align_dataset is not None and not os.path.isdir(self.align_dataset):
             raise ValueError(f"recipe key 'align_dataset': {self.align_dataset!r} is not a directory written by "
                              "datasets' save_to_disk.")
+        if self.align_teacher is not None and not self.align_weight > 0:
+            raise ValueError("recipe key 'align_teacher' needs 'align_weight' > 0 (the teacher serves only the "
+                             "alignment loss).")
         if self.align_teacher is not None and not os.path.isfile(os.path.join(self.align_teacher, "config.json")):
             raise ValueError(f"recipe key 'align_teacher': {self.align_teacher!r} is not a checkpoint directory "
                              "(no config.json).")

@@ -273,10 +273,16 @@ class AlignPairs:
 
         data = datasets.load_from_disk(path)
         # two forms: `suffix` (the final rows both grids share) or `weights` (grids of equal length, row by row)
-        form = "weights" if "weights" in data.column_names else "suffix"
-        missing = {"speech_ids", "text_ids", form, "utt_id"} - set(data.column_names)
+        self.form = "weights" if "weights" in data.column_names else "suffix"
+        missing = {"speech_ids", "text_ids", self.form, "utt_id"} - set(data.column_names)
         if missing:
             raise ValueError(f"align_dataset {path!r} lacks the columns {sorted(missing)} (has {data.column_names}).")
+        if self.form == "weights":
+            for i, (speech, text, weights) in enumerate(zip(data["speech_ids"], data["text_ids"], data["weights"])):
+                if not len(speech) == len(text) == len(weights):
+                    raise ValueError(f"align_dataset {path!r}, pair {i}: the speech grid, the text grid and the "
+                                     f"weights must have equal length, got {len(speech)}, {len(text)}, "
+                                     f"{len(weights)}.")
         if batch_size > len(data):
             raise ValueError(f"align_batch_size {batch_size} exceeds the {len(data)} pairs of {path!r}.")
         self.data, self.batch_size, self.generator = data, batch_size, np.random.default_rng(seed)
@@ -289,9 +295,7 @@ class AlignPairs:
                "speech_lengths": torch.tensor([len(g) for g in rows["speech_ids"]]),
                "text_lengths": torch.tensor([len(g) for g in rows["text_ids"]]),
                "group": torch.tensor([facts.index(f) for f in facts])}
-        if "weights" in rows:
-            if not torch.equal(out["speech_lengths"], out["text_lengths"]):
-                raise ValueError("align_dataset pairs with `weights` must have speech and text grids of equal length.")
+        if self.form == "weights":
             width = out["speech_ids"].shape[1]
             out["weights"] = torch.tensor([list(w) + [0.0] * (width - len(w)) for w in rows["weights"]])
         else:
