@@ -469,6 +469,9 @@ def frames_dataset(codes: datasets.DatasetDict, facts: list[dict], maker: GridMa
         if len(word_ids) != len(text.split()):
             raise ValueError(f"{row['utt_id']}: {text!r} is not one token per word ({word_ids}); the frame twin needs "
                              "a word-level tokenizer.")
+        if len(row["codes"]) * codec.config.encoder_config.ctc_upsample < 2 * len(text):
+            too_short += 1  # CTC needs a frame per character and a blank between repeats: not alignable
+            continue
         user = {"role": "user", "content": {"type": "audio", "codes": list(row["codes"])}}
         if fact is not None:
             (item,) = maker.processor.training_rows([[user, {"role": "assistant", "content": fact["answer"]}]],
@@ -479,9 +482,6 @@ def frames_dataset(codes: datasets.DatasetDict, facts: list[dict], maker: GridMa
             grid = maker.processor([user], output_modality="text", return_tensors="pt")["input_ids"][0].tolist()
             answer_row = len(grid) - 1
         start = next(i for i, r in enumerate(grid) if r[0] == layout.sosp_token_id)
-        if len(row["codes"]) * codec.config.encoder_config.ctc_upsample < 2 * len(text):
-            too_short += 1  # CTC needs a frame per character and a blank between repeats: not alignable
-            continue
         words = codec.words_per_code(row["codes"], text)
         n = len(words)
         first_heard = next(k for k in range(n) if k == n - 1 or words[k + 1] != words[k])

@@ -90,18 +90,17 @@ ROUND_EVAL_DATA=("$V/eval" "{path: $V/text_eval, kind: text}")
 
 # ---------------------------------------------------------------------------------------------- the runs
 for lever in $LEVERS; do
-  data=("${ROUND_DATA[@]}") extra=()
+  data=("${ROUND_DATA[@]}") extra=() root=$LEVERS_OUT/$lever
   case $lever in
     control) ;;
     wordmix) data+=("$P/wordmix") ;;
     align) extra=(--align_dataset "$P/align" --align_weight 1) ;;
     contrast) extra=(--align_dataset "$P/align" --align_weight 1 --align_temperature 0.1 --align_batch_size 16) ;;
     reading) data=("$R/speech" "$R/interleaved" "$R/spoken_qa" "{path: $R/text, kind: text}") ;;
-    frames) extra=(--align_dataset "$V/frames" --align_weight 30 --align_teacher "$LEVERS_OUT/frames/teacher") ;;
+    frames) extra=(--align_dataset "$V/frames" --align_weight 30 --align_teacher "$root/teacher") ;;
     *) echo "nano_levers.sh: unknown lever '$lever' (control, wordmix, align, contrast, reading, frames)" >&2
        exit 2 ;;
   esac
-  root=$LEVERS_OUT/$lever
   if [[ $lever == frames ]]; then
     pretrain frames_teacher "$root/teacher" --config training/configs/nano_stage2.yaml --model "$BASE" \
       --datasets "{path: $V/twin_text, kind: text}" "{path: $V/text, kind: text}" \
