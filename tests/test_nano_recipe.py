@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -322,3 +323,28 @@ def test_levers_recipe_frames_run_trains_its_teacher_first(tmp_path):
     run = (f"{tmp_path}/out/frames/", f"{tmp_path}/out/control/")
     assert frames.replace(extra, "").replace(*run) == control
     assert commands["frames_sft"].replace(*run) == commands["control_sft"]
+
+
+def test_nano_report_variant_rows_of_the_frame_level_lever(tmp_path):
+    sys.path.insert(0, str(ROOT / "training"))
+    from nano_report import report, variant_table
+
+    from modeling_moss_speech.pretrained import nano_path
+
+    shipped = Path(nano_path()) / "eval"
+    shutil.copy(shipped / "final_test.json", tmp_path / "budget_lever_frames_test.json")
+    assert variant_table(tmp_path) is None  # the recipe's own run has its tables; no variant, no rows
+    for split, source in (("test", "final_test"), ("test_dialect", "budget_final_test_dialect")):
+        shutil.copy(shipped / f"{source}.json", tmp_path / f"budget_lever_frames_noqa_{split}.json")
+    table = variant_table(tmp_path)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert list(rows)[1:] == ["frame-level lever (nano_levers.sh)", "no spoken QA in stage II"]
+
+    def percent(name: str) -> str:
+        got = json.loads((shipped / f"{name}.json").read_text())["modes"]["s2t"]
+        return f"{100 * got['correct'] / got['total']:.0f} %"
+
+    cells = rows["no spoken QA in stage II"].strip("| ").split(" | ")
+    assert cells[1] == f"{percent('final_test')} / {percent('budget_final_test_dialect')}"
+    assert cells[3] == "n/a / n/a"  # no trained-facts file for this run
+    assert table in report(tmp_path)

@@ -9,10 +9,11 @@ robust-codes round) and `v1_final_*.json` / `v1_ablation_final_*.json` (the earl
 where present, kept with the shipped checkpoint as the before columns; `budget_final_*.json` /
 `budget_ablation_final_*.json` (training/recipes/nano_budget.sh's latest run, renamed; its earlier runs',
 `budget1_*`, `budget2_*` and `budget3_*`, are kept beside them and read by no table);
-`lever_<run>_*.json` of `training/recipes/nano_levers.sh`), prints the Markdown tables (one column per run found,
-per split) and writes `README.md` (the nano model card: the experiment from `model_cards/moss_speech_nano.md`, these
-tables, and the hand-written reading of this run's results, `findings.md` of the eval directory, where there is one)
-into `--checkpoint`.
+`lever_<run>_*.json` of `training/recipes/nano_levers.sh`, and `budget_lever_<run>_*.json`, its runs from the 2-hour
+recipe's checkpoint, the frame-level lever's variants among them), prints the Markdown tables (one column per run
+found, per split; the variants: one row each) and writes `README.md` (the nano model card: the experiment from
+`model_cards/moss_speech_nano.md`, these tables, and the hand-written reading of this run's results, `findings.md` of
+the eval directory, where there is one) into `--checkpoint`.
 
 Without running the recipe, the tables of the shipped checkpoint:
 
@@ -60,12 +61,48 @@ LEVER_RUNS = (("v2 (their starting point)", "v2_final"),
 BUDGET_LEVER_RUNS = (("2-hour recipe (their starting point)", "budget_final"),
                      ("lever: none (one more round)", "budget_lever_control"),
                      ("lever: frame-level alignment", "budget_lever_frames"))
+# Variants of the frame-level lever, each run by hand as nano_levers.sh's frames run with one change (findings.md
+# says which): one row per run, the transfer beside the trained facts, test voice / dialect voice
+FRAMES_VARIANTS = (("frame-level lever (nano_levers.sh)", "budget_lever_frames"),
+                   ("+ twin chats in stage II's text mix", "budget_lever_frames_twin"),
+                   ("+ twin chats, stage II from the teacher", "budget_lever_frames_teacher"),
+                   ("+ spliced reading sentences", "budget_lever_frames_splice"),
+                   ("+ spliced reading sentences + twin chats", "budget_lever_frames_splice_twin"),
+                   ("no spoken QA in stage II", "budget_lever_frames_noqa"),
+                   ("no spoken QA in stage II, weight 100", "budget_lever_frames_noqa_w100"))
+VARIANT_COLUMNS = (("held-out S->T", "s2t", ("test", "test_dialect")),
+                   ("held-out S->S (recogniser)", "s2s", ("test", "test_dialect")),
+                   ("trained S->T", "s2t", ("test_seen", "test_seen_dialect")),
+                   ("trained S->S (recogniser)", "s2s", ("test_seen", "test_seen_dialect")))
 # Hand-written reading of one run's results, kept in its eval directory and appended to the card's evaluation.
 FINDINGS = "findings.md"
 
 
 def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def variant_table(eval_dir: Path) -> str | None:
+    """Markdown: one row per `FRAMES_VARIANTS` run found, each cell `test % / dialect %` of one mode and fact set;
+    None unless a variant besides the recipe's own run is there."""
+    found = [(name, stem) for name, stem in FRAMES_VARIANTS if (eval_dir / f"{stem}_test.json").is_file()]
+    if len(found) < 2:
+        return None
+
+    def cell(stem: str, mode: str, splits: tuple[str, ...]) -> str:
+        values = []
+        for split in splits:
+            result = _load(eval_dir / f"{stem}_{split}.json")
+            got = None if result is None else result["modes"].get(mode)
+            values.append("n/a" if got is None else f"{100 * got['correct'] / got['total']:.0f} %")
+        return " / ".join(values)
+
+    lines = ["| stage II of the round | " + " | ".join(title for title, _, _ in VARIANT_COLUMNS) + " |",
+             "|---|" + "---|" * len(VARIANT_COLUMNS)]
+    lines += [f"| {name} | " + " | ".join(cell(stem, mode, splits) for _, mode, splits in VARIANT_COLUMNS) + " |"
+              for name, stem in found]
+    return ("Variants of the frame-level lever (each one more round from the 2-hour recipe's checkpoint, SFT "
+            "500 steps after; cells: test voice / dialect voice, greedy decoding):\n\n" + "\n".join(lines))
 
 
 def report(eval_dir: Path) -> str:
@@ -83,6 +120,9 @@ def report(eval_dir: Path) -> str:
                 count = next(iter(runs.values()))["counts"]["spoken_questions"]
                 parts.append(f"{title} `{split}` ({meaning}; {count} spoken questions, greedy decoding):\n\n"
                              + markdown_comparison(runs))
+    variants = variant_table(eval_dir)
+    if variants:
+        parts.append(variants)
     stage1 = {name: _load(eval_dir / f"{stem}_test_t2t.json")
               for name, stem in (("frozen stage I", "stage1"), ("no freezing", "ablation_stage1"))}
     stage1 = {k: v for k, v in stage1.items() if v is not None}
