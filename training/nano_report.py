@@ -84,7 +84,7 @@ def _load(path: Path) -> dict | None:
 
 def variant_table(eval_dir: Path) -> str | None:
     """Markdown: one row per `FRAMES_VARIANTS` run found, each cell `test % / dialect %` of one mode and fact set;
-    None unless a variant besides the recipe's own run is there."""
+    None when fewer than two are there (nothing to compare; the recipe's own run has the tables above)."""
     found = [(name, stem) for name, stem in FRAMES_VARIANTS if (eval_dir / f"{stem}_test.json").is_file()]
     if len(found) < 2:
         return None
