@@ -68,6 +68,7 @@ FRAMES_VARIANTS = (("frame-level lever (nano_levers.sh)", "budget_lever_frames")
                    ("+ twin chats, stage II from the teacher", "budget_lever_frames_teacher"),
                    ("+ spliced reading sentences", "budget_lever_frames_splice"),
                    ("+ spliced reading sentences + twin chats", "budget_lever_frames_splice_twin"),
+                   ("+ reading sentences said by 12 voices", "budget_lever_frames_reading12"),
                    ("no spoken QA in stage II", "budget_lever_frames_noqa"),
                    ("no spoken QA in stage II, weight 100", "budget_lever_frames_noqa_w100"))
 VARIANT_COLUMNS = (("held-out S->T", "s2t", ("test", "test_dialect")),
