@@ -261,7 +261,6 @@ class MossSpeechCodecCTCHead(nn.Module):
             texts.append(" ".join("".join(chars).split()))
         return texts
 
-
     def words_per_code(self, log_probs: torch.Tensor, text: str) -> list[int]:
         """Which word of `text` each code says: CTC forced alignment of `text` on one utterance's log-probs.
 
@@ -309,6 +308,7 @@ class MossSpeechCodecCTCHead(nn.Module):
                 codes[k] = following
             following = codes[k]
         return [int(w) for w in codes]
+
 
 @torch.no_grad()
 def encode_waveforms(

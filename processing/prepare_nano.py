@@ -497,6 +497,12 @@ def frames_dataset(codes: datasets.DatasetDict, facts: list[dict], maker: GridMa
     return datasets.Dataset.from_list(examples, features=FRAMES_FEATURES)
 
 
+def text_start(grid: Sequence[Sequence[int]], ids: Sequence[int]) -> int | None:
+    """The first row from which the grid's text column reads the token ids `ids`, or None where it never does."""
+    column, ids = [row[0] for row in grid], list(ids)
+    return next((i for i in range(len(column) - len(ids) + 1) if column[i:i + len(ids)] == ids), None)
+
+
 def twin_text_dataset(facts: list[dict], maker: GridMaker, copies: int = 32, max_repeat: int = 9,
                       seed: int = 0) -> datasets.Dataset:
     """Text-only T->T chats of every fact (train and held-out: text) whose question words are each repeated 1 to
@@ -508,8 +514,7 @@ def twin_text_dataset(facts: list[dict], maker: GridMaker, copies: int = 32, max
     for fact in facts:
         grid = maker.chat_t2t(fact["question"], fact["answer"])
         question = tokenizer(fact["question"].strip(), add_special_tokens=False)["input_ids"]
-        column = [r[0] for r in grid]
-        start = next((i for i in range(len(column)) if column[i:i + len(question)] == question), None)
+        start = text_start(grid, question)
         if start is None:
             raise ValueError(f"{fact['fact_id']}: its question's tokens are not in its chat grid.")
         for copy in range(copies):

@@ -41,7 +41,7 @@ from modeling_moss_speech.apps.script_utils import ScriptArgumentParser, nano_co
 from modeling_moss_speech.threads import set_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "processing"))  # a folder of scripts, not a package
-from prepare_nano import word_codes  # noqa: E402
+from prepare_nano import text_start, word_codes  # noqa: E402
 
 FORMS = ("text", "spoken", "word_codes", "last_word_spoken")
 logger = logging.get_logger(__name__)
@@ -70,8 +70,7 @@ def last_word_spoken_prompt(processor: MossSpeechProcessor, question: str, codes
     head = tokenize(" ".join(words[:-1]), add_special_tokens=False)["input_ids"]
     if full[:len(head)] != head:
         raise ValueError(f"question {question!r}: its tokens do not start with those of its words before the last.")
-    column = [row[0] for row in rows]
-    start = next((i for i in range(len(column)) if column[i:i + len(full)] == full), None)
+    start = text_start(rows, full)
     if start is None:
         raise ValueError(f"question {question!r}: its tokens are not in its chat prompt.")
     speech = processor.grid_layout.speech_rows(codes)

@@ -90,18 +90,17 @@ def variant_table(eval_dir: Path) -> str | None:
     if len(found) < 2:
         return None
 
-    def cell(stem: str, mode: str, splits: tuple[str, ...]) -> str:
-        values = []
-        for split in splits:
-            result = _load(eval_dir / f"{stem}_{split}.json")
-            got = None if result is None else result["modes"].get(mode)
-            values.append("n/a" if got is None else f"{100 * got['correct'] / got['total']:.0f} %")
-        return " / ".join(values)
+    def cell(results: dict[str, dict | None], mode: str, splits: tuple[str, ...]) -> str:
+        got = [None if results[split] is None else results[split]["modes"].get(mode) for split in splits]
+        return " / ".join("n/a" if g is None else f"{100 * g['correct'] / g['total']:.0f} %" for g in got)
 
     lines = ["| stage II of the round | " + " | ".join(title for title, _, _ in VARIANT_COLUMNS) + " |",
              "|---|" + "---|" * len(VARIANT_COLUMNS)]
-    lines += [f"| {name} | " + " | ".join(cell(stem, mode, splits) for _, mode, splits in VARIANT_COLUMNS) + " |"
-              for name, stem in found]
+    splits = dict.fromkeys(split for _, _, pair in VARIANT_COLUMNS for split in pair)
+    for name, stem in found:
+        results = {split: _load(eval_dir / f"{stem}_{split}.json") for split in splits}  # each file read once
+        lines.append(f"| {name} | " + " | ".join(cell(results, mode, pair) for _, mode, pair in VARIANT_COLUMNS)
+                     + " |")
     return ("Variants of the frame-level lever (each one more round from the 2-hour recipe's checkpoint, SFT "
             "500 steps after; cells: test voice / dialect voice, greedy decoding):\n\n" + "\n".join(lines))
 
