@@ -52,6 +52,12 @@ class MossSpeechCodecEncoderConfig(PretrainedConfig):
     quantize_encoder_only: bool = True
     encoder_causal_attention: bool = True
     encoder_causal_convolution: bool = True
+    # None: the release's tokenizer (causal attention over the whole utterance, absolute sinusoidal positions added
+    # before the layers), so a word's codes change with where in the utterance it is said. An int W: a local
+    # tokenizer: each 50 Hz frame attends to itself and the W - 1 frames before it and no absolute positions are
+    # added, so a code depends only on the audio shortly before it (`MossSpeechCodecEncoder.receptive_field`), the
+    # same word giving the same codes wherever it falls.
+    encoder_attention_window: int | None = None
     initializer_range: float = 0.02
     # Optional CTC recogniser on the codes (nano checkpoints; the release has none): `ctc_alphabet` lists the output
     # characters (CTC blank = index 0, character i -> i + 1), `ctc_layers` bidirectional layers over the code
@@ -80,6 +86,12 @@ class MossSpeechCodecEncoderConfig(PretrainedConfig):
                              f"({self.encoder_layers}).")
         if self.max_source_positions % self.pooling_kernel_size:
             raise ValueError(f"{owner}: max_source_positions must be a multiple of pooling_kernel_size.")
+        if self.encoder_attention_window is not None and (
+            isinstance(self.encoder_attention_window, bool) or not isinstance(self.encoder_attention_window, int)
+            or self.encoder_attention_window < 1
+        ):
+            raise ValueError(f"{owner}.encoder_attention_window must be a positive int or None, got "
+                             f"{self.encoder_attention_window!r}.")
         if self.ctc_alphabet is not None:
             if not isinstance(self.ctc_alphabet, str) or not self.ctc_alphabet:
                 raise ValueError(f"{owner}.ctc_alphabet must be a non-empty string or None, got {self.ctc_alphabet!r}.")

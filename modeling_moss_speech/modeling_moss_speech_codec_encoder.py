@@ -57,6 +57,10 @@ class MossSpeechCodecEncoder(nn.Module):
 
     Right padding is required: attention is causal and no padding mask is applied (as in the release), so valid
     frames never see padding and a row's valid codes do not depend on what it is batched with.
+
+    With `encoder_attention_window` set (nano checkpoints, not the release) the encoder is local: no `embed_positions`
+    table, and each layer's attention reaches back `encoder_attention_window` frames only, so a code depends on the
+    last `receptive_field` feature frames and not on where in the utterance they are.
     """
 
     main_input_name = "input_features"
@@ -74,9 +78,12 @@ class MossSpeechCodecEncoder(nn.Module):
         conv_padding = 0 if self.causal_convolution else 1  # causal: left pad in forward instead
         self.conv1 = nn.Conv1d(config.num_mel_bins, d_model, kernel_size=_CONV_KERNEL, padding=conv_padding)
         self.conv2 = nn.Conv1d(d_model, d_model, kernel_size=_CONV_KERNEL, stride=_CONV2_STRIDE, padding=conv_padding)
+        self.attention_window = config.encoder_attention_window
         # Position tables are checkpoint tensors (loaded, never regenerated) and frozen, as in the release.
-        self.embed_positions = nn.Embedding(config.max_source_positions, d_model)
-        self.embed_positions.requires_grad_(False)
+        self.embed_positions = None
+        if self.attention_window is None:
+            self.embed_positions = nn.Embedding(config.max_source_positions, d_model)
+            self.embed_positions.requires_grad_(False)
 
         layer_config = WhisperConfig(
             d_model=d_model,
@@ -102,7 +109,8 @@ class MossSpeechCodecEncoder(nn.Module):
         self.embed_positions2.requires_grad_(False)
         # A fresh encoder gets Whisper's sinusoidal tables (a checkpoint overwrites them; they are never trained).
         with torch.no_grad():
-            self.embed_positions.weight.copy_(sinusoids(*self.embed_positions.weight.shape))
+            if self.embed_positions is not None:
+                self.embed_positions.weight.copy_(sinusoids(*self.embed_positions.weight.shape))
             self.embed_positions2.weight.copy_(sinusoids(*self.embed_positions2.weight.shape))
         self.ctc_head = MossSpeechCodecCTCHead(config, layer_config) if config.ctc_alphabet else None
 
@@ -113,6 +121,25 @@ class MossSpeechCodecEncoder(nn.Module):
     def with_code_positions(self, vectors: torch.Tensor) -> torch.Tensor:
         """(B, T', d_model) 12.5 Hz vectors plus the position table (training feeds straight-through vectors)."""
         return vectors + self.embed_positions2.weight[: vectors.shape[1]]
+
+    @property
+    def receptive_field(self) -> int | None:
+        """Feature frames (100 Hz) a code of a local encoder depends on, counted back from its last frame; None for
+        the release's encoder, whose codes depend on everything before them."""
+        if self.attention_window is None:
+            return None
+        # conv1 and conv2 each reach kernel - 1 frames back (conv2's inputs are conv1's 100 Hz frames); each layer
+        # adds window - 1 frames at 50 Hz, and a code pools pooling_kernel_size of those.
+        return 2 * (_CONV_KERNEL - 1) + _CONV2_STRIDE * (
+            self.config.quantize_position * (self.attention_window - 1) + self.config.pooling_kernel_size - 1) + 1
+
+    def _local_mask(self, length: int, like: torch.Tensor) -> torch.Tensor:
+        """Additive (1, 1, length, length) mask: row t sees frames t - window + 1 … t."""
+        index = torch.arange(length, device=like.device)
+        distance = index[:, None] - index[None, :]
+        allowed = (distance >= 0) & (distance < self.attention_window)
+        mask = torch.zeros(length, length, dtype=like.dtype, device=like.device)
+        return mask.masked_fill(~allowed, torch.finfo(like.dtype).min)[None, None]
 
     @property
     def max_input_frames(self) -> int:
@@ -193,11 +220,16 @@ class MossSpeechCodecEncoder(nn.Module):
         if self.causal_convolution:
             hidden = nn.functional.pad(hidden, (_CONV_KERNEL - 1, 0))
         hidden = nn.functional.gelu(self.conv2(hidden)).transpose(1, 2)
-        hidden = hidden + self.embed_positions.weight[: hidden.shape[1]]
+        local = None
+        if self.embed_positions is not None:
+            hidden = hidden + self.embed_positions.weight[: hidden.shape[1]]
+        else:
+            local = self._local_mask(hidden.shape[1], hidden)
         frame_mask = attention_mask[:, ::_CONV2_STRIDE]
 
         for index, layer in enumerate(self.layers[: self.config.quantize_position]):
-            hidden = layer(hidden, attention_mask=None)
+            # The release's path passes no mask (SDPA's `is_causal`); a local encoder passes its window.
+            hidden = layer(hidden, attention_mask=local)
             if index + 1 == self.config.pooling_position:
                 hidden = self._pool(hidden)
                 frame_mask = frame_mask[:, :: self.config.pooling_kernel_size]

@@ -101,6 +101,35 @@ def test_train_speech_tokenizer_learns_and_saves_a_transcribing_codec(tmp_path):
     assert summary["codes_used"] > 1
 
 
+def test_train_speech_tokenizer_turns_a_release_style_encoder_local(tmp_path):
+    """--init_from a codec with a position table under a --codec_config with encoder_attention_window: the weights
+    carry over, the table is dropped; any other mismatch is refused."""
+    _tiny_corpus(tmp_path / "corpus")
+    torch.manual_seed(0)
+    base = ctc_config(vocoder_type="griffin_lim", griffin_lim_iters=4, speaker_config=None)
+    MossSpeechCodecModel(base).save_pretrained(tmp_path / "codec")
+    config = base.to_dict()
+    config["encoder_config"]["encoder_attention_window"] = 4
+    keys = ("encoder_config", "flow_config", "vocoder_config", "vocoder_type", "griffin_lim_iters", "speaker_config")
+    (tmp_path / "local.json").write_text(json.dumps({k: config[k] for k in keys}))
+    args = ["--corpus", str(tmp_path / "corpus"), "--init_from", str(tmp_path / "codec"), "--max_steps", "1",
+            "--batch_size", "2", "--eval_examples", "2"]
+    train_speech_tokenizer.main([*args, "--codec_config", str(tmp_path / "local.json"),
+                                 "--output", str(tmp_path / "out")])
+    codec = MossSpeechCodecModel.from_pretrained(tmp_path / "out")
+    assert codec.config.encoder_config.encoder_attention_window == 4
+    assert "encoder.embed_positions.weight" not in codec.state_dict()
+    before = MossSpeechCodecModel.from_pretrained(tmp_path / "codec").state_dict()
+    # loaded, then one Adam step (each weight moves by about the learning rate, 2e-3)
+    moved = (codec.state_dict()["encoder.conv1.weight"] - before["encoder.conv1.weight"]).abs().max()
+    assert 0 < moved < 0.01
+    config["encoder_config"]["ctc_layers"] = base.encoder_config.ctc_layers + 1
+    (tmp_path / "other.json").write_text(json.dumps({k: config[k] for k in keys}))
+    with pytest.raises(ValueError, match="does not match --codec_config .*ctc_head.layers.1"):
+        train_speech_tokenizer.main([*args, "--codec_config", str(tmp_path / "other.json"),
+                                     "--output", str(tmp_path / "other")])
+
+
 def test_train_speech_recognizer_changes_only_the_ctc_head(tmp_path):
     import train_speech_recognizer
 

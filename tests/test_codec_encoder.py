@@ -248,6 +248,38 @@ def test_non_causal_attention_is_refused():
         MossSpeechCodecEncoder(tiny_encoder_config(encoder_causal_attention=False))
 
 
+def test_local_encoder_codes_do_not_depend_on_where_a_clip_is_said():
+    """With `encoder_attention_window` a code depends on its last `receptive_field` feature frames only: a clip
+    after any prefix (a multiple of the 8 frames of a code) gives the same codes once past that reach."""
+    torch.manual_seed(0)
+    model = MossSpeechCodecEncoder(tiny_encoder_config(encoder_attention_window=3)).eval()
+    assert model.embed_positions is None and "embed_positions.weight" not in model.state_dict()
+    reach = model.receptive_field  # 2 layers, window 3: convs 4 + 2 x (2 x 2 + 3) + 1
+    assert reach == 19
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn_like(param) / math.sqrt(param[0].numel()))
+        clip = torch.randn(1, 128, 96)
+        alone = model(clip).last_hidden_state[0]
+        first_free = math.ceil((reach - 8) / 8)  # code k reaches back to frame 8k + 8 - reach of the clip
+        for prefix in (torch.randn(1, 128, 40), 3 * torch.randn(1, 128, 400)):
+            after = model(torch.cat([prefix, clip], dim=-1)).last_hidden_state[0, prefix.shape[-1] // 8:]
+            torch.testing.assert_close(after[first_free:], alone[first_free:], atol=1e-5, rtol=0)
+            assert not torch.allclose(after[first_free - 1], alone[first_free - 1], atol=1e-3)
+        # the release's encoder: the same clip later in the utterance gives other states everywhere
+        release = MossSpeechCodecEncoder(tiny_encoder_config()).eval()
+        assert release.receptive_field is None
+        moved = release(torch.cat([torch.zeros(1, 128, 400), clip], dim=-1)).last_hidden_state[0, 50:]
+        assert not torch.allclose(moved[-1], release(clip).last_hidden_state[0, -1], atol=1e-3)
+
+
+@pytest.mark.parametrize("window", [0, -2, 2.5, True, "8"])
+def test_bad_attention_window_is_refused(window):
+    with pytest.raises(ValueError, match="encoder_attention_window"):
+        tiny_encoder_config(encoder_attention_window=window)
+
+
 # ------------------------------------------------------------------ encode_waveforms
 
 

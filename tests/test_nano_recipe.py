@@ -348,3 +348,22 @@ def test_nano_report_variant_rows_of_the_frame_level_lever(tmp_path):
     assert cells[1] == f"{percent('final_test')} / {percent('budget_final_test_dialect')}"
     assert cells[3] == "n/a / n/a"  # no trained-facts file for this run
     assert table in report(tmp_path)
+
+
+def test_local_codec_config_differs_from_the_nano_codec_only_by_its_attention_window():
+    """training/configs/nano_codec_local.json is nano_codec.json with a local tokenizer: its encoder has no position
+    table and a code depends on 41 feature frames (0.41 s), as training/README.md says."""
+    import torch
+
+    from modeling_moss_speech import MossSpeechCodecConfig
+    from modeling_moss_speech.modeling_moss_speech_codec_encoder import MossSpeechCodecEncoder
+
+    configs = ROOT / "training" / "configs"
+    plain = json.loads((configs / "nano_codec.json").read_text())
+    local = json.loads((configs / "nano_codec_local.json").read_text())
+    window = local["encoder_config"].pop("encoder_attention_window")
+    assert window == 6 and local == plain
+    local["encoder_config"]["encoder_attention_window"] = window
+    with torch.device("meta"):
+        encoder = MossSpeechCodecEncoder(MossSpeechCodecConfig(**local).encoder_config)
+    assert encoder.embed_positions is None and encoder.receptive_field == 41

@@ -213,7 +213,9 @@ class TrainSpeechTokenizerArguments:
     codec_config: str | None = field(default=None, metadata={
         "help": "JSON of MossSpeechCodecConfig fields, with ctc_alphabet (required)."})
     output: str | None = field(default=None, metadata={"help": "Where the codec is saved (required)."})
-    init_from: str | None = field(default=None, metadata={"help": "Continue from this codec (its codebook is kept)."})
+    init_from: str | None = field(default=None, metadata={
+        "help": "Continue from this codec (its codebook is kept), with the encoder settings of --codec_config; a local "
+                "encoder (encoder_attention_window set) may start from one with a position table, which is dropped."})
     max_steps: int = field(default=3000, metadata={"help": "Optimizer steps."})
     max_minutes: float | None = field(default=None, metadata={"help": "Stop early after this long."})
     batch_size: int = field(default=32, metadata={"help": "Utterances per batch."})
@@ -265,8 +267,19 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"{args.codec_config}: encoder_config.ctc_alphabet must be set to train with CTC.")
     codec = MossSpeechCodecModel(config).train()
     if args.init_from:
-        codec = MossSpeechCodecModel.from_pretrained(args.init_from).train()
-        config = codec.config
+        # The tokenizer's settings are --codec_config's; the decoder (flow, vocoder) is carried over as it is.
+        values = MossSpeechCodecConfig.from_pretrained(args.init_from).to_dict()
+        values["encoder_config"] = config.encoder_config.to_dict()
+        config = MossSpeechCodecConfig.from_dict(values)
+        codec, info = MossSpeechCodecModel.from_pretrained(args.init_from, config=config, strict=False,
+                                                           output_loading_info=True)
+        codec.train()
+        # Only a position table the local encoder has no use for may be left behind; anything else is a mismatch.
+        droppable = {"encoder.embed_positions.weight"} if config.encoder_config.encoder_attention_window else set()
+        mismatched = sorted(set(info["missing_keys"]) | (set(info["unexpected_keys"]) - droppable))
+        if mismatched:
+            raise ValueError(f"--init_from {args.init_from} does not match --codec_config {args.codec_config}: "
+                             f"{', '.join(mismatched)}.")
 
     train_waves, train_texts = _read_split(args.corpus, "train", args.max_train_examples)
     eval_waves, eval_texts = _read_split(args.corpus, "validation", args.eval_examples)
