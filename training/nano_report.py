@@ -8,7 +8,8 @@ checks `stage1_test_t2t.json` / `ablation_stage1_test_t2t.json`; also `v2_final_
 robust-codes round) and `v1_final_*.json` / `v1_ablation_final_*.json` (the earlier recipe without the voices round)
 where present, kept with the shipped checkpoint as the before columns; `budget_final_*.json` /
 `budget_ablation_final_*.json` (training/recipes/nano_budget.sh's latest run, renamed; its earlier runs',
-`budget1_*`, `budget2_*` and `budget3_*`, are kept beside them and read by no table);
+`budget1_*`, `budget2_*` and `budget3_*`, are kept beside them and read by no table; `budget_local_final_*.json`, its
+main line retrained on the codes of a local tokenizer, `training/configs/nano_codec_local.json`);
 `lever_<run>_*.json` of `training/recipes/nano_levers.sh`, and `budget_lever_<run>_*.json`, its runs from the 2-hour
 recipe's checkpoint, the frame-level lever's variants among them), prints the Markdown tables (one column per run
 found, per split; the variants: one row each) and writes `README.md` (the nano model card: the experiment from
@@ -49,7 +50,8 @@ RUNS = (("frozen stage I + voices round + robust codes + sentence decoder (shipp
         ("v1: frozen stage I, no voices round", "v1_final"),
         ("v1: no freezing, no voices round", "v1_ablation_final"),
         ("2-hour recipe (nano_budget.sh): frozen stage I", "budget_final"),
-        ("2-hour recipe: no freezing", "budget_ablation_final"))
+        ("2-hour recipe: no freezing", "budget_ablation_final"),
+        ("2-hour recipe's main line on local codes (tokenizer made local)", "budget_local_final"))
 # training/recipes/nano_levers.sh: one more round from a checkpoint (these were run from v2), with or without an
 # alignment lever; their own tables, their starting checkpoint as the first column
 LEVER_RUNS = (("v2 (their starting point)", "v2_final"),
@@ -70,7 +72,9 @@ FRAMES_VARIANTS = (("frame-level lever (nano_levers.sh)", "budget_lever_frames")
                    ("+ spliced reading sentences + twin chats", "budget_lever_frames_splice_twin"),
                    ("+ reading sentences said by 12 voices", "budget_lever_frames_reading12"),
                    ("no spoken QA in stage II", "budget_lever_frames_noqa"),
-                   ("no spoken QA in stage II, weight 100", "budget_lever_frames_noqa_w100"))
+                   ("no spoken QA in stage II, weight 100", "budget_lever_frames_noqa_w100"),
+                   ("local codes: from the main line on local codes", "budget_lever_frames_local"),
+                   ("local codes + reading sentences said by 12 voices", "budget_lever_frames_local_reading12"))
 VARIANT_COLUMNS = (("held-out S->T", "s2t", ("test", "test_dialect")),
                    ("held-out S->S (recogniser)", "s2s", ("test", "test_dialect")),
                    ("trained S->T", "s2t", ("test_seen", "test_seen_dialect")),
