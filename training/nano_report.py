@@ -74,7 +74,8 @@ FRAMES_VARIANTS = (("frame-level lever (nano_levers.sh)", "budget_lever_frames")
                    ("no spoken QA in stage II", "budget_lever_frames_noqa"),
                    ("no spoken QA in stage II, weight 100", "budget_lever_frames_noqa_w100"),
                    ("local codes: from the main line on local codes", "budget_lever_frames_local"),
-                   ("local codes + reading sentences said by 12 voices", "budget_lever_frames_local_reading12"))
+                   ("local codes + reading sentences said by 12 voices", "budget_lever_frames_local_reading12"),
+                   ("local codes + spliced reading sentences", "budget_lever_frames_local_splice"))
 VARIANT_COLUMNS = (("held-out S->T", "s2t", ("test", "test_dialect")),
                    ("held-out S->S (recogniser)", "s2s", ("test", "test_dialect")),
                    ("trained S->T", "s2t", ("test_seen", "test_seen_dialect")),
