@@ -86,12 +86,8 @@ class MossSpeechCodecEncoderConfig(PretrainedConfig):
                              f"({self.encoder_layers}).")
         if self.max_source_positions % self.pooling_kernel_size:
             raise ValueError(f"{owner}: max_source_positions must be a multiple of pooling_kernel_size.")
-        if self.encoder_attention_window is not None and (
-            isinstance(self.encoder_attention_window, bool) or not isinstance(self.encoder_attention_window, int)
-            or self.encoder_attention_window < 1
-        ):
-            raise ValueError(f"{owner}.encoder_attention_window must be a positive int or None, got "
-                             f"{self.encoder_attention_window!r}.")
+        if self.encoder_attention_window is not None:
+            _positive(owner, encoder_attention_window=self.encoder_attention_window)
         if self.ctc_alphabet is not None:
             if not isinstance(self.ctc_alphabet, str) or not self.ctc_alphabet:
                 raise ValueError(f"{owner}.ctc_alphabet must be a non-empty string or None, got {self.ctc_alphabet!r}.")
