@@ -211,6 +211,24 @@ def test_budget_recipe_lanes_run_side_by_side_and_a_failed_lane_fails_the_recipe
     assert (tmp_path / "out" / "logs" / "lane_tokenizer.log").is_file()
 
 
+def test_budget_recipe_local_tokenizer_knob(tmp_path):
+    assert "codec_tokenizer_local" not in "\n".join(_dry_run(tmp_path, "nano_budget.sh"))
+    lines = _dry_run(tmp_path, "nano_budget.sh", LOCAL_TOKENIZER_MINUTES="30")
+    steps = [line[3:].split(":", 1)[0] for line in lines]
+    assert steps.index("codec_tokenizer") < steps.index("codec_tokenizer_local") < steps.index("prepare")
+    commands = dict(line[3:].split(": ", 1) for line in lines)
+    local = commands["codec_tokenizer_local"]
+    # the warped tokenizer continued with the local encoder (no position table, windowed attention), same warping
+    assert "--codec_config training/configs/nano_codec_local.json" in local
+    assert f"--init_from {tmp_path}/out/codec_tokenizer " in local and "--max_minutes 30 " in local
+    assert "--vtlp 0.08 --time_stretch 0.1" in local
+    # everything downstream reads its codes
+    assert f"--codec {tmp_path}/out/codec_tokenizer_local " in commands["prepare"]
+    assert f"--codec {tmp_path}/out/codec_tokenizer_local " in commands["codec_decoder"]
+    result = _run_recipe(tmp_path, "nano_budget.sh", LOCAL_TOKENIZER_MINUTES="half")
+    assert result.returncode == 2 and "LOCAL_TOKENIZER_MINUTES=half" in result.stderr
+
+
 def test_nano_report_tables_of_the_shipped_eval():
     sys.path.insert(0, str(ROOT / "training"))
     from nano_report import RUNS, SPLITS, report

@@ -44,7 +44,12 @@
 #            ROUND_SFT_STEPS [500] (5 min together); round N seeds both of its data orders with N (a round is shorter
 #            than an epoch: with one seed every round would train on the same front part of the data); then one
 #            more SFT of LAST_SFT_STEPS [1000] (4 min), seeded ROUNDS + 1;
-#            EVAL_SPLITS ["test test_seen test_dialect test_seen_dialect"] (held-out facts; trained facts; in the unseen
+#            LOCAL_TOKENIZER_MINUTES [0]: when > 0, one more tokenizer step after the warped phase, on all THREADS:
+#            the tokenizer continued that long with training/configs/nano_codec_local.json (no position table, each
+#            layer attends to the last 6 frames: a word's codes no longer depend on where it is said) and the warped
+#            settings; the codes, the decoder and both LLMs then use it. The shipped checkpoint's chain ran it at 30
+#            (the recipe then takes about 175 minutes; see findings.md, "Codes that do not depend on where a word is
+#            said"); EVAL_SPLITS ["test test_seen test_dialect test_seen_dialect"] (held-out facts; trained facts; in the unseen
 #            test voice, then in the unseen dialect test voice)
 set -euo pipefail
 
@@ -68,6 +73,11 @@ ROUND_STAGE2_STEPS=${ROUND_STAGE2_STEPS:-500}
 ROUND_SFT_STEPS=${ROUND_SFT_STEPS:-500}
 ROUNDS=${ROUNDS:-6}
 LAST_SFT_STEPS=${LAST_SFT_STEPS:-1000}
+LOCAL_TOKENIZER_MINUTES=${LOCAL_TOKENIZER_MINUTES:-0}
+if [[ ! $LOCAL_TOKENIZER_MINUTES =~ ^[0-9]+$ ]]; then
+  echo "nano_budget.sh: LOCAL_TOKENIZER_MINUTES=$LOCAL_TOKENIZER_MINUTES: expected a whole number of minutes" >&2
+  exit 2
+fi
 EVAL_SPLITS=${EVAL_SPLITS:-test test_seen test_dialect test_seen_dialect}
 NANO_DRY_RUN=${NANO_DRY_RUN:-0}
 
@@ -142,11 +152,21 @@ run_step codec_tokenizer "$PY" training/train_speech_tokenizer.py --corpus "$NAN
   --output "$NANO_OUT/codec_tokenizer" --max_steps 30000 --max_minutes "$TOKENIZER_WARPED_MINUTES" --batch_size 16 \
   --learning_rate 1e-3 --eval_every 2000 --vtlp 0.08 --time_stretch 0.1 \
   --report_splits validation test test_seen test_dialect test_seen_dialect --threads "$THREADS"
+TOKENIZER=$NANO_OUT/codec_tokenizer
+if (( LOCAL_TOKENIZER_MINUTES > 0 )); then
+  # --init_from drops the release-style position table; every other weight carries over
+  run_step codec_tokenizer_local "$PY" training/train_speech_tokenizer.py --corpus "$NANO_DATA/voices/corpus" \
+    --codec_config training/configs/nano_codec_local.json --init_from "$NANO_OUT/codec_tokenizer" \
+    --output "$NANO_OUT/codec_tokenizer_local" --max_steps 30000 --max_minutes "$LOCAL_TOKENIZER_MINUTES" \
+    --batch_size 16 --learning_rate 1e-3 --eval_every 1000 --vtlp 0.08 --time_stretch 0.1 \
+    --report_splits validation test test_seen test_dialect test_seen_dialect --threads "$THREADS"
+  TOKENIZER=$NANO_OUT/codec_tokenizer_local
+fi
 
 # codes of every utterance (cached in $NANO_DATA/codes; the decoder keeps the tokenizer's encoder, so these are the
 # shipped codec's codes), then grids and conversations
 run_step prepare "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/voices/corpus" \
-  --codec "$NANO_OUT/codec_tokenizer" --tokenizer "$NANO_OUT/tokenizer" --output "$NANO_DATA" --threads "$THREADS" \
+  --codec "$TOKENIZER" --tokenizer "$NANO_OUT/tokenizer" --output "$NANO_DATA" --threads "$THREADS" \
   --no_progress
 
 # ---------------------------------------------------------------------------------------------- speech LLM
@@ -191,7 +211,7 @@ llm() {
 # the assistant speaks every answer in the canonical voice: the flow learns that voice alone, whole questions
 # included, and integrates from zero noise (a small flow leaves unit noise in its mel)
 decoder_lane() {
-  run_step codec_decoder "$PY" training/train_speech_decoder.py --codec "$NANO_OUT/codec_tokenizer" \
+  run_step codec_decoder "$PY" training/train_speech_decoder.py --codec "$TOKENIZER" \
     --corpus "$NANO_DATA/decoder/corpus" --codec_config training/configs/nano_codec.json --output "$CODEC" \
     --canonical_only --inference_noise_scale 0 --max_minutes "$DECODER_MINUTES" --eval_examples 4 \
     --threads "$LANE_THREADS" --save_voices "$NANO_OUT/voices"
