@@ -4,8 +4,9 @@
         --checkpoint modeling_moss_speech/pretrained/moss-speech-nano
 
 Reads the `moss-speech eval` JSON files of the recipe (`final_*.json`, `ablation_final_*.json` and the stage-I text
-checks `stage1_test_t2t.json` / `ablation_stage1_test_t2t.json`; also `v2_final_*.json` (the checkpoint before the
-robust-codes round) and `v1_final_*.json` / `v1_ablation_final_*.json` (the earlier recipe without the voices round)
+checks `stage1_test_t2t.json` / `ablation_stage1_test_t2t.json`; also `v3_final_*.json` (the checkpoint shipped
+before, made by `training/recipes/nano.sh`), `v2_final_*.json` (the checkpoint before its robust-codes round) and
+`v1_final_*.json` / `v1_ablation_final_*.json` (the earlier recipe without the voices round)
 where present, kept with the shipped checkpoint as the before columns; `budget_final_*.json` /
 `budget_ablation_final_*.json` (training/recipes/nano_budget.sh's latest run, renamed; its earlier runs',
 `budget1_*`, `budget2_*` and `budget3_*`, are kept beside them and read by no table; `budget_local_final_*.json`, its
@@ -44,8 +45,9 @@ SPLITS = {"test": "held-out facts (seen only as text), held-out voice — the tr
           "test_dialect": "held-out facts, held-out dialect and voice",
           "test_seen_dialect": "facts trained as speech, held-out dialect and voice"}
 # (column title, file stem) of every run a table may show, in column order
-RUNS = (("frozen stage I + voices round + robust codes + sentence decoder (shipped)", "final"),
-        ("no freezing + voices round (ablation)", "ablation_final"),
+RUNS = (("shipped: 2-hour recipe on local codes + frame-level lever round", "final"),
+        ("no freezing, local codes (ablation, no lever round)", "ablation_final"),
+        ("v3: frozen stage I + voices round + robust codes + sentence decoder (nano.sh)", "v3_final"),
         ("v2: frozen stage I + voices round, before the robust codes", "v2_final"),
         ("v1: frozen stage I, no voices round", "v1_final"),
         ("v1: no freezing, no voices round", "v1_ablation_final"),
@@ -73,9 +75,15 @@ FRAMES_VARIANTS = (("frame-level lever (nano_levers.sh)", "budget_lever_frames")
                    ("+ reading sentences said by 12 voices", "budget_lever_frames_reading12"),
                    ("no spoken QA in stage II", "budget_lever_frames_noqa"),
                    ("no spoken QA in stage II, weight 100", "budget_lever_frames_noqa_w100"),
-                   ("local codes: from the main line on local codes", "budget_lever_frames_local"),
+                   ("local codes: from the main line on local codes (shipped)", "budget_lever_frames_local"),
                    ("local codes + reading sentences said by 12 voices", "budget_lever_frames_local_reading12"),
-                   ("local codes + spliced reading sentences", "budget_lever_frames_local_splice"))
+                   ("local codes + spliced reading sentences", "budget_lever_frames_local_splice"),
+                   ("local codes + random word sequences, 3,000 steps", "budget_lever_frames_local_babble"),
+                   ("local codes + random word sequences + 12-voice reading, 3,000 steps",
+                    "budget_lever_frames_local_babble_reading12"),
+                   ("local codes, rows that end a word weigh 10", "budget_lever_frames_local_wordend10"),
+                   ("local codes, rows that end a word weigh 30", "budget_lever_frames_local_wordend30"),
+                   ("local codes, rows that end a word weigh 100", "budget_lever_frames_local_wordend100"))
 VARIANT_COLUMNS = (("held-out S->T", "s2t", ("test", "test_dialect")),
                    ("held-out S->S (recogniser)", "s2s", ("test", "test_dialect")),
                    ("trained S->T", "s2t", ("test_seen", "test_seen_dialect")),
