@@ -83,7 +83,9 @@ FRAMES_VARIANTS = (("frame-level lever (nano_levers.sh)", "budget_lever_frames")
                     "budget_lever_frames_local_babble_reading12"),
                    ("local codes, rows that end a word weigh 10", "budget_lever_frames_local_wordend10"),
                    ("local codes, rows that end a word weigh 30", "budget_lever_frames_local_wordend30"),
-                   ("local codes, rows that end a word weigh 100", "budget_lever_frames_local_wordend100"))
+                   ("local codes, rows that end a word weigh 100", "budget_lever_frames_local_wordend100"),
+                   ("local codes, word ends weigh 30 + random sequences + 12-voice reading, 3,000 steps",
+                    "budget_lever_frames_local_wordend30_babble_reading12"))
 VARIANT_COLUMNS = (("held-out S->T", "s2t", ("test", "test_dialect")),
                    ("held-out S->S (recogniser)", "s2s", ("test", "test_dialect")),
                    ("trained S->T", "s2t", ("test_seen", "test_seen_dialect")),

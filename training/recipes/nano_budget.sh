@@ -49,8 +49,8 @@
 #            layer attends to the last 6 frames: a word's codes no longer depend on where it is said) and the warped
 #            settings; the codes, the decoder and both LLMs then use it. The shipped checkpoint's chain ran it at 30
 #            (the recipe then takes about 175 minutes; see findings.md, "Codes that do not depend on where a word is
-#            said"); EVAL_SPLITS ["test test_seen test_dialect test_seen_dialect"] (held-out facts; trained facts; in the unseen
-#            test voice, then in the unseen dialect test voice)
+#            said"); EVAL_SPLITS ["test test_seen test_dialect test_seen_dialect"] (held-out facts; trained
+#            facts; in the unseen test voice, then in the unseen dialect test voice)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
