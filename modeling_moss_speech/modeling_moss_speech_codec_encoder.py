@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import WhisperConfig
+from transformers.masking_utils import eager_mask, sliding_window_causal_mask_function
 from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer, sinusoids
 from transformers.utils import ModelOutput
 
@@ -133,14 +134,6 @@ class MossSpeechCodecEncoder(nn.Module):
         return 2 * (_CONV_KERNEL - 1) + _CONV2_STRIDE * (
             self.config.quantize_position * (self.attention_window - 1) + self.config.pooling_kernel_size - 1) + 1
 
-    def _local_mask(self, length: int, like: torch.Tensor) -> torch.Tensor:
-        """Additive (1, 1, length, length) mask: row t sees frames t - window + 1 … t."""
-        index = torch.arange(length, device=like.device)
-        distance = index[:, None] - index[None, :]
-        allowed = (distance >= 0) & (distance < self.attention_window)
-        mask = torch.zeros(length, length, dtype=like.dtype, device=like.device)
-        return mask.masked_fill(~allowed, torch.finfo(like.dtype).min)[None, None]
-
     @property
     def max_input_frames(self) -> int:
         """Longest input in feature frames (3000 = 30 s at release size): 2 × max_source_positions."""
@@ -224,7 +217,9 @@ class MossSpeechCodecEncoder(nn.Module):
         if self.embed_positions is not None:
             hidden = hidden + self.embed_positions.weight[: hidden.shape[1]]
         else:
-            local = self._local_mask(hidden.shape[1], hidden)
+            # additive (1, 1, T, T) mask: frame t sees frames t - window + 1 … t
+            local = eager_mask(1, hidden.shape[1], hidden.shape[1], dtype=hidden.dtype, device=hidden.device,
+                               mask_function=sliding_window_causal_mask_function(self.attention_window))
         frame_mask = attention_mask[:, ::_CONV2_STRIDE]
 
         for index, layer in enumerate(self.layers[: self.config.quantize_position]):
