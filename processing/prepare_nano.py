@@ -35,7 +35,7 @@ processor: a text segment is its tokens with the audio pad, a speech segment is 
 - `pretrain/frames` (the frame-level lever): per train question utterance of a train fact (and reading sentence),
   its S->T grid and its text twin, row for row (each code row replaced by the word heard by then, found by CTC
   forced alignment on the codec's CTC head), with per-row `weights` (pretrain.py's `align_dataset` with
-  `align_teacher`);
+  `align_teacher`; `--frames_word_end_weight` for the rows that complete a word);
 - `pretrain/twin_text` (that lever's teacher, text-only): every fact's T->T chat with each question word repeated
   1-9 times, 32 copies.
 
@@ -449,13 +449,18 @@ def frame_twin(grid: list[list[int]], start: int, words_per_code: Sequence[int],
 
 
 def frames_dataset(codes: datasets.DatasetDict, facts: list[dict], maker: GridMaker, codec: Any,
-                   answer_weight: float = 10.0) -> datasets.Dataset:
+                   answer_weight: float = 10.0, word_end_weight: float = 1.0) -> datasets.Dataset:
     """Pairs for the frame-level alignment lever (pretrain.py's `align_dataset` with `align_teacher`): per train
     question utterance of a train fact (and per `reading` sentence of the train split, when the corpus has them), its
     S->T chat grid (the training grid; a reading sentence: the inference prompt, it has no answer) and `frame_twin`
     of it, the word each code says found by `codec.words_per_code`. `weights` per row: 0 for the rows before the
     first word is complete (a causal model cannot know it yet), 1 for the later rows of the question and every row
-    after it, `answer_weight` for the row the answer's first token is predicted from. Held-out facts never appear."""
+    after it, `word_end_weight` for the code row at which each later word is complete (the slot word of a question
+    is the last: weighing these rows more makes the reading of each word count as much as the answer), and
+    `answer_weight` for the row the answer's first token is predicted from. Held-out facts never appear."""
+    for name, value in (("answer_weight", answer_weight), ("word_end_weight", word_end_weight)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"frames_dataset: {name} must be a number > 0, got {value!r}.")
     layout = maker.processor.grid_layout
     tokenizer = maker.processor.tokenizer
     train_facts = {f["fact_id"]: f for f in facts if f["fact_split"] == "train"}
@@ -486,6 +491,9 @@ def frames_dataset(codes: datasets.DatasetDict, facts: list[dict], maker: GridMa
         n = len(words)
         first_heard = next(k for k in range(n) if k == n - 1 or words[k + 1] != words[k])
         weights = [0.0] * (start + 1 + first_heard) + [1.0] * (len(grid) - start - 1 - first_heard)
+        for k in range(first_heard + 1, n):
+            if k == n - 1 or words[k + 1] != words[k]:
+                weights[start + 1 + k] = word_end_weight
         weights[answer_row] = answer_weight
         examples.append({"speech_ids": grid, "text_ids": frame_twin(grid, start, words, word_ids,
                                                                     layout.audio_pad_token_id),
@@ -585,7 +593,8 @@ def _save(data: datasets.Dataset | datasets.DatasetDict, path: str) -> None:
 def prepare(corpus: str | os.PathLike, codec: str | os.PathLike, tokenizer: str | os.PathLike | Any,
             output: str | os.PathLike, batch_size: int = 64, reencode: bool = False, qa_t2s_repeats: int = 3,
             sft_t2s_repeats: int = 4, sft_t2t_repeats: int = 4, seed: int = 0,
-            progress: bool = True, speed_perturb: Sequence[float] = ()) -> dict[str, Any]:
+            progress: bool = True, speed_perturb: Sequence[float] = (),
+            frames_word_end_weight: float = 1.0) -> dict[str, Any]:
     """Run both steps (module docstring); returns the summary also written to `<output>/prepare_nano.json`."""
     from transformers import AutoTokenizer
 
@@ -616,7 +625,7 @@ def prepare(corpus: str | os.PathLike, codec: str | os.PathLike, tokenizer: str 
     levers = {"wordmix": wordmix_dataset(codes, facts, maker, seed=seed), "align": align_dataset(codes, facts, maker)}
     aligner = MossSpeechCodecModel.from_pretrained(str(codec)).eval()
     if aligner.can_transcribe:  # the frame-level lever finds each code's word with the codec's CTC head
-        levers["frames"] = frames_dataset(codes, facts, maker, aligner)
+        levers["frames"] = frames_dataset(codes, facts, maker, aligner, word_end_weight=frames_word_end_weight)
         levers["twin_text"] = twin_text_dataset(facts, maker, seed=seed)
     for name, dataset in levers.items():
         _save(dataset, os.path.join(output, "pretrain", name))
@@ -653,6 +662,9 @@ class PrepareNanoArguments:
         "help": "Speed-perturbation factors, e.g. 0.9 1.1: each train question is also encoded played that many "
                 "times faster (pitch and formants scaled alike), as train rows of a voice '<voice>@<factor>' that "
                 "every speech set and SFT conversation then reads (none: off)."})
+    frames_word_end_weight: float = field(default=1.0, metadata={
+        "help": "Weight, in pretrain/frames, of the code row at which each word after the first is complete (the "
+                "question's slot word is the last; the answer row weighs 10, the other rows 1)."})
     threads: int | None = threads_field()
     progress: bool = field(default=True, metadata={"help": "Progress bars (--no_progress: none)."})
 
@@ -662,6 +674,8 @@ class PrepareNanoArguments:
         if self.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}.")
         check_speed_perturb(self.speed_perturb)
+        if not self.frames_word_end_weight > 0:
+            raise ValueError(f"--frames_word_end_weight must be > 0, got {self.frames_word_end_weight}.")
 
 
 def make_parser() -> ScriptArgumentParser:
@@ -676,7 +690,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = prepare(args.corpus, args.codec, args.tokenizer, args.output, batch_size=args.batch_size,
                       reencode=args.reencode, qa_t2s_repeats=args.qa_t2s_repeats,
                       sft_t2s_repeats=args.sft_t2s_repeats, sft_t2t_repeats=args.sft_t2t_repeats, seed=args.seed,
-                      progress=args.progress, speed_perturb=args.speed_perturb)
+                      progress=args.progress, speed_perturb=args.speed_perturb,
+                      frames_word_end_weight=args.frames_word_end_weight)
     print(json.dumps(summary), flush=True)
     return summary
 

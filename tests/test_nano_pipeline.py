@@ -505,6 +505,23 @@ def test_frame_twins_and_twin_text(world):
             fact = next(f for f in facts if f["fact_id"] == source["fact_id"])
             assert processor.tokenizer.decode([speech[answer_row + 1][0]]).strip() == fact["answer"]
 
+    # word ends weighted: exactly the code rows at which the twin turns to a later word, the rest unchanged
+    weighted = prepare_nano.frames_dataset(codes, facts, maker, codec, answer_weight=10.0, word_end_weight=30.0)
+    for pair, plain, source in zip(weighted, frames, [codes["train"][i] for i in (0, 1, 4)]):
+        text, weights = pair["text_ids"], pair["weights"]
+        start = next(i for i, r in enumerate(pair["speech_ids"]) if r[0] == layout.sosp_token_id)
+        heard = plain["weights"].index(1.0)
+        turns = [i for i in range(heard + 1, start + len(source["codes"]) + 1) if text[i][0] != text[i - 1][0]]
+        assert len(turns) == len(source["text"].split()) - 1
+        assert [i for i, w in enumerate(weights) if w == 30.0] == turns
+        assert [w for i, w in enumerate(weights) if i not in turns] == [w for i, w in enumerate(plain["weights"])
+                                                                         if i not in turns]
+    for bad in (0.0, -1.0, True, "30"):
+        with pytest.raises(ValueError, match="word_end_weight"):
+            prepare_nano.frames_dataset(codes, facts, maker, codec, word_end_weight=bad)
+    with pytest.raises(ValueError, match="--frames_word_end_weight"):
+        prepare_nano.make_parser().parse_args_and_config(["--codec", "c", "--frames_word_end_weight", "0"])
+
     twins = prepare_nano.twin_text_dataset(facts, maker, copies=3, max_repeat=4, seed=0)
     assert len(twins) == 3 * len(facts) and set(twins["form"]) == {"twin_t2t"}
     lengths = set()

@@ -341,6 +341,11 @@ def test_levers_recipe_frames_run_trains_its_teacher_first(tmp_path):
     run = (f"{tmp_path}/out/frames/", f"{tmp_path}/out/control/")
     assert frames.replace(extra, "").replace(*run) == control
     assert commands["frames_sft"].replace(*run) == commands["control_sft"]
+    # the pairs' word-end weight reaches the step that makes them (1: unchanged rows)
+    assert "--frames_word_end_weight 1 " in commands["prepare_voices"]
+    weighted = dict(line[3:].split(": ", 1) for line in _dry_run(tmp_path, "nano_levers.sh", LEVERS="frames",
+                                                                  FRAMES_WORD_END_WEIGHT="30"))
+    assert weighted["prepare_voices"] == commands["prepare_voices"].replace("weight 1 ", "weight 30 ")
 
 
 def test_nano_report_variant_rows_of_the_frame_level_lever(tmp_path):

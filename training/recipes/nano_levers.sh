@@ -34,6 +34,9 @@
 #   LEVERS [control wordmix align contrast]   runs to make (reading: also the reading corpus, made when asked for)
 #   THREADS [2], PYTHON, NANO_RESUME [1], NANO_STEPS [all], NANO_DRY_RUN [0], STAGE2_STEPS [500], SFT_STEPS [500],
 #   FRAMES_TEACHER_STEPS [400],
+#   FRAMES_WORD_END_WEIGHT [1]   weight of the rows that complete a word after the first in pretrain/frames
+#              (prepare_nano.py --frames_word_end_weight; made by prepare_voices: rm $LEVERS_OUT/.done/prepare_voices
+#              to remake the pairs with another weight)
 #   EVAL_SPLITS ["test test_dialect test_seen test_seen_dialect"]
 set -euo pipefail
 
@@ -51,6 +54,7 @@ NANO_DRY_RUN=${NANO_DRY_RUN:-0}
 STAGE2_STEPS=${STAGE2_STEPS:-500}
 SFT_STEPS=${SFT_STEPS:-500}
 FRAMES_TEACHER_STEPS=${FRAMES_TEACHER_STEPS:-400}
+FRAMES_WORD_END_WEIGHT=${FRAMES_WORD_END_WEIGHT:-1}
 EVAL_SPLITS=${EVAL_SPLITS:-test test_dialect test_seen test_seen_dialect}
 
 source training/recipes/steps.sh
@@ -73,7 +77,8 @@ fi
 run_step prepare "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/corpus" --codec "$BASE/codec" \
   --tokenizer "$BASE" --output "$NANO_DATA" --threads "$THREADS" --no_progress
 run_step prepare_voices "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/voices/corpus" --codec "$BASE/codec" \
-  --tokenizer "$BASE" --output "$NANO_DATA/voices" --threads "$THREADS" --no_progress
+  --tokenizer "$BASE" --output "$NANO_DATA/voices" --frames_word_end_weight "$FRAMES_WORD_END_WEIGHT" \
+  --threads "$THREADS" --no_progress
 
 if [[ " $LEVERS " == *" reading "* ]]; then
   run_step corpus_reading "$PY" processing/synthesize_espeak.py --output "$NANO_DATA/reading/corpus" \
