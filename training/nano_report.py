@@ -45,7 +45,9 @@ SPLITS = {"test": "held-out facts (seen only as text), held-out voice — the tr
           "test_dialect": "held-out facts, held-out dialect and voice",
           "test_seen_dialect": "facts trained as speech, held-out dialect and voice"}
 # (column title, file stem) of every run a table may show, in column order
-RUNS = (("shipped: 2-hour recipe on local codes + frame-level lever round", "final"),
+RUNS = (("shipped: v4 + a second frame-level round, word ends weighted 30", "final"),
+        ("v4 + a second frame-level round, unweighted", "v4_round2_final"),
+        ("v4: 2-hour recipe on local codes + frame-level lever round", "v4_final"),
         ("no freezing, local codes (ablation, no lever round)", "ablation_final"),
         ("v3: frozen stage I + voices round + robust codes + sentence decoder (nano.sh)", "v3_final"),
         ("v2: frozen stage I + voices round, before the robust codes", "v2_final"),
@@ -75,7 +77,7 @@ FRAMES_VARIANTS = (("frame-level lever (nano_levers.sh)", "budget_lever_frames")
                    ("+ reading sentences said by 12 voices", "budget_lever_frames_reading12"),
                    ("no spoken QA in stage II", "budget_lever_frames_noqa"),
                    ("no spoken QA in stage II, weight 100", "budget_lever_frames_noqa_w100"),
-                   ("local codes: from the main line on local codes (shipped)", "budget_lever_frames_local"),
+                   ("local codes: from the main line on local codes (v4)", "budget_lever_frames_local"),
                    ("local codes + reading sentences said by 12 voices", "budget_lever_frames_local_reading12"),
                    ("local codes + spliced reading sentences", "budget_lever_frames_local_splice"),
                    ("local codes + random word sequences, 3,000 steps", "budget_lever_frames_local_babble"),
