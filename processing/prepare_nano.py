@@ -602,6 +602,9 @@ def prepare(corpus: str | os.PathLike, codec: str | os.PathLike, tokenizer: str 
                         ("sft_t2t_repeats", sft_t2t_repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
+    if isinstance(frames_word_end_weight, bool) or not isinstance(frames_word_end_weight, (int, float)) \
+            or not frames_word_end_weight > 0:  # checked before the encoding, not after it
+        raise ValueError(f"frames_word_end_weight must be a number > 0, got {frames_word_end_weight!r}.")
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     processor = nano_processor(tokenizer)

@@ -519,6 +519,8 @@ def test_frame_twins_and_twin_text(world):
     for bad in (0.0, -1.0, True, "30"):
         with pytest.raises(ValueError, match="word_end_weight"):
             prepare_nano.frames_dataset(codes, facts, maker, codec, word_end_weight=bad)
+    with pytest.raises(ValueError, match="frames_word_end_weight must be a number > 0"):
+        prepare_nano.prepare("no-corpus", "no-codec", "no-tokenizer", "no-output", frames_word_end_weight=0)
     with pytest.raises(ValueError, match="--frames_word_end_weight"):
         prepare_nano.make_parser().parse_args_and_config(["--codec", "c", "--frames_word_end_weight", "0"])
 
