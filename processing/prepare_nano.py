@@ -427,6 +427,17 @@ FRAMES_FEATURES = datasets.Features({
 })
 
 
+def word_ends(words_per_code: Sequence[int]) -> list[int]:
+    """The codes at which a word is complete: the last code of each word (`words_per_code[k]`: the word code k says)."""
+    n = len(words_per_code)
+    return [k for k in range(n) if k == n - 1 or words_per_code[k + 1] != words_per_code[k]]
+
+
+def _check_weight(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}.")
+
+
 def frame_twin(grid: list[list[int]], start: int, words_per_code: Sequence[int], word_ids: Sequence[int],
                audio_pad_id: int) -> list[list[int]]:
     """The text twin of a grid whose speech segment (`sosp` row at `start`, one row per code, `eosp`) says the words
@@ -441,9 +452,9 @@ def frame_twin(grid: list[list[int]], start: int, words_per_code: Sequence[int],
         raise ValueError(f"words_per_code names word {max(words_per_code)} of {len(word_ids)} words.")
     twin = [list(row) for row in grid]
     twin[start] = [word_ids[0], audio_pad_id]
+    ends = set(word_ends(words_per_code))
     for k, word in enumerate(words_per_code):
-        ends_word = k == n - 1 or words_per_code[k + 1] != word
-        twin[start + 1 + k] = [word_ids[word if ends_word else max(word - 1, 0)], audio_pad_id]
+        twin[start + 1 + k] = [word_ids[word if k in ends else max(word - 1, 0)], audio_pad_id]
     twin[start + n + 1] = [word_ids[-1], audio_pad_id]
     return twin
 
@@ -458,9 +469,8 @@ def frames_dataset(codes: datasets.DatasetDict, facts: list[dict], maker: GridMa
     after it, `word_end_weight` for the code row at which each later word is complete (the slot word of a question
     is the last: weighing these rows more makes the reading of each word count as much as the answer), and
     `answer_weight` for the row the answer's first token is predicted from. Held-out facts never appear."""
-    for name, value in (("answer_weight", answer_weight), ("word_end_weight", word_end_weight)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"frames_dataset: {name} must be a number > 0, got {value!r}.")
+    _check_weight("answer_weight", answer_weight)
+    _check_weight("word_end_weight", word_end_weight)
     layout = maker.processor.grid_layout
     tokenizer = maker.processor.tokenizer
     train_facts = {f["fact_id"]: f for f in facts if f["fact_split"] == "train"}
@@ -488,12 +498,10 @@ def frames_dataset(codes: datasets.DatasetDict, facts: list[dict], maker: GridMa
             answer_row = len(grid) - 1
         start = next(i for i, r in enumerate(grid) if r[0] == layout.sosp_token_id)
         words = codec.words_per_code(row["codes"], text)
-        n = len(words)
-        first_heard = next(k for k in range(n) if k == n - 1 or words[k + 1] != words[k])
+        first_heard, *later_ends = word_ends(words)
         weights = [0.0] * (start + 1 + first_heard) + [1.0] * (len(grid) - start - 1 - first_heard)
-        for k in range(first_heard + 1, n):
-            if k == n - 1 or words[k + 1] != words[k]:
-                weights[start + 1 + k] = word_end_weight
+        for k in later_ends:
+            weights[start + 1 + k] = word_end_weight
         weights[answer_row] = answer_weight
         examples.append({"speech_ids": grid, "text_ids": frame_twin(grid, start, words, word_ids,
                                                                     layout.audio_pad_token_id),
@@ -602,9 +610,7 @@ def prepare(corpus: str | os.PathLike, codec: str | os.PathLike, tokenizer: str 
                         ("sft_t2t_repeats", sft_t2t_repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
-    if isinstance(frames_word_end_weight, bool) or not isinstance(frames_word_end_weight, (int, float)) \
-            or not frames_word_end_weight > 0:  # checked before the encoding, not after it
-        raise ValueError(f"frames_word_end_weight must be a number > 0, got {frames_word_end_weight!r}.")
+    _check_weight("frames_word_end_weight", frames_word_end_weight)  # before the encoding, not after it
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     processor = nano_processor(tokenizer)
@@ -677,8 +683,7 @@ class PrepareNanoArguments:
         if self.batch_size < 1:
             raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}.")
         check_speed_perturb(self.speed_perturb)
-        if not self.frames_word_end_weight > 0:
-            raise ValueError(f"--frames_word_end_weight must be > 0, got {self.frames_word_end_weight}.")
+        _check_weight("--frames_word_end_weight", self.frames_word_end_weight)
 
 
 def make_parser() -> ScriptArgumentParser:
