@@ -132,8 +132,10 @@ def test_budget_recipe_steps_in_order(tmp_path):
              "codec_tokenizer", "prepare", "codec_decoder", "ablation_stage1", "ablation_stage2_1", "ablation_sft_1",
              "ablation_stage2_3", "ablation_sft_3", "ablation_sft_last", "ablation_assemble",
              "eval_ablation_final_test_seen_dialect",
-             "stage1", "stage2_1", "sft_1", "stage2_2", "sft_2", "stage2_6", "sft_6", "sft_last", "assemble",
-             "eval_final_test", "eval_final_test_seen_dialect", "eval_stage1_t2t", "report"]
+             "stage1", "stage2_1", "sft_1", "stage2_2", "sft_2", "stage2_6", "sft_6", "sft_last",
+             "frames_teacher_1", "frames_stage2_1", "frames_sft_1", "frames_teacher_2", "frames_stage2_2",
+             "frames_sft_2", "assemble", "eval_final_test", "eval_final_test_seen_dialect", "eval_stage1_t2t",
+             "report"]
     assert [s for s in steps if s in order] == order
     assert len(steps) == len(set(steps))
     commands = dict(line[3:].split(": ", 1) for line in lines)
@@ -142,12 +144,17 @@ def test_budget_recipe_steps_in_order(tmp_path):
     assert "--question_voices" not in commands["corpus_voices"]
     for step in ("codec_tokenizer_a", "codec_tokenizer"):
         assert f"--corpus {tmp_path}/data/voices/corpus " in commands[step]
-    # a curriculum: plain from scratch, then warped from the plain phase's weights
+    # a curriculum: plain from scratch, then warped from the plain phase's weights; local from the first step (no
+    # position table, windowed attention)
     assert "--init_from" not in commands["codec_tokenizer_a"] and "--vtlp" not in commands["codec_tokenizer_a"]
     assert "--vtlp 0.08 --time_stretch 0.1" in commands["codec_tokenizer"]
-    assert "--max_minutes 12 " in commands["codec_tokenizer_a"] and "--max_minutes 42 " in commands["codec_tokenizer"]
+    assert "--max_minutes 12 " in commands["codec_tokenizer_a"] and "--max_minutes 30 " in commands["codec_tokenizer"]
     assert f"--init_from {tmp_path}/out/codec_tokenizer_a " in commands["codec_tokenizer"]
+    for step in ("codec_tokenizer_a", "codec_tokenizer"):
+        assert "--codec_config training/configs/nano_codec_local.json " in commands[step]
     assert f"--corpus {tmp_path}/data/voices/corpus --codec {tmp_path}/out/codec_tokenizer " in commands["prepare"]
+    # the frame-level pairs weigh the rows that complete a word 30
+    assert "--frames_word_end_weight 30 " in commands["prepare"]
     # the decoder: from scratch on the tokenizer's codes, the assistant's voice only, whole questions included
     assert commands["corpus_decoder"].endswith("--question_voices none --canonical_questions --num_workers 1 "
                                                "--overwrite --no_progress")
@@ -172,7 +179,22 @@ def test_budget_recipe_steps_in_order(tmp_path):
     # every round draws its own data orders, the ablation's the same as the main line's
     assert commands["sft_1"].endswith("--max_steps 1000 --seed 1") and commands["ablation_sft_3"].endswith("--seed 3")
     assert f"--dataset_name {tmp_path}/data/sft " in commands["sft_3"]
-    for name, model in (("assemble", "sft_last"), ("ablation_assemble", "ablation/sft_last")):
+    # the main line (only) ends with two frame-level alignment rounds: a teacher from the model (text only: the twin
+    # chats and the text set), stage II aligned to it row for row, SFT; the next round starts from that SFT
+    for n, start in ((1, "sft_last"), (2, "frames_sft_1")):
+        teacher = commands[f"frames_teacher_{n}"]
+        assert f"--model {tmp_path}/out/{start} " in teacher
+        assert (f"--datasets {{path: {tmp_path}/data/pretrain/twin_text, kind: text}} "
+                f"{{path: {tmp_path}/data/pretrain/text, kind: text}} ") in teacher
+        assert "--text_mix_ratio 1 --max_steps 400 " in teacher
+        stage2 = commands[f"frames_stage2_{n}"]
+        assert f"--model {tmp_path}/out/{start} " in stage2 and "--max_steps 1500 " in stage2
+        assert (f"--align_dataset {tmp_path}/data/pretrain/frames --align_weight 30 "
+                f"--align_teacher {tmp_path}/out/frames_teacher_{n} ") in stage2
+        assert f"--model_name_or_path {tmp_path}/out/frames_stage2_{n} " in commands[f"frames_sft_{n}"]
+        assert commands[f"frames_sft_{n}"].endswith("--max_steps 500")
+    assert not any(step.startswith("ablation_frames") for step in steps)
+    for name, model in (("assemble", "frames_sft_2"), ("ablation_assemble", "ablation/sft_last")):
         assert f"--model {tmp_path}/out/{model} " in commands[name]
         assert f"--codec {tmp_path}/out/codec " in commands[name]
         assert f"--data {tmp_path}/data " in commands[name]
@@ -190,7 +212,8 @@ def test_budget_recipe_rounds_knob(tmp_path):
     assert "sft_1" in steps and "stage2_2" not in steps and "ablation_stage2_2" not in steps
     commands = dict(line[3:].split(": ", 1) for line in lines)
     assert f"--model_name_or_path {tmp_path}/out/sft_1 " in commands["sft_last"]
-    assert commands["sft_last"].endswith("--seed 2") and f"--model {tmp_path}/out/sft_last " in commands["assemble"]
+    assert commands["sft_last"].endswith("--seed 2")
+    assert f"--model {tmp_path}/out/sft_last " in commands["frames_teacher_1"]
     # each lane gets half the threads; the corpus of all voices, the warped tokenizer phase (after the lanes) and
     # `prepare` get them all
     assert "--threads 2" in commands["codec_tokenizer_a"] and "--num_workers 4" in commands["corpus_voices"]
@@ -211,22 +234,24 @@ def test_budget_recipe_lanes_run_side_by_side_and_a_failed_lane_fails_the_recipe
     assert (tmp_path / "out" / "logs" / "lane_tokenizer.log").is_file()
 
 
-def test_budget_recipe_local_tokenizer_knob(tmp_path):
-    assert "codec_tokenizer_local" not in "\n".join(_dry_run(tmp_path, "nano_budget.sh"))
-    lines = _dry_run(tmp_path, "nano_budget.sh", LOCAL_TOKENIZER_MINUTES="30")
-    steps = [line[3:].split(":", 1)[0] for line in lines]
-    assert steps.index("codec_tokenizer") < steps.index("codec_tokenizer_local") < steps.index("prepare")
+def test_budget_recipe_frames_knobs(tmp_path):
+    lines = _dry_run(tmp_path, "nano_budget.sh", FRAMES_ROUNDS="1", FRAMES_TEACHER_STEPS="7", FRAMES_STAGE2_STEPS="8",
+                     FRAMES_SFT_STEPS="9", FRAMES_WORD_END_WEIGHT="5")
     commands = dict(line[3:].split(": ", 1) for line in lines)
-    local = commands["codec_tokenizer_local"]
-    # the warped tokenizer continued with the local encoder (no position table, windowed attention), same warping
-    assert "--codec_config training/configs/nano_codec_local.json" in local
-    assert f"--init_from {tmp_path}/out/codec_tokenizer " in local and "--max_minutes 30 " in local
-    assert "--vtlp 0.08 --time_stretch 0.1" in local
-    # everything downstream reads its codes
-    assert f"--codec {tmp_path}/out/codec_tokenizer_local " in commands["prepare"]
-    assert f"--codec {tmp_path}/out/codec_tokenizer_local " in commands["codec_decoder"]
-    result = _run_recipe(tmp_path, "nano_budget.sh", LOCAL_TOKENIZER_MINUTES="half")
-    assert result.returncode == 2 and "LOCAL_TOKENIZER_MINUTES=half" in result.stderr
+    assert "frames_sft_1" in commands and "frames_teacher_2" not in commands
+    assert "--max_steps 7 " in commands["frames_teacher_1"] and "--max_steps 8 " in commands["frames_stage2_1"]
+    assert commands["frames_sft_1"].endswith("--max_steps 9")
+    assert "--frames_word_end_weight 5 " in commands["prepare"]
+    assert f"--model {tmp_path}/out/frames_sft_1 " in commands["assemble"]
+    # no frame-level round: the main line ships its last SFT
+    commands = dict(line[3:].split(": ", 1) for line in _dry_run(tmp_path, "nano_budget.sh", FRAMES_ROUNDS="0"))
+    assert "frames_teacher_1" not in commands and f"--model {tmp_path}/out/sft_last " in commands["assemble"]
+
+
+def test_budget_recipe_refuses_the_removed_local_tokenizer_knob(tmp_path):
+    # the tokenizer is local from its first step: the knob that added a local phase would otherwise be ignored
+    result = _run_recipe(tmp_path, "nano_budget.sh", LOCAL_TOKENIZER_MINUTES="30")
+    assert result.returncode == 2 and "LOCAL_TOKENIZER_MINUTES is gone" in result.stderr
 
 
 def test_nano_report_tables_of_the_shipped_eval():

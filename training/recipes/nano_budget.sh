@@ -1,28 +1,29 @@
 #!/usr/bin/env bash
-# MOSS-Speech-Nano in about 145 minutes on a 2-core CPU: the 2.5-hour budget version of what training/recipes/nano.sh
-# (over 5 hours of steps) made the shipped checkpoint with. One command from the repository root:
+# MOSS-Speech-Nano in the 2.5-hour budget on a 2-core CPU: the recipe of the shipped checkpoint's kind (local speech
+# codes, the frozen-backbone LLM, two frame-level alignment rounds). One command from the repository root:
 #
 #   bash training/recipes/nano_budget.sh
 #
-# Its first version (the tokenizer warped from the first step, three LLM rounds) ran end to end in 1 h 35 min and did
-# NOT reach the shipped model: that tokenizer misread 15-21 % of the characters of held-out voices (the shipped
-# chain's: 9-12 %) and the LLM on its codes answered 17 % of the trained facts in an unseen voice (shipped: 95 %).
-# The second trained the tokenizer as a curriculum (plain, then warped: a third fewer errors in the same minutes) and
-# the LLMs for six rounds (S->T 80 %); the third gave the warped phase both threads after the text lane (tokenizer CER
-# near or below the chain's) and still ended near 82 % S->T. This fourth version ends the LLMs with a longer SFT of its
-# own and meets the trained-fact targets (S->T 87.8 / 89.3 %, S->S 71.7 / 74.6 %, round trip 111/135 answer words:
-# the flow varies from run to run, 104-111) in 144 min (summed step times; its first 57 min were the third run's);
-# facts known only as text stay near 0 %.
-# The numbers of every run are in the shipped checkpoint's eval/findings.md ("The 2-hour recipe").
+# How it got here (every run's numbers are in the shipped checkpoint's eval/findings.md, "The 2-hour recipe" and
+# after): the first version (release-style tokenizer warped from the first step, three LLM rounds) ran in 1 h 35 min
+# and misread 15-21 % of held-out voices' characters; the second and third trained the tokenizer as a curriculum
+# (plain, then warped) and the LLMs for six rounds; the fourth added a longer last SFT and met the trained-fact
+# targets in 144 min with facts known only as text near 0 %. The shipped v4 and v5 then took that chain, continued its
+# tokenizer 30 min as a local one (codes that do not depend on where a word is said) and added one, then two rounds
+# of the frame-level alignment lever (nano_levers.sh LEVERS=frames): about 4 hours in all. This version makes the
+# tokenizer local from its first step (12 + 30 min instead of 12 + 42 + 30) and folds the two alignment rounds into
+# the main line.
 #
 # corpora (espeak-ng: 12 training voices; the same with 35 question voices; the assistant's voice asking the train
-# questions) -> speech tokenizer from scratch on all 47 voices (encoder + VQ + CTC; plain, then with vocal-tract-length
-# and speaking-rate perturbation) -> codes and training data -> then two lanes side by side, one thread each:
+# questions) -> local speech tokenizer from scratch on all 47 voices (encoder + VQ + CTC; plain, then with
+# vocal-tract-length and speaking-rate perturbation) -> codes and training data (the frame-level pairs included) ->
+# then two lanes side by side, one thread each:
 #   lane A: the speech decoder (flow from scratch on the assistant's voice, Griffin-Lim) -> the ablation LLM
-#           (stage I unfrozen) -> its checkpoint and eval
+#           (stage I unfrozen, no alignment round) -> its checkpoint and eval
 #   lane B: text tokenizer and text model (every fact as text; built before the codes) -> the main LLM: stage I
 #           (frozen text backbone) -> ROUNDS x (stage II joint with text mixed in, SFT with TRL in four modes) -> a
-#           last, longer SFT -> checkpoint outputs/nano_budget/final and its eval
+#           last, longer SFT -> FRAMES_ROUNDS x (teacher on the text twins, stage II with the frame-level alignment
+#           loss against it, SFT) -> checkpoint outputs/nano_budget/final and its eval
 # -> text knowledge after stage I (frozen vs not) -> the model card with the result tables (training/nano_report.py).
 # Everything is written under NANO_DATA and NANO_OUT; nothing is shipped.
 #
@@ -38,19 +39,17 @@
 #   NANO_STEPS [all]          run only these steps (space-separated names, as printed), e.g. "stage1 stage2_1"
 #   NANO_DRY_RUN [0]          1: print each step's command without running anything (the lanes one after the other)
 #   Budgets (minutes measured with one thread each on a quiet 2-core machine): TOKENIZER_PLAIN_MINUTES [12]
-#            TOKENIZER_WARPED_MINUTES [42] (all THREADS)
+#            TOKENIZER_WARPED_MINUTES [30] (all THREADS)
 #            DECODER_MINUTES [30] TEXT_MINUTES [6] STAGE1_STEPS [1100] (6 min) ROUNDS [6]; the first round
 #            STAGE2_STEPS [750] (5 min) and SFT_STEPS [1000] (4 min), later rounds ROUND_STAGE2_STEPS [500] and
 #            ROUND_SFT_STEPS [500] (5 min together); round N seeds both of its data orders with N (a round is shorter
 #            than an epoch: with one seed every round would train on the same front part of the data); then one
 #            more SFT of LAST_SFT_STEPS [1000] (4 min), seeded ROUNDS + 1;
-#            LOCAL_TOKENIZER_MINUTES [0]: when > 0, one more tokenizer step after the warped phase, on all THREADS:
-#            the tokenizer continued that long with training/configs/nano_codec_local.json (no position table, each
-#            layer attends to the last 6 frames: a word's codes no longer depend on where it is said) and the warped
-#            settings; the codes, the decoder and both LLMs then use it. The shipped checkpoint's chain ran it at 30
-#            (the recipe then takes about 175 minutes; see findings.md, "Codes that do not depend on where a word is
-#            said"); EVAL_SPLITS ["test test_seen test_dialect test_seen_dialect"] (held-out facts; trained
-#            facts; in the unseen test voice, then in the unseen dialect test voice)
+#            FRAMES_ROUNDS [2] frame-level alignment rounds of FRAMES_TEACHER_STEPS [400], FRAMES_STAGE2_STEPS [1500]
+#            and FRAMES_SFT_STEPS [500] (about 20 min each), with the rows that complete a word weighted
+#            FRAMES_WORD_END_WEIGHT [30] (prepare_nano.py --frames_word_end_weight); EVAL_SPLITS ["test test_seen
+#            test_dialect test_seen_dialect"] (held-out facts; trained facts; in the unseen test voice, then in the
+#            unseen dialect test voice)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -63,7 +62,7 @@ LANE_THREADS=$((THREADS > 1 ? THREADS / 2 : 1))
 NANO_RESUME=${NANO_RESUME:-1}
 NANO_STEPS=${NANO_STEPS:-}
 TOKENIZER_PLAIN_MINUTES=${TOKENIZER_PLAIN_MINUTES:-12}
-TOKENIZER_WARPED_MINUTES=${TOKENIZER_WARPED_MINUTES:-42}
+TOKENIZER_WARPED_MINUTES=${TOKENIZER_WARPED_MINUTES:-30}
 DECODER_MINUTES=${DECODER_MINUTES:-30}
 TEXT_MINUTES=${TEXT_MINUTES:-6}
 STAGE1_STEPS=${STAGE1_STEPS:-1100}
@@ -73,11 +72,16 @@ ROUND_STAGE2_STEPS=${ROUND_STAGE2_STEPS:-500}
 ROUND_SFT_STEPS=${ROUND_SFT_STEPS:-500}
 ROUNDS=${ROUNDS:-6}
 LAST_SFT_STEPS=${LAST_SFT_STEPS:-1000}
-LOCAL_TOKENIZER_MINUTES=${LOCAL_TOKENIZER_MINUTES:-0}
-if [[ ! $LOCAL_TOKENIZER_MINUTES =~ ^[0-9]+$ ]]; then
-  echo "nano_budget.sh: LOCAL_TOKENIZER_MINUTES=$LOCAL_TOKENIZER_MINUTES: expected a whole number of minutes" >&2
+if [[ -n "${LOCAL_TOKENIZER_MINUTES:-}" ]]; then
+  echo "nano_budget.sh: LOCAL_TOKENIZER_MINUTES is gone: the tokenizer is local from its first step (set" \
+    "TOKENIZER_PLAIN_MINUTES and TOKENIZER_WARPED_MINUTES)" >&2
   exit 2
 fi
+FRAMES_ROUNDS=${FRAMES_ROUNDS:-2}
+FRAMES_TEACHER_STEPS=${FRAMES_TEACHER_STEPS:-400}
+FRAMES_STAGE2_STEPS=${FRAMES_STAGE2_STEPS:-1500}
+FRAMES_SFT_STEPS=${FRAMES_SFT_STEPS:-500}
+FRAMES_WORD_END_WEIGHT=${FRAMES_WORD_END_WEIGHT:-30}
 EVAL_SPLITS=${EVAL_SPLITS:-test test_seen test_dialect test_seen_dialect}
 NANO_DRY_RUN=${NANO_DRY_RUN:-0}
 
@@ -121,15 +125,17 @@ CODEC=$NANO_OUT/codec
 run_step corpus_voices "$PY" processing/synthesize_espeak.py --output "$NANO_DATA/voices/corpus" \
   --num_workers "$THREADS" --overwrite --no_progress
 
-# the speech tokenizer on all 47 voices as a curriculum: first plain (beside the text lane, one thread), then each
-# example's mel warped in frequency (vocal tract length, +-8 %) and time (speaking rate, +-10 %) at half the learning
-# rate, from the first phase's weights and codebook, alone on all threads once the text lane is done (two threads: 1.75
-# times the steps of one). Warping from the first step slows early learning (36 % CER after 2,800 steps against 21 %
-# plain), and the plain phase levels off (20 % after 4,000 steps) where the warped one keeps falling: most minutes go
-# to the second phase
+# the speech tokenizer from scratch on all 47 voices as a curriculum, local from its first step
+# (training/configs/nano_codec_local.json: no position table, each layer attends to the last 6 frames, so a word's codes
+# do not depend on where it is said): first plain (beside the text lane, one thread), then each example's mel warped in
+# frequency (vocal tract length, +-8 %) and time (speaking rate, +-10 %) at half the learning rate, from the first
+# phase's weights and codebook, alone on all threads once the text lane is done (two threads: 1.75 times the steps of
+# one). Warping from the first step slows early learning, and the plain phase levels off where the warped one keeps
+# falling: most minutes go to the second phase
+TOKENIZER_CONFIG=training/configs/nano_codec_local.json
 tokenizer_lane() {
   run_step codec_tokenizer_a "$PY" training/train_speech_tokenizer.py --corpus "$NANO_DATA/voices/corpus" \
-    --codec_config training/configs/nano_codec.json --output "$NANO_OUT/codec_tokenizer_a" --max_steps 8000 \
+    --codec_config "$TOKENIZER_CONFIG" --output "$NANO_OUT/codec_tokenizer_a" --max_steps 8000 \
     --max_minutes "$TOKENIZER_PLAIN_MINUTES" --batch_size 16 --learning_rate 2e-3 --eval_every 1000 \
     --threads "$LANE_THREADS"
 }
@@ -148,28 +154,39 @@ text_lane() {
 }
 lanes tokenizer tokenizer_lane text text_lane
 run_step codec_tokenizer "$PY" training/train_speech_tokenizer.py --corpus "$NANO_DATA/voices/corpus" \
-  --codec_config training/configs/nano_codec.json --init_from "$NANO_OUT/codec_tokenizer_a" \
+  --codec_config "$TOKENIZER_CONFIG" --init_from "$NANO_OUT/codec_tokenizer_a" \
   --output "$NANO_OUT/codec_tokenizer" --max_steps 30000 --max_minutes "$TOKENIZER_WARPED_MINUTES" --batch_size 16 \
   --learning_rate 1e-3 --eval_every 2000 --vtlp 0.08 --time_stretch 0.1 \
   --report_splits validation test test_seen test_dialect test_seen_dialect --threads "$THREADS"
 TOKENIZER=$NANO_OUT/codec_tokenizer
-if (( LOCAL_TOKENIZER_MINUTES > 0 )); then
-  # --init_from drops the release-style position table; every other weight carries over
-  run_step codec_tokenizer_local "$PY" training/train_speech_tokenizer.py --corpus "$NANO_DATA/voices/corpus" \
-    --codec_config training/configs/nano_codec_local.json --init_from "$NANO_OUT/codec_tokenizer" \
-    --output "$NANO_OUT/codec_tokenizer_local" --max_steps 30000 --max_minutes "$LOCAL_TOKENIZER_MINUTES" \
-    --batch_size 16 --learning_rate 1e-3 --eval_every 1000 --vtlp 0.08 --time_stretch 0.1 \
-    --report_splits validation test test_seen test_dialect test_seen_dialect --threads "$THREADS"
-  TOKENIZER=$NANO_OUT/codec_tokenizer_local
-fi
 
 # codes of every utterance (cached in $NANO_DATA/codes; the decoder keeps the tokenizer's encoder, so these are the
 # shipped codec's codes), then grids and conversations
 run_step prepare "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/voices/corpus" \
-  --codec "$TOKENIZER" --tokenizer "$NANO_OUT/tokenizer" --output "$NANO_DATA" --threads "$THREADS" \
-  --no_progress
+  --codec "$TOKENIZER" --tokenizer "$NANO_OUT/tokenizer" --output "$NANO_DATA" \
+  --frames_word_end_weight "$FRAMES_WORD_END_WEIGHT" --threads "$THREADS" --no_progress
 
 # ---------------------------------------------------------------------------------------------- speech LLM
+# frames_round N: the frame-level alignment round N from $model (which becomes its SFT checkpoint). The teacher is
+# $model after FRAMES_TEACHER_STEPS text-only steps on pretrain/twin_text (every fact's chat with each question word
+# repeated 1-9 times, the rate of speech) and the text set, so it answers the twins of held-out facts too; stage II
+# then adds to the round's loss the distance (weight 30) between the student's states on each spoken train question
+# and the frozen teacher's on its text twin (pretrain/frames: the same grid with every code row replaced by the word
+# heard by then, from CTC forced alignment with the tokenizer's head), row for row; then SFT. The data orders are the
+# configs' own (seed 0), as in the rounds that made the shipped checkpoint
+frames_round() {
+  local n=$1 teacher=$root/frames_teacher_$1
+  pretrain "frames_teacher_$n" "$teacher" --config training/configs/nano_stage2.yaml --model "$model" \
+    --datasets "{path: $P/twin_text, kind: text}" "{path: $P/text, kind: text}" \
+    --eval_datasets "{path: $P/text_eval, kind: text}" --text_mix_ratio 1 --max_steps "$FRAMES_TEACHER_STEPS"
+  pretrain "frames_stage2_$n" "$root/frames_stage2_$n" --config training/configs/nano_stage2.yaml --model "$model" \
+    --datasets "${SPEECH_DATA[@]}" "{path: $P/text, kind: text}" \
+    --eval_datasets "${EVAL_DATA[@]}" "{path: $P/text_eval, kind: text}" --max_steps "$FRAMES_STAGE2_STEPS" \
+    --align_dataset "$P/frames" --align_weight 30 --align_teacher "$teacher"
+  model=$root/frames_stage2_$n
+  sft_step "frames_sft_$n" "$NANO_DATA" "$FRAMES_SFT_STEPS"
+}
+
 # llm RUN: stage I from the text model (main: frozen text backbone, nano.yaml; ablation: unfrozen, nano_ablation.yaml),
 # then ROUNDS x (stage II on the speech sets with text mixed in, SFT) and a last SFT, then the shipped layout (LLM +
 # processor + codec/ + voices/) and its eval on EVAL_SPLITS
@@ -195,6 +212,13 @@ llm() {
   # a last SFT on its own, twice a round's and with an order of its own: the fourth run's main line went from 81.5 to
   # 87.8 % S->T on trained facts in the unseen test voice with it (dialect 87.8 -> 89.3 %)
   sft_step sft_last "$NANO_DATA" "$LAST_SFT_STEPS" --seed $((ROUNDS + 1))
+  # the main line then aligns, row for row, what it hears to what it reads: FRAMES_ROUNDS x (a teacher: the model
+  # after text-only steps on the twin chats, then stage II with the frame-level alignment loss against it, then SFT)
+  if [[ $run == main ]]; then
+    for round in $(seq 1 "$FRAMES_ROUNDS"); do
+      frames_round "$round"
+    done
+  fi
   # lane B gets here long after lane A's decoder (50 min against 30); otherwise it waits (or gives up when the
   # other lane failed)
   if [[ "$NANO_DRY_RUN" != 1 ]]; then
