@@ -126,7 +126,7 @@ def test_ship_replaces_the_checkpoint_and_keeps_the_earlier_runs_results(tmp_pat
 
 
 def test_budget_recipe_steps_in_order(tmp_path):
-    lines = _dry_run(tmp_path, "nano_budget.sh")
+    lines = _dry_run(tmp_path, "nano_budget.sh", ABLATION="1", ROUNDS="6")
     steps = [line[3:].split(":", 1)[0] for line in lines]
     order = ["corpus_voices", "codec_tokenizer_a", "corpus", "tokenizer", "text_model", "corpus_decoder",
              "codec_tokenizer", "prepare", "codec_decoder", "ablation_stage1", "ablation_stage2_1", "ablation_sft_1",
@@ -204,6 +204,39 @@ def test_budget_recipe_steps_in_order(tmp_path):
                                        f"{tmp_path}/out/final")
     assert "ship" not in commands  # the budget recipe ships nothing
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_budget_recipe_defaults_make_the_main_line_only(tmp_path):
+    lines = _dry_run(tmp_path, "nano_budget.sh")
+    steps = [line[3:].split(":", 1)[0] for line in lines]
+    # no ablation LLM by default (ABLATION=1 adds it to the decoder's lane); four rounds, then the last SFT
+    assert not any(step.startswith(("ablation_", "eval_ablation_")) for step in steps)
+    assert "sft_4" in steps and "stage2_5" not in steps and "eval_stage1_t2t" in steps
+    commands = dict(line[3:].split(": ", 1) for line in lines)
+    assert commands["sft_last"].endswith("--max_steps 1000 --seed 5")
+    assert f"--model_name_or_path {tmp_path}/out/sft_4 " in commands["sft_last"]
+    result = _run_recipe(tmp_path, "nano_budget.sh", ABLATION="yes")
+    assert result.returncode == 2 and "ABLATION=yes" in result.stderr
+
+
+def test_budget_recipe_main_lane_takes_every_thread_once_the_decoder_is_done(tmp_path):
+    # every step of the stand-in interpreter logs its thread count; stage I outlasts the decoder
+    log = tmp_path / "threads.log"
+    python = _stand_in_python(tmp_path, f'echo "$OMP_NUM_THREADS $*" >> {log}\n'
+                                        '[[ "$*" == *configs/nano.yaml* ]] && sleep 2\nexit 0')
+    lane_steps = ("codec_decoder stage1 stage2_1 sft_1 sft_last frames_teacher_1 frames_stage2_1 frames_sft_1 assemble "
+                  "eval_final_test")
+    result = _run_recipe(tmp_path, "nano_budget.sh", NANO_DRY_RUN="0", PYTHON=python, THREADS="2", ROUNDS="1",
+                         FRAMES_ROUNDS="1", NANO_STEPS=lane_steps)
+    assert result.returncode == 0, result.stdout + result.stderr
+    threads = {}
+    for line in log.read_text().splitlines():
+        count, command = line.split(" ", 1)
+        threads.setdefault(command.split()[0], []).append(int(count))
+    assert threads["training/train_speech_decoder.py"] == [1]
+    pretrain = threads["training/pretrain.py"]  # stage I beside the decoder, then stage II, teacher, aligned stage II
+    assert pretrain[0] == 1 and pretrain[1:] == [2, 2, 2]
+    assert set(threads["training/sft.py"]) == {2} and set(threads["-m"]) == {2}
 
 
 def test_budget_recipe_rounds_knob(tmp_path):

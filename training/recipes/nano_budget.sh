@@ -18,13 +18,15 @@
 # questions) -> local speech tokenizer from scratch on all 47 voices (encoder + VQ + CTC; plain, then with
 # vocal-tract-length and speaking-rate perturbation) -> codes and training data (the frame-level pairs included) ->
 # then two lanes side by side, one thread each:
-#   lane A: the speech decoder (flow from scratch on the assistant's voice, Griffin-Lim) -> the ablation LLM
-#           (stage I unfrozen, no alignment round) -> its checkpoint and eval
-#   lane B: text tokenizer and text model (every fact as text; built before the codes) -> the main LLM: stage I
+#   lane A: the speech decoder (flow from scratch on the assistant's voice, Griffin-Lim) [-> with ABLATION=1, the
+#           ablation LLM (stage I unfrozen, no alignment round) -> its checkpoint and eval]
+#   lane B (every thread once lane A is done): the main LLM from the text model (text tokenizer and text model: every
+#           fact as text, built beside the tokenizer's first phase): stage I
 #           (frozen text backbone) -> ROUNDS x (stage II joint with text mixed in, SFT with TRL in four modes) -> a
 #           last, longer SFT -> FRAMES_ROUNDS x (teacher on the text twins, stage II with the frame-level alignment
 #           loss against it, SFT) -> checkpoint outputs/nano_budget/final and its eval
-# -> text knowledge after stage I (frozen vs not) -> the model card with the result tables (training/nano_report.py).
+# -> text knowledge after stage I (frozen, and not with ABLATION=1) -> the model card with the result tables
+# (training/nano_report.py).
 # Everything is written under NANO_DATA and NANO_OUT; nothing is shipped.
 #
 # Knobs (environment variables, defaults in brackets):
@@ -32,7 +34,10 @@
 #                             the LLM learn from, and whose test splits the eval reads), decoder/corpus/, codes/,
 #                             pretrain/, sft/ (made from voices/corpus)
 #   NANO_OUT [outputs/nano_budget]   models, logs/ (one log per step + timings.txt, lane_a.log / lane_b.log), eval/ (JSON)
-#   THREADS [2]               CPU threads: the corpora and `prepare` use all; each lane gets half (at least one)
+#   THREADS [2]               CPU threads: the corpora and `prepare` use all; each lane gets half (at least one), and
+#                             without the ablation the main lane gets all of them once the decoder is done
+#   ABLATION [0]              1: also the ablation LLM (nothing frozen in stage I), after the decoder in lane A (about
+#                             an hour more on 2 cores: lane B keeps one thread to the end)
 #   PYTHON [.venv/bin/python if present, else python]  interpreter with the package installed (pip install -e .[dev])
 #   NANO_RESUME [1]           1: skip steps already completed (markers in $NANO_OUT/.done) and resume an interrupted
 #                             pre-training from its last checkpoint; 0: run every step from scratch
@@ -40,7 +45,7 @@
 #   NANO_DRY_RUN [0]          1: print each step's command without running anything (the lanes one after the other)
 #   Budgets (minutes measured with one thread each on a quiet 2-core machine): TOKENIZER_PLAIN_MINUTES [12]
 #            TOKENIZER_WARPED_MINUTES [30] (all THREADS)
-#            DECODER_MINUTES [30] TEXT_MINUTES [6] STAGE1_STEPS [1100] (6 min) ROUNDS [6]; the first round
+#            DECODER_MINUTES [30] TEXT_MINUTES [6] STAGE1_STEPS [1100] (6 min) ROUNDS [4]; the first round
 #            STAGE2_STEPS [750] (5 min) and SFT_STEPS [1000] (4 min), later rounds ROUND_STAGE2_STEPS [500] and
 #            ROUND_SFT_STEPS [500] (5 min together); round N seeds both of its data orders with N (a round is shorter
 #            than an epoch: with one seed every round would train on the same front part of the data); then one
@@ -70,7 +75,12 @@ STAGE2_STEPS=${STAGE2_STEPS:-750}
 SFT_STEPS=${SFT_STEPS:-1000}
 ROUND_STAGE2_STEPS=${ROUND_STAGE2_STEPS:-500}
 ROUND_SFT_STEPS=${ROUND_SFT_STEPS:-500}
-ROUNDS=${ROUNDS:-6}
+ROUNDS=${ROUNDS:-4}
+ABLATION=${ABLATION:-0}
+if [[ $ABLATION != 0 && $ABLATION != 1 ]]; then
+  echo "nano_budget.sh: ABLATION=$ABLATION: expected 0 or 1" >&2
+  exit 2
+fi
 LAST_SFT_STEPS=${LAST_SFT_STEPS:-1000}
 if [[ -n "${LOCAL_TOKENIZER_MINUTES:-}" ]]; then
   echo "nano_budget.sh: LOCAL_TOKENIZER_MINUTES is gone: the tokenizer is local from its first step (set" \
@@ -239,15 +249,28 @@ decoder_lane() {
     --corpus "$NANO_DATA/decoder/corpus" --codec_config training/configs/nano_codec.json --output "$CODEC" \
     --canonical_only --inference_noise_scale 0 --max_minutes "$DECODER_MINUTES" --eval_examples 4 \
     --threads "$LANE_THREADS" --save_voices "$NANO_OUT/voices"
-  llm ablation
+  if [[ $ABLATION == 1 ]]; then
+    llm ablation
+  fi
 }
 main_lane() {
   llm main
 }
+# without the ablation, lane A ends with the decoder: from then on each step of lane B gets every thread
+before_step() {
+  if [[ $ABLATION == 0 && -f "$DONE/codec_decoder" && ${OMP_NUM_THREADS:-} != "$THREADS" ]]; then
+    echo "== $1: the decoder lane is done, $THREADS thread(s) from here on"
+    export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+  fi
+}
 lanes a decoder_lane b main_lane
 
 # text knowledge right after stage I, frozen vs not (the stage-I checkpoints with the nano processor and codec)
-eval_stage1_text "$NANO_OUT" "$NANO_DATA" "$CODEC"
+if [[ $ABLATION == 1 ]]; then
+  eval_stage1_text "$NANO_OUT" "$NANO_DATA" "$CODEC"
+else
+  eval_stage1_text "$NANO_OUT" "$NANO_DATA" "$CODEC" stage1
+fi
 # the result tables, and the model card with them in the frozen recipe's checkpoint
 run_step report "$PY" training/nano_report.py --eval "$NANO_OUT/eval" --checkpoint "$NANO_OUT/final"
 echo "== nano budget recipe finished in $(((SECONDS - TOTAL_START) / 60)) min; step times in $LOGS/timings.txt"

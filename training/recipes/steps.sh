@@ -30,6 +30,8 @@ run_step() {
   local name=$1
   shift
   wanted "$name" || return 0
+  # a recipe may define before_step NAME, e.g. to give a step more threads once another lane is done
+  if declare -F before_step > /dev/null; then before_step "$name"; fi
   echo "== $name: $*"
   [[ "$NANO_DRY_RUN" == 1 ]] && return 0
   rm -f "$DONE/$name"
@@ -55,11 +57,12 @@ pretrain() {
   run_step "$name" "$PY" training/pretrain.py "$@" --output_dir "$out" ${resume[@]+"${resume[@]}"}
 }
 
-# eval_stage1_text OUT DATA CODEC: text knowledge right after stage I, frozen vs not (OUT/stage1 and
-# OUT/ablation/stage1 with the nano processor and CODEC): steps eval_stage1_t2t, eval_ablation_stage1_t2t
+# eval_stage1_text OUT DATA CODEC [NAMES]: text knowledge right after stage I, frozen vs not (OUT/stage1 and
+# OUT/ablation/stage1 with the nano processor and CODEC): steps eval_stage1_t2t, eval_ablation_stage1_t2t (NAMES:
+# which of the two, default both)
 eval_stage1_text() {
   local out=$1 data=$2 codec=$3 name src
-  for name in stage1 ablation_stage1; do
+  for name in ${4:-stage1 ablation_stage1}; do
     src=$out/${name/ablation_/ablation/}
     run_step "eval_${name}_t2t" bash -c "rm -rf '$out/eval_$name' && mkdir -p '$out/eval_$name' && \
       cp '$src/config.json' '$src/model.safetensors' '$out/tokenizer/'* '$out/eval_$name/' && \
