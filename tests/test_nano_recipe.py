@@ -95,6 +95,13 @@ def test_recipe_ships_into_the_package_only_when_asked(tmp_path):
     assert sorted(path.name for path in shipped.iterdir()) == before  # a dry run copies nothing
 
 
+def test_budget_recipe_ships_the_main_line_only_when_asked(tmp_path):
+    commands = dict(line[3:].split(": ", 1) for line in _dry_run(tmp_path, "nano_budget.sh", NANO_SHIP="1",
+                                                                 NANO_SHIP_DIR=str(tmp_path / "ship")))
+    assert f"rm -rf '{tmp_path}/ship' && cp -r '{tmp_path}/out/final' '{tmp_path}/ship'" in commands["ship"]
+    assert list(commands)[-1] == "ship"
+
+
 def test_recipe_voices_rounds_knob(tmp_path):
     steps = [line[3:].split(":", 1)[0] for line in _dry_run(tmp_path, VOICES_ROUNDS="1")]
     assert "sft_voices_1" in steps and "stage2_voices_2" not in steps
@@ -202,7 +209,7 @@ def test_budget_recipe_steps_in_order(tmp_path):
     assert f"--corpus {tmp_path}/data/voices/corpus --split test_dialect" in commands["eval_final_test_dialect"]
     assert commands["report"].endswith(f"training/nano_report.py --eval {tmp_path}/out/eval --checkpoint "
                                        f"{tmp_path}/out/final")
-    assert "ship" not in commands  # the budget recipe ships nothing
+    assert commands["ship"].startswith("not asked for, skipped")  # the budget recipe ships only when asked
     assert not (tmp_path / "out" / "final").exists()
 
 

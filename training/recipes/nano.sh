@@ -199,20 +199,8 @@ done
 eval_stage1_text "$NANO_OUT" "$NANO_DATA" "$NANO_OUT/codec_voice"
 # the result tables, and the model card with them in the frozen recipe's checkpoint
 run_step report "$PY" training/nano_report.py --eval "$NANO_OUT/eval" --checkpoint "$NANO_OUT/final"
-# ship (only when asked): the frozen recipe's checkpoint becomes the package's default model, with its results and
-# model card; without NANO_SHIP=1 the shipped checkpoint of the working tree is left as it is
-SHIP=${NANO_SHIP_DIR:-modeling_moss_speech/pretrained/moss-speech-nano}
-if [[ "$NANO_SHIP" == 1 ]]; then
-  # the earlier runs' results (eval/v*_*.json, lever_*.json, findings.md) stay: the card compares them with this run
-  run_step ship bash -c "rm -rf '$NANO_OUT/ship_history' && mkdir -p '$NANO_OUT/ship_history' && \
-    if [[ -d '$SHIP/eval' ]]; then cp -r '$SHIP/eval/.' '$NANO_OUT/ship_history/'; fi && \
-    rm -rf '$SHIP' && cp -r '$NANO_OUT/final' '$SHIP' && mkdir -p '$SHIP/eval' && \
-    cp -r '$NANO_OUT/ship_history/.' '$SHIP/eval/' && cp '$NANO_OUT/eval/'*.json '$SHIP/eval/' && \
-    cp '$LOGS/timings.txt' '$SHIP/eval/training_times.txt' && chmod -R a+r '$SHIP' && \
-    '$PY' training/nano_report.py --eval '$SHIP/eval' --checkpoint '$SHIP'"
-else
-  echo "== ship: not asked for, skipped (NANO_SHIP=1 copies $NANO_OUT/final into $SHIP)"
-fi
+# ship (only when asked, NANO_SHIP=1): the frozen recipe's checkpoint becomes the package's default model
+ship_checkpoint
 
 echo "== nano recipe finished in $(((SECONDS - TOTAL_START) / 60)) min; step times in $LOGS/timings.txt"
 echo "   checkpoints: $NANO_OUT/final (frozen stage I), $NANO_OUT/ablation_final (no freezing); results: $NANO_OUT/eval/"

@@ -27,7 +27,8 @@
 #           loss against it, SFT) -> checkpoint outputs/nano_budget/final and its eval
 # -> text knowledge after stage I (frozen, and not with ABLATION=1) -> the model card with the result tables
 # (training/nano_report.py).
-# Everything is written under NANO_DATA and NANO_OUT; nothing is shipped.
+# Everything is written under NANO_DATA and NANO_OUT; the package's shipped checkpoint is replaced only with
+# NANO_SHIP=1.
 #
 # Knobs (environment variables, defaults in brackets):
 #   NANO_DATA [data/nano_budget]   generated data: corpus/ (12 voices), voices/corpus/ (47 voices: what the tokenizer and
@@ -43,6 +44,10 @@
 #                             pre-training from its last checkpoint; 0: run every step from scratch
 #   NANO_STEPS [all]          run only these steps (space-separated names, as printed), e.g. "stage1 stage2_1"
 #   NANO_DRY_RUN [0]          1: print each step's command without running anything (the lanes one after the other)
+#   NANO_SHIP [0]             1: last step `ship`: copy $NANO_OUT/final, its eval JSON and step times into the package
+#                             as the shipped checkpoint (replacing it; the earlier runs' results in its eval/ stay) and
+#                             write its model card (training/README.md: shipping)
+#   NANO_SHIP_DIR [modeling_moss_speech/pretrained/moss-speech-nano]   where `ship` puts the checkpoint
 #   Budgets (minutes measured with one thread each on a quiet 2-core machine): TOKENIZER_PLAIN_MINUTES [12]
 #            TOKENIZER_WARPED_MINUTES [30] (all THREADS)
 #            DECODER_MINUTES [30] TEXT_MINUTES [6] STAGE1_STEPS [1100] (6 min) ROUNDS [4]; the first round
@@ -273,6 +278,8 @@ else
 fi
 # the result tables, and the model card with them in the frozen recipe's checkpoint
 run_step report "$PY" training/nano_report.py --eval "$NANO_OUT/eval" --checkpoint "$NANO_OUT/final"
+# ship (only when asked, NANO_SHIP=1): the main line's checkpoint becomes the package's default model
+ship_checkpoint
 echo "== nano budget recipe finished in $(((SECONDS - TOTAL_START) / 60)) min; step times in $LOGS/timings.txt"
 echo "   checkpoints: $NANO_OUT/final (frozen stage I), $NANO_OUT/ablation_final (no freezing); results: $NANO_OUT/eval/"
 echo "   model card with the tables: $NANO_OUT/final/README.md"

@@ -111,3 +111,22 @@ eval_checkpoint() {
       -o "$NANO_OUT/eval/${name}_$split.json"
   done
 }
+
+# ship_checkpoint: with NANO_SHIP=1, step `ship`: $NANO_OUT/final becomes the package's shipped checkpoint
+# (NANO_SHIP_DIR, default modeling_moss_speech/pretrained/moss-speech-nano; replaced as a whole) with this run's eval
+# JSON, its step times as eval/training_times.txt and the model card with the tables; the earlier runs' results in
+# its eval/ (v*_*.json, lever_*.json, findings.md) stay, since the card compares them with this run. Otherwise the
+# shipped checkpoint of the working tree is left as it is
+ship_checkpoint() {
+  local ship=${NANO_SHIP_DIR:-modeling_moss_speech/pretrained/moss-speech-nano}
+  if [[ "${NANO_SHIP:-0}" != 1 ]]; then
+    echo "== ship: not asked for, skipped (NANO_SHIP=1 copies $NANO_OUT/final into $ship)"
+    return 0
+  fi
+  run_step ship bash -c "rm -rf '$NANO_OUT/ship_history' && mkdir -p '$NANO_OUT/ship_history' && \
+    if [[ -d '$ship/eval' ]]; then cp -r '$ship/eval/.' '$NANO_OUT/ship_history/'; fi && \
+    rm -rf '$ship' && cp -r '$NANO_OUT/final' '$ship' && mkdir -p '$ship/eval' && \
+    cp -r '$NANO_OUT/ship_history/.' '$ship/eval/' && cp '$NANO_OUT/eval/'*.json '$ship/eval/' && \
+    cp '$LOGS/timings.txt' '$ship/eval/training_times.txt' && chmod -R a+r '$ship' && \
+    '$PY' training/nano_report.py --eval '$ship/eval' --checkpoint '$ship'"
+}
