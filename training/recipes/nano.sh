@@ -13,9 +13,9 @@
 # ablation (the same recipe with stage I unfrozen, without the robust-codes round) -> outputs/nano/ablation_final;
 # then `moss-speech eval` of both on the test splits
 # and the model card with the result tables (training/nano_report.py) -> outputs/nano/final/README.md.
-# It made v3 (over 5 hours of steps); the shipped checkpoint (v5) is training/recipes/nano_budget.sh's main line
-# with LOCAL_TOKENIZER_MINUTES=30 after two rounds of nano_levers.sh's frame-level lever, the second with
-# FRAMES_WORD_END_WEIGHT=30 (the measured results of every run: the checkpoint's eval/findings.md).
+# It made v3 (over 5 hours of steps); the shipped checkpoint (v5) is training/recipes/nano_budget.sh's main line, as
+# it was at commit 1289890 with LOCAL_TOKENIZER_MINUTES=30, after two rounds of nano_levers.sh's frame-level lever,
+# the second with FRAMES_WORD_END_WEIGHT=30 (the measured results of every run: the checkpoint's eval/findings.md).
 # Everything is written under NANO_DATA and NANO_OUT; the package's shipped checkpoint
 # (modeling_moss_speech/pretrained/moss-speech-nano) is replaced only with NANO_SHIP=1.
 #
