@@ -63,10 +63,9 @@ ROBUST_VOICE_MINUTES=${ROBUST_VOICE_MINUTES:-30}
 SENTENCES_VOICE_MINUTES=${SENTENCES_VOICE_MINUTES:-15}
 ROBUST_ROUNDS=${ROBUST_ROUNDS:-1}
 NANO_DRY_RUN=${NANO_DRY_RUN:-0}
-NANO_SHIP=${NANO_SHIP:-0}
 
 # the step runner shared with the other nano recipes: recipe_setup, wanted, run_step, pretrain, stage2_sft_round,
-# sft_step, eval_checkpoint, eval_stage1_text
+# sft_step, eval_checkpoint, eval_stage1_text, ship_checkpoint
 source training/recipes/steps.sh
 recipe_setup "$NANO_OUT" "$NANO_DATA"
 

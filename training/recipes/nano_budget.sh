@@ -186,17 +186,14 @@ run_step prepare "$PY" processing/prepare_nano.py --corpus "$NANO_DATA/voices/co
 
 # ---------------------------------------------------------------------------------------------- speech LLM
 # frames_round N: the frame-level alignment round N from $model (which becomes its SFT checkpoint). The teacher is
-# $model after FRAMES_TEACHER_STEPS text-only steps on pretrain/twin_text (every fact's chat with each question word
-# repeated 1-9 times, the rate of speech) and the text set, so it answers the twins of held-out facts too; stage II
+# $model after FRAMES_TEACHER_STEPS text-only steps (frames_teacher in steps.sh); stage II
 # then adds to the round's loss the distance (weight 30) between the student's states on each spoken train question
 # and the frozen teacher's on its text twin (pretrain/frames: the same grid with every code row replaced by the word
 # heard by then, from CTC forced alignment with the tokenizer's head), row for row; then SFT. The data orders are the
 # configs' own (seed 0), as in the rounds that made the shipped checkpoint
 frames_round() {
   local n=$1 teacher=$root/frames_teacher_$1
-  pretrain "frames_teacher_$n" "$teacher" --config training/configs/nano_stage2.yaml --model "$model" \
-    --datasets "{path: $P/twin_text, kind: text}" "{path: $P/text, kind: text}" \
-    --eval_datasets "{path: $P/text_eval, kind: text}" --text_mix_ratio 1 --max_steps "$FRAMES_TEACHER_STEPS"
+  frames_teacher "frames_teacher_$n" "$teacher" "$model" "$P" "$FRAMES_TEACHER_STEPS"
   pretrain "frames_stage2_$n" "$root/frames_stage2_$n" --config training/configs/nano_stage2.yaml --model "$model" \
     --datasets "${SPEECH_DATA[@]}" "{path: $P/text, kind: text}" \
     --eval_datasets "${EVAL_DATA[@]}" "{path: $P/text_eval, kind: text}" --max_steps "$FRAMES_STAGE2_STEPS" \

@@ -107,10 +107,7 @@ for lever in $LEVERS; do
        exit 2 ;;
   esac
   if [[ $lever == frames ]]; then
-    pretrain frames_teacher "$root/teacher" --config training/configs/nano_stage2.yaml --model "$BASE" \
-      --datasets "{path: $V/twin_text, kind: text}" "{path: $V/text, kind: text}" \
-      --eval_datasets "{path: $V/text_eval, kind: text}" --text_mix_ratio 1 --max_steps "$FRAMES_TEACHER_STEPS" \
-      --threads "$THREADS"
+    frames_teacher frames_teacher "$root/teacher" "$BASE" "$V" "$FRAMES_TEACHER_STEPS" --threads "$THREADS"
   fi
   pretrain "${lever}_stage2" "$root/stage2" --config training/configs/nano_stage2.yaml --model "$BASE" \
     --datasets "${data[@]}" --eval_datasets "${ROUND_EVAL_DATA[@]}" --max_steps "$STAGE2_STEPS" \

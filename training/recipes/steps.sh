@@ -57,6 +57,17 @@ pretrain() {
   run_step "$name" "$PY" training/pretrain.py "$@" --output_dir "$out" ${resume[@]+"${resume[@]}"}
 }
 
+# frames_teacher NAME OUT BASE DIR STEPS [ARGS...]: the frame-level lever's teacher, into OUT: BASE after STEPS
+# text-only steps on DIR/twin_text (every fact's chat with each question word repeated 1-9 times, the rate of speech)
+# and DIR/text (DIR: a pretrain/ of prepare_nano.py), so it answers the twins of held-out facts too
+frames_teacher() {
+  local name=$1 out=$2 base=$3 d=$4 steps=$5
+  shift 5
+  pretrain "$name" "$out" --config training/configs/nano_stage2.yaml --model "$base" \
+    --datasets "{path: $d/twin_text, kind: text}" "{path: $d/text, kind: text}" \
+    --eval_datasets "{path: $d/text_eval, kind: text}" --text_mix_ratio 1 --max_steps "$steps" "$@"
+}
+
 # eval_stage1_text OUT DATA CODEC [NAMES]: text knowledge right after stage I, frozen vs not (OUT/stage1 and
 # OUT/ablation/stage1 with the nano processor and CODEC): steps eval_stage1_t2t, eval_ablation_stage1_t2t (NAMES:
 # which of the two, default both)
