@@ -168,6 +168,8 @@ def test_budget_recipe_steps_in_order(tmp_path):
     decoder = commands["codec_decoder"]
     assert f"--codec {tmp_path}/out/codec_tokenizer --corpus {tmp_path}/data/decoder/corpus " in decoder
     assert "--canonical_only --inference_noise_scale 0" in decoder
+    # its length is a number of steps (a slower machine gets the same decoder), capped in minutes
+    assert "--max_steps 11000 --max_minutes 45 " in decoder
     assert f"--save_voices {tmp_path}/out/voices" in decoder
     # stage I from the text model (frozen vs not), then rounds of stage II + SFT, each from the previous SFT
     assert "--config training/configs/nano.yaml --init_from_text_model" in commands["stage1"]
@@ -186,22 +188,23 @@ def test_budget_recipe_steps_in_order(tmp_path):
     # every round draws its own data orders, the ablation's the same as the main line's
     assert commands["sft_1"].endswith("--max_steps 1000 --seed 1") and commands["ablation_sft_3"].endswith("--seed 3")
     assert f"--dataset_name {tmp_path}/data/sft " in commands["sft_3"]
-    # the main line (only) ends with two frame-level alignment rounds: a teacher from the model (text only: the twin
+    # the main line (only) ends with three frame-level alignment rounds: a teacher from the model (text only: the twin
     # chats and the text set), stage II aligned to it row for row, SFT; the next round starts from that SFT
-    for n, start in ((1, "sft_last"), (2, "frames_sft_1")):
+    for n, start in ((1, "sft_last"), (2, "frames_sft_1"), (3, "frames_sft_2")):
         teacher = commands[f"frames_teacher_{n}"]
         assert f"--model {tmp_path}/out/{start} " in teacher
         assert (f"--datasets {{path: {tmp_path}/data/pretrain/twin_text, kind: text}} "
                 f"{{path: {tmp_path}/data/pretrain/text, kind: text}} ") in teacher
         assert "--text_mix_ratio 1 --max_steps 400 " in teacher
         stage2 = commands[f"frames_stage2_{n}"]
-        assert f"--model {tmp_path}/out/{start} " in stage2 and "--max_steps 1500 " in stage2
+        assert f"--model {tmp_path}/out/{start} " in stage2 and "--max_steps 1000 " in stage2
         assert (f"--align_dataset {tmp_path}/data/pretrain/frames --align_weight 30 "
                 f"--align_teacher {tmp_path}/out/frames_teacher_{n} ") in stage2
         assert f"--model_name_or_path {tmp_path}/out/frames_stage2_{n} " in commands[f"frames_sft_{n}"]
         assert commands[f"frames_sft_{n}"].endswith("--max_steps 500")
     assert not any(step.startswith("ablation_frames") for step in steps)
-    for name, model in (("assemble", "frames_sft_2"), ("ablation_assemble", "ablation/sft_last")):
+    assert "frames_teacher_4" not in commands
+    for name, model in (("assemble", "frames_sft_3"), ("ablation_assemble", "ablation/sft_last")):
         assert f"--model {tmp_path}/out/{model} " in commands[name]
         assert f"--codec {tmp_path}/out/codec " in commands[name]
         assert f"--data {tmp_path}/data " in commands[name]
@@ -216,12 +219,15 @@ def test_budget_recipe_steps_in_order(tmp_path):
 def test_budget_recipe_defaults_make_the_main_line_only(tmp_path):
     lines = _dry_run(tmp_path, "nano_budget.sh")
     steps = [line[3:].split(":", 1)[0] for line in lines]
-    # no ablation LLM by default (ABLATION=1 adds it to the decoder's lane); four rounds, then the last SFT
+    # no ablation LLM by default (ABLATION=1 adds it to the decoder's lane); three rounds, the last SFT, then three
+    # frame-level alignment rounds
     assert not any(step.startswith(("ablation_", "eval_ablation_")) for step in steps)
-    assert "sft_4" in steps and "stage2_5" not in steps and "eval_stage1_t2t" in steps
+    assert "sft_3" in steps and "stage2_4" not in steps and "eval_stage1_t2t" in steps
+    assert "frames_sft_3" in steps and "frames_teacher_4" not in steps
     commands = dict(line[3:].split(": ", 1) for line in lines)
-    assert commands["sft_last"].endswith("--max_steps 1000 --seed 5")
-    assert f"--model_name_or_path {tmp_path}/out/sft_4 " in commands["sft_last"]
+    assert commands["sft_last"].endswith("--max_steps 1000 --seed 4")
+    assert f"--model_name_or_path {tmp_path}/out/sft_3 " in commands["sft_last"]
+    assert f"--model {tmp_path}/out/frames_sft_3 " in commands["assemble"]
     result = _run_recipe(tmp_path, "nano_budget.sh", ABLATION="yes")
     assert result.returncode == 2 and "ABLATION=yes" in result.stderr
 
@@ -247,7 +253,7 @@ def test_budget_recipe_main_lane_takes_every_thread_once_the_decoder_is_done(tmp
 
 
 def test_budget_recipe_rounds_knob(tmp_path):
-    lines = _dry_run(tmp_path, "nano_budget.sh", ROUNDS="1", THREADS="4")
+    lines = _dry_run(tmp_path, "nano_budget.sh", ROUNDS="1", THREADS="4", DECODER_STEPS="7", DECODER_MINUTES="3")
     steps = [line[3:].split(":", 1)[0] for line in lines]
     assert "sft_1" in steps and "stage2_2" not in steps and "ablation_stage2_2" not in steps
     commands = dict(line[3:].split(": ", 1) for line in lines)
@@ -258,6 +264,7 @@ def test_budget_recipe_rounds_knob(tmp_path):
     # `prepare` get them all
     assert "--threads 2" in commands["codec_tokenizer_a"] and "--num_workers 4" in commands["corpus_voices"]
     assert commands["codec_tokenizer"].endswith("--threads 4")
+    assert "--max_steps 7 --max_minutes 3 " in commands["codec_decoder"]
     assert "--threads 4" in commands["prepare"]
 
 
