@@ -9,9 +9,9 @@ before, made by `training/recipes/nano.sh`), `v2_final_*.json` (the checkpoint b
 `v1_final_*.json` / `v1_ablation_final_*.json` (the earlier recipe without the voices round)
 where present, kept with the shipped checkpoint as the before columns; `budget_final_*.json` /
 `budget_ablation_final_*.json` (training/recipes/nano_budget.sh's latest run, renamed; its earlier runs',
-`budget1_*`, `budget2_*` and `budget3_*`, and the one-command version's `budget5_*`, are kept beside them and read
-by no table; `budget_local_final_*.json`, its
-main line retrained on the codes of a local tokenizer, `training/configs/nano_codec_local.json`);
+`budget1_*`, `budget2_*` and `budget3_*`, and the one-command versions' `budget5_*` and `budget6_*`, are kept
+beside them and read by no table; `budget_local_final_*.json`, its main line retrained on the codes of a local
+tokenizer, `training/configs/nano_codec_local.json`);
 `lever_<run>_*.json` of `training/recipes/nano_levers.sh`, and `budget_lever_<run>_*.json`, its runs from the 2-hour
 recipe's checkpoint, the frame-level lever's variants among them), prints the Markdown tables (one column per run
 found, per split; the variants: one row each) and writes `README.md` (the nano model card: the experiment from
