@@ -18,9 +18,9 @@
 # the budget". Its flow, 30 minutes on a machine slower than the one the minutes were set on, got 7,200 steps (the
 # flows heard 104-115 of 135 answer words had 11,300-11,500), so the flow's length is now a number of steps with a
 # cap in minutes, and one plain round became a third alignment round (rounds add about one held-out answer each),
-# the three at 1,000 stage II steps instead of 1,500 to stay in the budget. Its run (findings.md, "The flow in steps,
-# three alignment rounds"): 132 min; facts known only as text S->T 34 / 34 % (target met), the round trip 106 of 135
-# (78.5 %), S->S on trained facts 69.8 / 66.8 % (just under the 70 % target), S->T 96.1 / 95.6 %.
+# the three at 1,000 stage II steps instead of 1,500 to stay in the budget. This version's run (findings.md, "The flow
+# in steps, three alignment rounds"): 132 min; facts known only as text S->T 34 / 34 % (target met), the round trip
+# 106 of 135 (78.5 %), S->S on trained facts 69.8 / 66.8 % (just under the 70 % target), S->T 96.1 / 95.6 %.
 #
 # corpora (espeak-ng: 12 training voices; the same with 35 question voices; the assistant's voice asking the train
 # questions) -> local speech tokenizer from scratch on all 47 voices (encoder + VQ + CTC; plain, then with
@@ -65,7 +65,7 @@
 #            than an epoch: with one seed every round would train on the same front part of the data); then one
 #            more SFT of LAST_SFT_STEPS [1000] (4 min), seeded ROUNDS + 1;
 #            FRAMES_ROUNDS [3] frame-level alignment rounds of FRAMES_TEACHER_STEPS [400], FRAMES_STAGE2_STEPS [1000]
-#            and FRAMES_SFT_STEPS [500] (about 13 min each on both threads), with the rows that complete a word weighted
+#            and FRAMES_SFT_STEPS [500] (about 12 min each on both threads), with the rows that complete a word weighted
 #            FRAMES_WORD_END_WEIGHT [30] (prepare_nano.py --frames_word_end_weight); EVAL_SPLITS ["test test_seen
 #            test_dialect test_seen_dialect"] (held-out facts; trained facts; in the unseen test voice, then in the
 #            unseen dialect test voice)
@@ -241,8 +241,8 @@ llm() {
       frames_round "$round"
     done
   fi
-  # lane B gets here long after lane A's decoder (about 90 min against at most 45); otherwise it waits (or gives up when the
-  # other lane failed)
+  # lane B gets here long after lane A's decoder (77 min against 41 in the last run); otherwise it waits (or gives up
+  # when the other lane failed)
   if [[ "$NANO_DRY_RUN" != 1 ]]; then
     while [[ ! -f "$DONE/codec_decoder" ]] && wanted codec_decoder > /dev/null && kill -0 "$FIRST_LANE" 2> /dev/null; do
       sleep 20
@@ -260,8 +260,7 @@ decoder_lane() {
   run_step codec_decoder "$PY" training/train_speech_decoder.py --codec "$TOKENIZER" \
     --corpus "$NANO_DATA/decoder/corpus" --codec_config training/configs/nano_codec.json --output "$CODEC" \
     --canonical_only --inference_noise_scale 0 --max_steps "$DECODER_STEPS" --max_minutes "$DECODER_MINUTES" \
-    --eval_examples 4 \
-    --threads "$LANE_THREADS" --save_voices "$NANO_OUT/voices"
+    --eval_examples 4 --threads "$LANE_THREADS" --save_voices "$NANO_OUT/voices"
   if [[ $ABLATION == 1 ]]; then
     llm ablation
   fi
