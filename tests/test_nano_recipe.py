@@ -169,7 +169,7 @@ def test_budget_recipe_steps_in_order(tmp_path):
     assert f"--codec {tmp_path}/out/codec_tokenizer --corpus {tmp_path}/data/decoder/corpus " in decoder
     assert "--canonical_only --inference_noise_scale 0" in decoder
     # its length is a number of steps (a slower machine gets the same decoder), capped in minutes
-    assert "--max_steps 11000 --max_minutes 45 " in decoder
+    assert "--max_steps 15000 --max_minutes 56 " in decoder
     assert f"--save_voices {tmp_path}/out/voices" in decoder
     # stage I from the text model (frozen vs not), then rounds of stage II + SFT, each from the previous SFT
     assert "--config training/configs/nano.yaml --init_from_text_model" in commands["stage1"]

@@ -4,8 +4,9 @@
         --checkpoint modeling_moss_speech/pretrained/moss-speech-nano
 
 Reads the `moss-speech eval` JSON files of the recipe (`final_*.json`, `ablation_final_*.json` and the stage-I text
-checks `stage1_test_t2t.json` / `ablation_stage1_test_t2t.json`; also `v3_final_*.json` (the checkpoint shipped
-before, made by `training/recipes/nano.sh`), `v2_final_*.json` (the checkpoint before its robust-codes round) and
+checks `stage1_test_t2t.json` / `ablation_stage1_test_t2t.json`; also `v5_final_*.json` and `v4_final_*.json` (the
+checkpoints shipped before, made by a four-hour chain of recipes), `v3_final_*.json` (made by
+`training/recipes/nano.sh`), `v2_final_*.json` (the checkpoint before its robust-codes round) and
 `v1_final_*.json` / `v1_ablation_final_*.json` (the earlier recipe without the voices round)
 where present, kept with the shipped checkpoint as the before columns; `budget_final_*.json` /
 `budget_ablation_final_*.json` (training/recipes/nano_budget.sh's latest run, renamed; its earlier runs',
@@ -46,7 +47,8 @@ SPLITS = {"test": "held-out facts (seen only as text), held-out voice — the tr
           "test_dialect": "held-out facts, held-out dialect and voice",
           "test_seen_dialect": "facts trained as speech, held-out dialect and voice"}
 # (column title, file stem) of every run a table may show, in column order
-RUNS = (("shipped: v4 + a second frame-level round, word ends weighted 30", "final"),
+RUNS = (("shipped (v6): nano_budget.sh, one command, 101 min", "final"),
+        ("v5: v4 + a second frame-level round, word ends weighted 30", "v5_final"),
         ("v4 + a second frame-level round, unweighted", "v4_round2_final"),
         ("v4: 2-hour recipe on local codes + frame-level lever round", "v4_final"),
         ("no freezing, local codes (ablation, no lever round)", "ablation_final"),
