@@ -5,7 +5,7 @@
 
 Reads the `moss-speech eval` JSON files of the recipe (`final_*.json`, `ablation_final_*.json` and the stage-I text
 checks `stage1_test_t2t.json` / `ablation_stage1_test_t2t.json`; also `v5_final_*.json` and `v4_final_*.json` (the
-checkpoints shipped before, made by a four-hour chain of recipes), `v3_final_*.json` (made by
+checkpoints shipped before, made by chains of recipes), `v3_final_*.json` (made by
 `training/recipes/nano.sh`), `v2_final_*.json` (the checkpoint before its robust-codes round) and
 `v1_final_*.json` / `v1_ablation_final_*.json` (the earlier recipe without the voices round)
 where present, kept with the shipped checkpoint as the before columns; `budget_final_*.json` /
